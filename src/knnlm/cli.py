@@ -1,0 +1,342 @@
+"""The `knnlm` command: a thin edge over the library.  Every subcommand's --help ends
+with runnable examples; bad input ends in one `error: ...` line and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger("knnlm")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="HF model id or local path; 'smollm2-135m' is the built-in default "
+                        "(default: the datastore's model, else smollm2-135m)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model weights dtype (default: the datastore's, else bfloat16)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    if with_key_point:
+        from knnlm.model import DEFAULT_KEY_POINT, KEY_POINTS
+
+        g.add_argument("--key-point", choices=list(KEY_POINTS), default=DEFAULT_KEY_POINT,
+                       help="where in the final layer the key is read")
+
+
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("windows")
+    g.add_argument("--window", type=int, default=1024, help="tokens per model input (W)")
+    g.add_argument("--stride", type=int, default=512, help="new tokens scored per window (S)")
+    g.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+
+
+def _add_knn_args(p: argparse.ArgumentParser, lam: bool = True) -> None:
+    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
+    g.add_argument("--index", default=None, help="index name inside the datastore (default: its only index)")
+    g.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours retrieved")
+    if lam:
+        g.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
+                       help="weight of p_kNN in the interpolation")
+        g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
+    g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+
+
+def _load_lm(args, datastore: str | None = None, key_point: str | None = None):
+    from knnlm.datastore import Datastore
+    from knnlm.model import DEFAULT_MODEL, LM
+
+    meta = Datastore(datastore).meta if datastore else {}
+    model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
+    dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
+    kp = key_point or meta.get("key_point") or "ffn_input"
+    LOG.info("loading %s (%s)", model, dtype)
+    return LM.load(model, dtype=dtype, device=args.device, key_point=kp)
+
+
+def _write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+# ---- subcommands ---------------------------------------------------------------------
+def cmd_build(args) -> None:
+    from knnlm.datastore import Datastore, build_datastore
+    from knnlm.index import build_index
+
+    lm = _load_lm(args, key_point=args.key_point)
+    out = build_datastore(lm, args.corpus, args.output, window=args.window, stride=args.stride,
+                          batch_tokens=args.batch_tokens, overwrite=args.overwrite,
+                          progress=not args.quiet)[0]
+    ds = Datastore(out)
+    print(f"datastore {out}: {ds.count} entries, d={ds.dim}, key point {ds.key_point}")
+    if args.index != "none":
+        idx = build_index(ds, args.index, progress=not args.quiet)
+        print(f"index {idx}")
+
+
+def cmd_index(args) -> None:
+    from knnlm.datastore import Datastore
+    from knnlm.index import build_index
+
+    ds = Datastore(args.datastore)
+    path = build_index(ds, args.type, name=args.name, train_size=args.train_size, nprobe=args.nprobe,
+                       overwrite=args.overwrite, progress=not args.quiet)
+    info = json.loads((path / "index.json").read_text())
+    print(f"index {path}: {info['factory']}, {info['ntotal']} keys, built in {info['build_seconds']} s")
+
+
+def cmd_eval(args) -> None:
+    from knnlm.evaluate import evaluate
+
+    lm = _load_lm(args, args.datastore)
+    res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
+                   temperature=args.temperature, window=args.window, stride=args.stride,
+                   batch_tokens=args.batch_tokens, nprobe=args.nprobe,
+                   rerank=False if args.no_rerank else None, progress=not args.quiet)
+    rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
+    if "ppl_knnlm" in res:
+        rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
+        rows.append(("settings", f"k={res['k']} lambda={res['lambda']} T={res['temperature']} "
+                                 f"index={res['factory']} rerank={res['rerank']}"))
+    rows.append(("tokens/s", str(res["tokens_per_second"])))
+    print(_table(rows))
+    if args.output:
+        _write_json(args.output, res)
+        print(f"wrote {args.output}")
+
+
+def cmd_tune(args) -> None:
+    from knnlm.batching import plan_files
+    from knnlm.evaluate import open_for_model, score_plan
+    from knnlm.index import Searcher
+    from knnlm.scoring import check_settings
+    from knnlm.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
+
+    lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else DEFAULT_LAMBDAS
+    temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else DEFAULT_TEMPERATURES
+    ks = [int(x) for x in args.ks.split(",")] if args.ks else None
+    for lam in lambdas:
+        check_settings(lam=lam)
+    for t in temps:
+        check_settings(temperature=t)
+    if ks and max(ks) > args.k:
+        raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
+    lm = _load_lm(args, args.datastore)
+    ds = open_for_model(lm, args.datastore)
+    searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
+    s = score_plan(lm, plan, searcher, k=args.k, keep_neighbors=True, progress=not args.quiet)
+    res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks)
+    res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=args.k, **searcher.settings(),
+               window=args.window, stride=args.stride)
+    b = res["best"]
+    print(_table([("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}"),
+                  ("best ppl kNN-LM", f"{b['ppl']:.3f}"),
+                  ("best", f"k={b['k']} lambda={b['lambda']} T={b['temperature']}")]))
+    _write_json(args.output, res)
+    print(f"wrote {args.output} ({len(res['grid'])} settings)")
+
+
+def cmd_explain(args) -> None:
+    from knnlm.batching import plan_files
+    from knnlm.evaluate import open_for_model, score_plan
+    from knnlm.explain import explain, render
+    from knnlm.index import Searcher
+
+    lm = _load_lm(args, args.datastore)
+    ds = open_for_model(lm, args.datastore)
+    searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
+    s = score_plan(lm, plan, searcher, k=args.k, temperature=args.temperature, keep_neighbors=True,
+                   progress=not args.quiet)
+    items = explain(lm, ds, s, lam=args.lam, temperature=args.temperature, top=args.top,
+                    neighbors=args.neighbors)
+    text = render(items)
+    print(text)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+        _write_json(out.with_suffix(".json"), items)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def cmd_info(args) -> None:
+    from knnlm.datastore import Datastore
+    from knnlm.index import list_indexes
+
+    ds = Datastore(args.datastore)
+    if args.verify:
+        ds.verify()
+    m = ds.meta
+    bytes_total = sum((ds.path / f).stat().st_size for f in ("keys.npy", "vals.npy", "tokens.npy", "docs.npy"))
+    rows = [
+        ("datastore", str(ds.path)),
+        ("entries", str(ds.count)),
+        ("documents", str(m["documents"])),
+        ("dim", str(ds.dim)),
+        ("key point", ds.key_point),
+        ("model", f"{m['identity']['model']} ({m['model_dtype']}, {m['identity']['model_fingerprint']})"),
+        ("window/stride", f"{m['window']}/{m['stride']}"),
+        ("corpora", ", ".join(c["name"] for c in m["corpora"])),
+        ("bytes/entry", f"{bytes_total / max(ds.count, 1):.1f}"),
+        ("indexes", ", ".join(list_indexes(ds)) or "none"),
+        ("created", m["created"]),
+    ]
+    if args.verify:
+        rows.append(("checksums", "ok"))
+    print(_table(rows))
+
+
+def cmd_demo(args) -> None:
+    from knnlm.demo import run_demo
+
+    run_demo(args.workdir, articles=args.articles, heldout=args.heldout, dtype=args.dtype or "bfloat16",
+             device=args.device, progress=not args.quiet)
+
+
+# ---- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="knnlm",
+        formatter_class=_Formatter,
+        description="kNN-LM: make a pretrained causal LM better without training, by letting it remember.",
+        epilog="examples:\n"
+               "  knnlm demo                                   # everything, on the built-in defaults\n"
+               "  knnlm build corpus.txt -o ds                 # datastore + index\n"
+               "  knnlm eval test.txt -d ds                    # perplexity with and without it\n"
+               "run `knnlm COMMAND --help` for each command's options and examples.",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help, epilog):
+        sp = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
+                            formatter_class=_Formatter)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or info messages")
+        return sp
+
+    sp = add("build", cmd_build, "build a datastore (and its index) from text",
+             "  knnlm build wiki.valid.raw -o ds-wiki\n"
+             "  knnlm build docs.jsonl more.jsonl -o ds-docs --model gpt2 --dtype float32\n"
+             "  knnlm build corpus.txt -o ds --key-point final --index none\n"
+             "  (.txt = one stream; .jsonl = one document per line, field 'text'; an interrupted\n"
+             "   build resumes when the same command runs again)")
+    sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files")
+    sp.add_argument("-o", "--output", required=True, help="datastore directory to create")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
+    sp.add_argument("--index", default="auto", help="index to build after: auto, Flat, a FAISS factory string, none")
+    _add_model_args(sp, with_key_point=True)
+    _add_window_args(sp)
+
+    sp = add("index", cmd_index, "build a FAISS index over a datastore",
+             "  knnlm index ds                              # auto: Flat below 100k entries, IVF-PQ above\n"
+             "  knnlm index ds --type Flat\n"
+             "  knnlm index ds --type IVF1024,PQ64 --nprobe 32 --train-size 200000")
+    sp.add_argument("datastore")
+    sp.add_argument("--type", default="auto", help="auto, Flat or any FAISS factory string")
+    sp.add_argument("--name", default=None, help="index name (default: from the type)")
+    sp.add_argument("--nprobe", type=int, default=32, help="default IVF lists probed per query")
+    sp.add_argument("--train-size", type=int, default=1_000_000, help="keys sampled to train the index")
+    sp.add_argument("--overwrite", action="store_true", help="replace an index of the same name")
+
+    sp = add("eval", cmd_eval, "perplexity of the LM and the kNN-LM on a text",
+             "  knnlm eval wiki.test.raw                    # base LM only\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki -o result.json\n"
+             "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
+    sp.add_argument("-o", "--output", help="write the result as JSON")
+    _add_knn_args(sp)
+    _add_model_args(sp)
+    _add_window_args(sp)
+
+    sp = add("tune", cmd_tune, "sweep lambda, temperature and k from one retrieval",
+             "  knnlm tune heldout.txt -d ds-wiki -o tune.json\n"
+             "  knnlm tune heldout.txt -d ds --lambdas 0.1,0.25,0.5 --temperatures 1,2 --ks 8,64,1024")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files (a tuning split, not the test set)")
+    sp.add_argument("-o", "--output", default="tune.json", help="JSON with the whole grid and the best setting")
+    sp.add_argument("--lambdas", help="comma-separated (default: 0, 0.05, ..., 1)")
+    sp.add_argument("--temperatures", help="comma-separated (default: 0.25 ... 16)")
+    sp.add_argument("--ks", help="comma-separated, each <= -k (default: powers of two up to -k)")
+    _add_knn_args(sp, lam=False)
+    _add_model_args(sp)
+    _add_window_args(sp)
+
+    sp = add("explain", cmd_explain, "show the tokens where the datastore helped most, with their memories",
+             "  knnlm explain article.txt -d ds-wiki\n"
+             "  knnlm explain article.txt -d ds --top 20 --neighbors 8 -o explain.md")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
+    sp.add_argument("--top", type=int, default=10, help="tokens shown")
+    sp.add_argument("--neighbors", type=int, default=5, help="neighbours shown per token")
+    sp.add_argument("-o", "--output", help="write markdown here and JSON beside it")
+    _add_knn_args(sp)
+    _add_model_args(sp)
+    _add_window_args(sp)
+
+    sp = add("info", cmd_info, "describe a datastore",
+             "  knnlm info ds-wiki\n"
+             "  knnlm info ds-wiki --verify                 # recompute checksums")
+    sp.add_argument("datastore")
+    sp.add_argument("--verify", action="store_true", help="check every file against its sha256")
+
+    sp = add("demo", cmd_demo, "the whole pipeline on the built-in model and Wikipedia lead sections",
+             "  knnlm demo\n"
+             "  knnlm demo --workdir /tmp/knnlm-demo --articles 800")
+    sp.add_argument("--workdir", default="knnlm-demo", help="where datastore and results go")
+    sp.add_argument("--articles", type=int, default=400, help="articles in the datastore")
+    sp.add_argument("--heldout", type=int, default=40, help="held-out articles (half to tune, half to test)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
+    sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="knnlm: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        args.fn(args)
+    except KnnlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

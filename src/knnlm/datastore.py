@@ -1,0 +1,281 @@
+"""The datastore: one (key, value) entry per target token of a corpus, on disk.
+
+A datastore is a directory:
+
+    meta.json    format version, model/tokenizer identity, key point, d, N, dtypes, W/S,
+                 corpora (name, bytes, sha256), file checksums
+    keys.npy     float16 [N, d]   key = the LM's representation of the left context
+    vals.npy     int32   [N]      value = the next token (int16 overflows real vocabularies)
+    tokens.npy   int32   [T]      every document's tokens, concatenated (prefix token first)
+    docs.npy     int64   [D, 3]   per document: token start, token count, first entry
+    docs.jsonl                    per document: source file, line, title
+
+Entry `entry_start[d] + p` of document d holds the key read at the document's token p
+and the value token p + 1, so each entry's provenance (document, token offset) is two
+array lookups, and the next entry of the same document is the next row.
+
+This module knows numpy and files, not faiss.  Building needs the model adapter and is
+streaming (keys go to a memmap), resumable (progress.json after each flushed batch) and
+atomic (written under `<name>.partial/`, renamed into place at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from knnlm import __version__
+from knnlm.batching import plan_files
+from knnlm.corpus import corpus_record, file_sha256
+from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_DTYPE = np.float16  # half the bytes of fp32; re-ranking distances are exact on these keys
+VAL_DTYPE = np.int32  # vocabularies reach 256k: int16 overflows
+_FILES = ("keys.npy", "vals.npy", "tokens.npy", "docs.npy", "docs.jsonl")
+
+
+# ---- reading -------------------------------------------------------------------------
+class Datastore:
+    """An opened datastore; arrays are memory-mapped read-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise KnnlmError(f"datastore not found: {self.path}")
+        if not meta_path.exists():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = f" (an unfinished build is in {partial}: run the build again to resume)" if partial.exists() else ""
+            raise KnnlmError(f"not a datastore (no meta.json): {self.path}{hint}")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict):
+                raise ValueError("not a JSON object")
+            version = self.meta["format_version"]
+            self.count, self.dim = int(self.meta["count"]), int(self.meta["dim"])
+            self.key_point = self.meta["key_point"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise KnnlmError(f"corrupted meta.json in {self.path}: {e}") from None
+        if version != FORMAT_VERSION:
+            raise KnnlmError(f"datastore format {version} is not supported (this knnlm reads {FORMAT_VERSION})")
+        self.keys = self._load("keys.npy", (self.count, self.dim), KEY_DTYPE)
+        self.vals = self._load("vals.npy", (self.count,), VAL_DTYPE)
+        self.tokens = self._load("tokens.npy", None, np.int32)
+        self.docs = self._load("docs.npy", None, np.int64)
+        self.doc_info = [json.loads(line) for line in (self.path / "docs.jsonl").read_text("utf-8").splitlines()]
+        if len(self.doc_info) != len(self.docs):
+            raise KnnlmError(f"docs.jsonl and docs.npy disagree in {self.path}")
+
+    def _load(self, name: str, shape, dtype) -> np.ndarray:
+        f = self.path / name
+        if not f.exists():
+            raise KnnlmError(f"datastore file missing: {f}")
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise KnnlmError(f"{name} in {self.path} is truncated or corrupted: {e}") from None
+        if arr.dtype != dtype or (shape is not None and arr.shape != shape):
+            raise KnnlmError(
+                f"{name} in {self.path} has shape {arr.shape} {arr.dtype}, meta.json says "
+                f"{shape} {np.dtype(dtype).name}: the datastore is corrupted"
+            )
+        return arr
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def id(self) -> str:
+        """Unique id of this datastore build; an index records it."""
+        return self.meta["id"]
+
+    def check_compatible(self, identity: dict) -> None:
+        """Refuse a model, tokenizer or key point other than the datastore's own, naming both."""
+        from knnlm.model import same_weights
+
+        mine = self.meta["identity"]
+        if not same_weights(mine["weights_sample"], identity["weights_sample"]):
+            raise KnnlmError(
+                f"datastore {self.path} was built with model {mine['model']} but you are using "
+                f"{identity['model']}, whose weights differ"
+            )
+        if mine["model_fingerprint"] != identity["model_fingerprint"]:
+            raise KnnlmError(
+                f"datastore {self.path} was built with model {mine['model']} ({mine['model_fingerprint']}) "
+                f"but you are using {identity['model']} ({identity['model_fingerprint']})"
+            )
+        if mine["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
+            raise KnnlmError(
+                f"datastore {self.path} was built with the tokenizer of {mine['model']} "
+                f"({mine['tokenizer_fingerprint']}) but you are using another ({identity['tokenizer_fingerprint']})"
+            )
+        if mine["key_point"] != identity["key_point"]:
+            raise KnnlmError(
+                f"datastore {self.path} holds keys from key point {mine['key_point']!r}, "
+                f"not {identity['key_point']!r}"
+            )
+
+    def verify(self) -> None:
+        """Recompute each file's sha256 against meta.json."""
+        for name, digest in self.meta["sha256"].items():
+            if file_sha256(self.path / name) != digest:
+                raise KnnlmError(f"{name} in {self.path} does not match its checksum: the datastore is corrupted")
+
+    # ---- provenance ------------------------------------------------------------------
+    def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(document, token offset of the value token) of each entry id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        doc = np.searchsorted(self.docs[:, 2], ids, side="right") - 1
+        return doc, ids - self.docs[doc, 2] + 1
+
+    def context(self, entry: int, before: int = 16, after: int = 4) -> tuple[list[int], int, list[int]]:
+        """Token ids before the entry's value, the value, and tokens after it (same document)."""
+        doc, off = (int(x[0]) for x in self.provenance(np.array([entry])))
+        start, n = int(self.docs[doc, 0]), int(self.docs[doc, 1])
+        toks = self.tokens[start : start + n]
+        return toks[max(1, off - before) : off].tolist(), int(toks[off]), toks[off + 1 : off + 1 + after].tolist()
+
+
+# ---- building ------------------------------------------------------------------------
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_datastore(
+    lm,
+    corpora: Sequence[str | Path],
+    out: str | Path,
+    window: int = 1024,
+    stride: int = 512,
+    batch_tokens: int = 4096,
+    key_points: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Build a datastore from corpus files with one forward pass; returns its path(s).
+
+    With several `key_points`, one pass writes one datastore per key point, to
+    `out` for the first and `out-<key point>` for the others.  A build interrupted
+    (crash, Ctrl-C) resumes from its last flushed batch when called again with the
+    same arguments.  `on_batch(i)` is called after batch i is safely on disk.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    key_points = list(key_points or [lm.key_point])
+    outs = [out] + [out.with_name(f"{out.name}-{kp}") for kp in key_points[1:]]
+    for o in outs:
+        if o.exists() and not overwrite:
+            raise KnnlmError(f"{o} already exists (use --overwrite to replace it)")
+    corpora = [Path(c) for c in corpora]
+    if not corpora:
+        raise KnnlmError("no corpus file given")
+    if lm.max_positions and window > lm.max_positions:
+        raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
+    records = [corpus_record(c) for c in corpora]
+    plan = plan_files(lm, corpora, window, stride, batch_tokens)
+    signature = {
+        "identity": lm.identity(),
+        "key_points": key_points,
+        "corpora": records,
+        "window": window,
+        "stride": stride,
+        "batch_tokens": batch_tokens,
+        "count": plan.count,
+    }
+    dims = {kp: lm.dim(kp) for kp in key_points}
+    partials = [o.with_name(o.name + ".partial") for o in outs]
+    done = 0
+    progress_file = partials[0] / "progress.json"
+    if progress_file.exists():
+        try:
+            state = json.loads(progress_file.read_text())
+        except ValueError:
+            state = {}
+        if state.get("signature") == json.loads(json.dumps(signature)) and all(p.exists() for p in partials):
+            done = int(state["batches_done"])
+            LOG.warning("resuming the build in %s from batch %d/%d", partials[0], done, len(plan.batches))
+    if done == 0:
+        for p in partials:
+            if p.exists():
+                shutil.rmtree(p)
+            p.mkdir(parents=True)
+            np.save(p / "vals.npy", plan.targets().astype(VAL_DTYPE))
+            np.save(p / "tokens.npy", plan.tokens)
+            np.save(p / "docs.npy", plan.docs)
+            (p / "docs.jsonl").write_text("".join(json.dumps(i) + "\n" for i in plan.doc_info), encoding="utf-8")
+    mode = "r+" if done else "w+"
+    keys = {
+        kp: np.lib.format.open_memmap(p / "keys.npy", mode=mode, dtype=KEY_DTYPE, shape=(plan.count, dims[kp]))
+        for kp, p in zip(key_points, partials)
+    }
+    initial = sum(plan.batch_size(b) for b in range(done))
+    bar = tqdm(total=plan.count, initial=initial, unit="tok", desc="datastore", disable=not progress)
+    try:
+        for bi in range(done, len(plan.batches)):
+            feats, _ = lm.forward(plan.batch_input(bi), key_points, logits=False)
+            feats = {kp: f.to("cpu", torch.float16).numpy() for kp, f in feats.items()}  # (B, T, d)
+            n = 0
+            for row, c0, c1, t0 in plan.scored(bi):
+                for kp in key_points:
+                    keys[kp][t0 : t0 + c1 - c0] = feats[kp][row, c0:c1]
+                n += c1 - c0
+            for mm in keys.values():
+                mm.flush()
+            _write_json_atomic(progress_file, {"signature": signature, "batches_done": bi + 1})
+            bar.update(n)
+            if on_batch is not None:
+                on_batch(bi)
+    except KeyboardInterrupt:
+        raise KnnlmError(f"interrupted: the partial build is kept in {partials[0]}; run the same command to resume")
+    finally:
+        bar.close()
+        del keys
+    for kp, o, p in zip(key_points, outs, partials):
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "knnlm_version": __version__,
+            "id": uuid.uuid4().hex,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "identity": lm.identity(kp),
+            "key_point": kp,
+            "model_dtype": str(lm.dtype).replace("torch.", ""),
+            "dim": dims[kp],
+            "count": plan.count,
+            "documents": len(plan.docs),
+            "dtypes": {"keys": "float16", "vals": "int32", "tokens": "int32"},
+            "window": window,
+            "stride": stride,
+            "prefix_token_id": lm.prefix_token_id,
+            "corpora": records,
+            "sha256": {name: file_sha256(p / name) for name in _FILES},
+        }
+        _write_json_atomic(p / "meta.json", meta)
+        (p / "progress.json").unlink(missing_ok=True)
+        _publish(p, o)
+    return outs
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Move a finished build into place; an old datastore is removed only after."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old.exists():
+        shutil.rmtree(old)

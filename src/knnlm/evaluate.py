@@ -1,0 +1,157 @@
+"""Perplexity of the base LM and of the kNN-LM on the same windows and tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from knnlm.batching import Plan, plan_files
+from knnlm.datastore import Datastore
+from knnlm.errors import KnnlmError
+from knnlm.index import Searcher
+from knnlm.model import target_logprobs
+from knnlm.scoring import check_settings, interpolate, knn_target_logprobs, perplexity
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_K = 1024
+DEFAULT_LAMBDA = 0.25
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass
+class Scores:
+    """Per-target results of one pass over a text, in text order."""
+
+    plan: Plan
+    targets: np.ndarray  # (n,) token ids
+    lm: np.ndarray  # (n,) log p_LM(target)
+    knn: np.ndarray | None = None  # (n,) log p_kNN(target) at the pass's k and temperature
+    dists: np.ndarray | None = None  # (n, k) when neighbours are kept
+    ids: np.ndarray | None = None  # (n, k) datastore entry ids
+    vals: np.ndarray | None = None  # (n, k) the neighbours' tokens
+    seconds: dict = field(default_factory=dict)
+
+
+def score_plan(
+    lm,
+    plan: Plan,
+    searcher: Searcher | None = None,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    keep_neighbors: bool = False,
+    progress: bool = True,
+) -> Scores:
+    """One forward pass per batch: LM log-probs of every target and, with a searcher, the
+    k nearest datastore entries of every query key."""
+    import torch
+    from tqdm.auto import tqdm
+
+    check_settings(temperature=temperature, k=k)
+    n = plan.count
+    targets = plan.targets().astype(np.int64)
+    lm_lp = np.empty(n, dtype=np.float32)
+    knn_lp = np.empty(n, dtype=np.float64) if searcher else None
+    if searcher is not None and k > searcher.ds.count:
+        raise KnnlmError(f"k={k} is larger than the datastore ({searcher.ds.count} entries)")
+    if keep_neighbors and searcher is not None:
+        dists = np.empty((n, k), dtype=np.float32)
+        ids = np.empty((n, k), dtype=np.int64)
+    kp = searcher.ds.key_point if searcher else None
+    t_lm = t_search = 0.0
+    bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress)
+    for b in range(len(plan.batches)):
+        t0 = time.perf_counter()
+        keys, logits = lm.forward(plan.batch_input(b), [kp] if kp else [], logits=True)
+        rows, qs, spans = [], [], []
+        for row, c0, c1, t in plan.scored(b):
+            rows.append(logits[row, c0:c1])
+            if kp:
+                qs.append(keys[kp][row, c0:c1])
+            spans.append((t, t + c1 - c0))
+        sel = np.concatenate([np.arange(a, z) for a, z in spans])
+        lm_lp[sel] = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device)).cpu().numpy()
+        t1 = time.perf_counter()
+        t_lm += t1 - t0
+        if searcher is not None:
+            q = torch.cat(qs).float().cpu().numpy()  # (m, d)
+            d, i = searcher.search(q, k)
+            v = searcher.ds.vals[np.maximum(i, 0)]
+            knn_lp[sel] = knn_target_logprobs(d, v, targets[sel], temperature)
+            if keep_neighbors:
+                dists[sel], ids[sel] = d, i
+            t_search += time.perf_counter() - t1
+        bar.update(len(sel))
+    bar.close()
+    out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search})
+    if keep_neighbors and searcher is not None:
+        out.dists, out.ids = dists, ids
+        out.vals = searcher.ds.vals[np.maximum(ids, 0)]
+    return out
+
+
+def open_for_model(lm, datastore: str | Path) -> Datastore:
+    ds = Datastore(datastore)
+    ds.check_compatible(lm.identity(ds.key_point))
+    lm.key_point = ds.key_point
+    return ds
+
+
+def evaluate(
+    lm,
+    texts: Sequence[str | Path],
+    datastore: str | Path | None = None,
+    index: str | None = None,
+    k: int = DEFAULT_K,
+    lam: float = DEFAULT_LAMBDA,
+    temperature: float = DEFAULT_TEMPERATURE,
+    window: int = 1024,
+    stride: int = 512,
+    batch_tokens: int = 4096,
+    nprobe: int | None = None,
+    rerank: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict."""
+    check_settings(lam=lam, temperature=temperature, k=k)
+    if lm.max_positions and window > lm.max_positions:
+        raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
+    searcher = None
+    if datastore is not None:
+        ds = open_for_model(lm, datastore)
+        searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+    plan = plan_files(lm, texts, window, stride, batch_tokens)
+    t0 = time.perf_counter()
+    s = score_plan(lm, plan, searcher, k=k, temperature=temperature, progress=progress)
+    total = time.perf_counter() - t0
+    result = {
+        "tokens": int(plan.count),
+        "ppl_lm": perplexity(s.lm),
+        "texts": [str(t) for t in texts],
+        "model": lm.name,
+        "model_dtype": str(lm.dtype).replace("torch.", ""),
+        "window": window,
+        "stride": stride,
+        "seconds": round(total, 3),
+        "tokens_per_second": round(plan.count / total, 2) if total > 0 else None,
+    }
+    if searcher is not None:
+        result.update(
+            ppl_knnlm=perplexity(interpolate(s.lm, s.knn, lam)),
+            k=k,
+            **{"lambda": lam},
+            temperature=temperature,
+            datastore=str(searcher.ds.path),
+            datastore_id=searcher.ds.id,
+            datastore_entries=searcher.ds.count,
+            key_point=searcher.ds.key_point,
+            **searcher.settings(),
+            seconds_lm=round(s.seconds["lm"], 3),
+            seconds_knn=round(s.seconds["knn"], 3),
+        )
+    return result

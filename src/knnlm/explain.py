@@ -1,0 +1,90 @@
+"""Which memories drove a prediction: the tokens where the datastore helped most, each
+with its nearest neighbours shown in their source context (the paper's Table 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from knnlm.datastore import Datastore
+from knnlm.evaluate import Scores
+from knnlm.scoring import interpolate
+
+
+def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(-d / T) over one row of neighbours."""
+    logits = -np.asarray(dists, dtype=np.float64) / temperature
+    logits = logits - logits[np.isfinite(logits)].max(initial=0.0)
+    w = np.exp(logits)
+    return w / w.sum() if w.sum() > 0 else w
+
+
+def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
+            neighbors: int = 5, context: int = 24) -> list[dict]:
+    """The `top` targets with the largest gain log p_kNN-LM - log p_LM, as dicts."""
+    mix = interpolate(scores.lm, scores.knn, lam)
+    gain = mix - scores.lm
+    order = np.argsort(-gain, kind="stable")[:top]
+    plan = scores.plan
+    out = []
+    for i in order:
+        i = int(i)
+        doc = int(np.searchsorted(plan.docs[:, 2], i, side="right") - 1)
+        off = i - int(plan.docs[doc, 2]) + 1  # token offset of the target in its document
+        start = int(plan.docs[doc, 0])
+        before = plan.tokens[start + max(1, off - context) : start + off]
+        w = neighbor_weights(scores.dists[i], temperature)
+        rows = []
+        for j in np.argsort(-w, kind="stable")[:neighbors]:
+            entry = int(scores.ids[i, j])
+            if entry < 0:
+                continue
+            left, value, right = ds.context(entry, before=context)
+            ndoc, noff = (int(x[0]) for x in ds.provenance(np.array([entry])))
+            rows.append({
+                "entry": entry,
+                "document": ndoc,
+                "title": ds.doc_info[ndoc].get("title", ""),
+                "offset": noff,
+                "distance": float(scores.dists[i, j]),
+                "weight": float(w[j]),
+                "value": lm.decode([value]),
+                "matches_target": bool(value == scores.targets[i]),
+                "context": lm.decode(left),
+                "after": lm.decode(right),
+            })
+        out.append({
+            "position": i,
+            "document": doc,
+            "offset": off,
+            "context": lm.decode(before),
+            "target": lm.decode([scores.targets[i]]),
+            "p_lm": float(np.exp(scores.lm[i])),
+            "p_knn": float(np.exp(scores.knn[i])),
+            "p_knnlm": float(np.exp(mix[i])),
+            "neighbors": rows,
+        })
+    return out
+
+
+def _one_line(s: str) -> str:
+    return s.replace("\n", "\\n").replace("|", "\\|")
+
+
+def render(items: list[dict]) -> str:
+    """Markdown that reads well in a terminal too."""
+    lines = []
+    for n, it in enumerate(items, 1):
+        lines.append(
+            f"### {n}. …{_one_line(it['context'])}**[{_one_line(it['target'])}]**\n\n"
+            f"p_LM = {it['p_lm']:.4f}   p_kNN = {it['p_knn']:.4f}   p_kNN-LM = {it['p_knnlm']:.4f}\n"
+        )
+        lines.append("| weight | d | source | neighbour context → value |")
+        lines.append("|---:|---:|---|---|")
+        for r in it["neighbors"]:
+            mark = "✓" if r["matches_target"] else " "
+            lines.append(
+                f"| {r['weight']:.3f} | {r['distance']:.1f} | {r['title'][:30]} @{r['offset']} | "
+                f"…{_one_line(r['context'])[-60:]}**[{_one_line(r['value'])}]** {mark} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

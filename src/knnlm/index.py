@@ -1,0 +1,202 @@
+"""FAISS indexes over a datastore's keys, and search with exact re-ranking.
+
+An index lives in `<datastore>/indexes/<name>/` as `index.faiss` + `index.json`; the
+json records the datastore id it was built for, and loading refuses any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.datastore import Datastore
+from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger(__name__)
+
+FLAT_BELOW = 100_000  # `auto`: exact search below this many entries, IVF-PQ above
+
+
+def auto_factory(count: int, dim: int) -> str:
+    """`Flat` for small datastores; else IVF (about 4 sqrt(N) lists) with PQ codes of
+    up to 64 bytes (paper: IVF4096,PQ64 for 103M entries)."""
+    if count < FLAT_BELOW:
+        return "Flat"
+    nlist = 2 ** int(round(math.log2(4 * math.sqrt(count))))
+    m = max(m for m in range(1, 65) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def index_name(factory: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", factory.lower()).strip("-")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def build_index(
+    ds: Datastore,
+    kind: str = "auto",
+    name: str | None = None,
+    train_size: int = 1_000_000,
+    nprobe: int = 32,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    chunk: int = 65536,
+) -> Path:
+    """Train (on a random sample of keys) and fill a FAISS index; returns its directory."""
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
+    factory = auto_factory(ds.count, ds.dim) if kind == "auto" else kind
+    if factory.lower() == "flat":
+        factory = "Flat"
+    name = name or index_name(factory)
+    final = ds.path / "indexes" / name
+    if final.exists() and not overwrite:
+        raise KnnlmError(f"index {final} already exists (use --overwrite to replace it)")
+    try:
+        index = faiss.index_factory(ds.dim, factory, faiss.METRIC_L2)
+    except RuntimeError as e:
+        raise KnnlmError(f"invalid FAISS factory string {factory!r}: {str(e).strip().splitlines()[-1]}") from None
+    t0 = time.time()
+    n_train = 0
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        n_train = min(ds.count, train_size)
+        sample = np.sort(rng.choice(ds.count, size=n_train, replace=False))
+        xs = np.asarray(ds.keys[sample], dtype=np.float32)
+        LOG.info("training %s on %d keys", factory, n_train)
+        try:
+            index.train(xs)
+        except RuntimeError as e:
+            raise KnnlmError(f"cannot train {factory} on {n_train} keys: {str(e).strip().splitlines()[-1]}") from None
+        del xs
+    bar = tqdm(total=ds.count, unit="key", desc=f"index {name}", disable=not progress)
+    for i in range(0, ds.count, chunk):
+        index.add(np.asarray(ds.keys[i : i + chunk], dtype=np.float32))
+        bar.update(min(chunk, ds.count - i))
+    bar.close()
+    info = {
+        "factory": factory,
+        "metric": "l2",
+        "dim": ds.dim,
+        "ntotal": int(index.ntotal),
+        "train_size": n_train,
+        "nprobe": nprobe,
+        "rerank": factory != "Flat",
+        "datastore_id": ds.id,
+        "build_seconds": round(time.time() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = final.with_name(name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    (tmp / "index.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_indexes(ds: Datastore) -> list[str]:
+    root = ds.path / "indexes"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "index.json").exists())
+
+
+class Searcher:
+    """k-nearest-neighbour search over one datastore, with exact re-ranking of the
+    retrieved candidates from the full-precision keys (default for approximate indexes)."""
+
+    def __init__(self, ds: Datastore, name: str | None = None, nprobe: int | None = None,
+                 rerank: bool | None = None):
+        self.ds = ds
+        names = list_indexes(ds)
+        if name is None:
+            if len(names) != 1:
+                raise KnnlmError(
+                    f"datastore {ds.path} has {'no index' if not names else 'several indexes: ' + ', '.join(names)};"
+                    + (" build one with `knnlm index`" if not names else " pick one with --index")
+                )
+            name = names[0]
+        d = ds.path / "indexes" / name
+        if not (d / "index.json").exists():
+            raise KnnlmError(f"no index {name!r} in {ds.path} (have: {', '.join(names) or 'none'})")
+        try:
+            self.info = json.loads((d / "index.json").read_text())
+        except ValueError as e:
+            raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
+        if self.info.get("datastore_id") != ds.id:
+            raise KnnlmError(
+                f"index {d} was built for datastore {self.info.get('datastore_id')}, not for {ds.path} ({ds.id});"
+                " rebuild it with `knnlm index --overwrite`"
+            )
+        faiss = _faiss()
+        try:
+            self.index = faiss.read_index(str(d / "index.faiss"))
+        except RuntimeError as e:
+            raise KnnlmError(f"cannot read {d / 'index.faiss'}: {str(e).strip().splitlines()[-1]}") from None
+        if self.index.ntotal != ds.count:
+            raise KnnlmError(f"index {d} holds {self.index.ntotal} keys, the datastore {ds.count}")
+        self.name = name
+        self.nprobe = int(nprobe if nprobe is not None else self.info.get("nprobe", 32))
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = self.nprobe
+        else:
+            try:
+                faiss.extract_index_ivf(self.index).nprobe = self.nprobe
+            except (RuntimeError, AttributeError):
+                pass
+        self.rerank = self.info.get("rerank", False) if rerank is None else rerank
+
+    def settings(self) -> dict:
+        return {"index": self.name, "factory": self.info["factory"], "nprobe": self.nprobe, "rerank": self.rerank}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """dists (m, k) float32 squared L2, ascending, and ids (m, k) int64 (row numbers).
+
+        Missing neighbours (an IVF probe found fewer than k) have id -1 and distance inf.
+        """
+        if k > self.ds.count:
+            raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, d)
+        dists, ids = self.index.search(q, k)
+        if self.rerank:
+            dists = exact_distances(q, self.ds.keys, ids)
+            order = np.argsort(dists, axis=1, kind="stable")
+            dists = np.take_along_axis(dists, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
+        return dists, ids
+
+
+def exact_distances(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, block: int = 64) -> np.ndarray:
+    """||q_i - keys[ids[i, j]]||^2 from the stored keys, (m, k) float32; inf for id -1."""
+    import torch
+
+    m, k = ids.shape
+    out = np.empty((m, k), dtype=np.float32)
+    for i in range(0, m, block):
+        sel = ids[i : i + block]  # (b, k)
+        cand = torch.from_numpy(np.asarray(keys[np.maximum(sel, 0).ravel()])).float()  # (b*k, d)
+        cand = cand.view(sel.shape[0], k, -1)
+        q = torch.from_numpy(queries[i : i + block])[:, None, :]  # (b, 1, d)
+        out[i : i + block] = (cand - q).pow_(2).sum(-1).numpy()
+    out[ids < 0] = np.inf
+    return out

@@ -1,0 +1,73 @@
+import math
+
+import numpy as np
+import pytest
+
+from knnlm.scoring import (interpolate, knn_distribution, knn_target_logprobs, knn_target_logprobs_all_k,
+                           perplexity)
+
+
+def test_golden_three_neighbours():
+    """Neighbours at d = 1, 2, 3 with values 7, 5, 7, T = 1, target 7:
+    p_kNN(7) = (e^-1 + e^-3) / (e^-1 + e^-2 + e^-3) = 0.41767 / 0.55300 = 0.75527."""
+    lp = knn_target_logprobs(np.array([[1.0, 2.0, 3.0]]), np.array([[7, 5, 7]]), np.array([7]), 1.0)
+    assert math.exp(lp[0]) == pytest.approx(0.755272, abs=1e-6)
+
+
+def test_golden_temperature_and_absent_target():
+    """Same neighbours, T = 2, target 5: e^-1 / (e^-0.5 + e^-1 + e^-1.5) = 0.36788 / 1.19754 = 0.30720.
+    Target 9 is no neighbour's value: p_kNN = 0, log = -inf."""
+    d, v = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), np.array([[7, 5, 7], [7, 5, 7]])
+    lp = knn_target_logprobs(d, v, np.array([5, 9]), 2.0)
+    assert math.exp(lp[0]) == pytest.approx(0.307196, abs=1e-6)
+    assert lp[1] == -np.inf
+
+
+def test_huge_distances_do_not_underflow():
+    """d = 1e5 and 1e5 + 1: weights e^0 : e^-1 after shifting, p(first) = 1 / (1 + e^-1) = 0.73106."""
+    lp = knn_target_logprobs(np.array([[1e5, 1e5 + 1]]), np.array([[1, 2]]), np.array([1]), 1.0)
+    assert math.exp(lp[0]) == pytest.approx(0.731059, abs=1e-6)
+
+
+def test_missing_neighbours_have_no_weight():
+    lp = knn_target_logprobs(np.array([[1.0, np.inf]]), np.array([[3, 3]]), np.array([3]), 1.0)
+    assert lp[0] == pytest.approx(0.0)
+    lp = knn_target_logprobs(np.array([[np.inf, np.inf]]), np.array([[3, 3]]), np.array([3]), 1.0)
+    assert lp[0] == -np.inf
+
+
+def test_all_k_matches_direct_computation():
+    rng = np.random.default_rng(0)
+    d = np.sort(rng.uniform(0, 50, size=(20, 16)), axis=1)
+    v = rng.integers(0, 4, size=(20, 16))
+    t = rng.integers(0, 4, size=20)
+    for temp in (0.5, 1.0, 7.0):
+        got = knn_target_logprobs_all_k(d, v, t, temp, [1, 3, 16])
+        for j, k in enumerate([1, 3, 16]):
+            np.testing.assert_allclose(got[:, j], knn_target_logprobs(d[:, :k], v[:, :k], t, temp), rtol=1e-10)
+
+
+def test_interpolation_golden():
+    """lam = 0.25, p_LM = 0.1, p_kNN = 0.5: 0.25 * 0.5 + 0.75 * 0.1 = 0.2."""
+    got = interpolate(np.log([0.1]), np.log([0.5]), 0.25)
+    assert math.exp(got[0]) == pytest.approx(0.2)
+
+
+def test_lambda_zero_is_exactly_the_lm():
+    lm = np.log(np.array([0.1, 0.3, 1e-9]))
+    knn = np.array([-np.inf, np.log(0.9), 0.0])
+    assert np.array_equal(interpolate(lm, knn, 0.0), lm)
+    assert not np.array_equal(interpolate(lm, knn, 0.5), lm)
+    assert np.array_equal(interpolate(lm, knn, 1.0), knn)
+
+
+def test_knn_distribution_sums_per_token():
+    """Values 7, 5, 7 at d = 1, 2, 3: p(7) = 0.75527, p(5) = e^-2 / 0.55300 = 0.24473, others 0."""
+    lp = knn_distribution(np.array([[1.0, 2.0, 3.0]]), np.array([[7, 5, 7]]), vocab_size=10).numpy()
+    p = np.exp(lp[0])
+    assert p[7] == pytest.approx(0.755272, abs=1e-6) and p[5] == pytest.approx(0.244728, abs=1e-6)
+    assert p.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity():
+    assert perplexity(np.log([0.5, 0.5])) == pytest.approx(2.0)

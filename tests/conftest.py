@@ -14,7 +14,7 @@ WIKITEXT = SHARED / "data" / "wikitext-2-raw"
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch, request):
     """Keep tests out of the user's cache, except the real-model test which reuses it."""
-    if "real_model" not in request.keywords:
+    if "real_model" not in request.keywords:  # see tests/test_real_model.py
         monkeypatch.setenv("KNNLM_HOME", str(tmp_path_factory.getbasetemp() / "knnlm-home"))
 
 

@@ -67,10 +67,12 @@ def score_plan(
     bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress)
     for b in range(len(plan.batches)):
         t0 = time.perf_counter()
-        keys, logits = lm.forward(plan.batch_input(b), [kp] if kp else [], logits=True)
+        windows = list(plan.scored(b))
+        first = min(c0 for _, c0, _, _ in windows)  # no logits needed before the first scored column
+        keys, logits = lm.forward(plan.batch_input(b), [kp] if kp else [], logits=True, logits_from=first)
         rows, qs, spans = [], [], []
-        for row, c0, c1, t in plan.scored(b):
-            rows.append(logits[row, c0:c1])
+        for row, c0, c1, t in windows:
+            rows.append(logits[row, c0 - first : c1 - first])
             if kp:
                 qs.append(keys[kp][row, c0:c1])
             spans.append((t, t + c1 - c0))

@@ -293,22 +293,32 @@ class LM:
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, key_points: list[str] | None = None, logits: bool = True
+        self,
+        input_ids: torch.Tensor,
+        key_points: list[str] | None = None,
+        logits: bool = True,
+        logits_from: int = 0,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Keys at each key point, (B, T, d), and logits, (B, T, V), for a batch of windows.
+        """Keys at each key point, (B, T, d), and logits for positions logits_from..T-1,
+        (B, T - logits_from, V), for a batch of windows.
 
         Right-padding is safe: a causal model's output at a position ignores later ones.
         """
         key_points = key_points if key_points is not None else [self.key_point]
         input_ids = input_ids.to(self.device)
         kwargs = {"use_cache": False, "attention_mask": torch.ones_like(input_ids)}
-        if not logits and "final" not in key_points and self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1  # keys only: skip the output projection
+        keep = 1 if not logits else input_ids.shape[1] - logits_from
+        if "final" in key_points or not self._accepts_logits_to_keep:
+            keep = 0  # the output projection's input is a key, or the model cannot skip positions
+        if keep:
+            kwargs["logits_to_keep"] = keep  # skip the output projection where nothing is scored
         with self._capture(key_points) as captured:
             out = self.model(input_ids=input_ids, **kwargs)
         b, t = input_ids.shape
         keys = {kp: captured[kp].reshape(b, t, -1) for kp in key_points}  # (B, T, d); OPT flattens
-        return keys, (out.logits if logits else None)
+        if not logits:
+            return keys, None
+        return keys, out.logits[:, out.logits.shape[1] - (t - logits_from) :]  # (B, T - logits_from, V)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""WikiText-2 benchmark of the kNN-LM on the default model (issue 2).
+
+Datastore from wiki.valid.raw without its last ~25k tokens (whole articles); lambda, T
+and k tuned on those held-out articles; perplexity reported on wiki.test.raw.  Speed
+ratios are measured in this run, on the same machine, with A/B runs interleaved.
+
+    python benchmarks/bench_wikitext.py                    # ~20 min on 2 CPU cores
+    python benchmarks/bench_wikitext.py --subset-tokens 30000 --dtype bfloat16
+
+The datastore and indexes are cached in benchmarks/cache/ (git-ignored) and reused.
+Results: benchmarks/results/wikitext2.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.batching import plan_files
+from knnlm.corpus import file_sha256
+from knnlm.datastore import Datastore, build_datastore
+from knnlm.evaluate import evaluate, open_for_model, score_plan
+from knnlm.index import Searcher, build_index, list_indexes
+from knnlm.model import LM
+from knnlm.scoring import interpolate, knn_target_logprobs, perplexity
+from knnlm.tune import sweep
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw"
+LOG = logging.getLogger("bench")
+
+
+def articles(text: str) -> list[str]:
+    """Split WikiText into articles at top-level headings (` = Title = `)."""
+    starts = [m.start() for m in re.finditer(r"^ = [^=].* = $", text, flags=re.M)]
+    # a heading line is preceded by a blank line " \n"; cut at the start of that line
+    return [text[a:b] for a, b in zip([0] + starts[1:], starts[1:] + [len(text)])]
+
+
+def split_valid(lm: LM, cache: Path, heldout_tokens: int) -> tuple[Path, Path]:
+    text = (DATA / "wiki.valid.raw").read_text(encoding="utf-8")
+    arts = articles(text)
+    held, n = [], 0
+    while n < heldout_tokens:
+        a = arts.pop()
+        held.insert(0, a)
+        n += len(lm.encode(a, prefix=False))
+    ds_txt, tune_txt = cache / "valid_datastore.txt", cache / "valid_heldout.txt"
+    for path, parts in ((ds_txt, arts), (tune_txt, held)):
+        body = "".join(parts)
+        if not path.exists() or path.read_text(encoding="utf-8") != body:
+            path.write_text(body, encoding="utf-8")
+    LOG.info("valid: %d articles for the datastore, %d held out (%d tokens)", len(arts), len(held), n)
+    return ds_txt, tune_txt
+
+
+def test_subset(lm: LM, cache: Path, tokens: int) -> Path:
+    arts, out, n = articles((DATA / "wiki.test.raw").read_text(encoding="utf-8")), [], 0
+    while n < tokens:
+        a = arts.pop(0)
+        out.append(a)
+        n += len(lm.encode(a, prefix=False))
+    path = cache / "test_subset.txt"
+    path.write_text("".join(out), encoding="utf-8")
+    return path
+
+
+def bare_forward_seconds(lm: LM, plan) -> float:
+    """The same model over the same windows, computing nothing else."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(len(plan.batches)):
+            lm.model(input_ids=plan.batch_input(b), use_cache=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--heldout-tokens", type=int, default=25_000)
+    ap.add_argument("--subset-tokens", type=int, default=30_000, help="test tokens for speed and exact-index runs")
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--cache", default=str(HERE / "cache" / "wikitext2"))
+    ap.add_argument("--out", default=str(HERE / "results" / "wikitext2"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    res: dict = {"model": args.model, "dtype": args.dtype, "machine": platform.machine(),
+                 "command": "python benchmarks/bench_wikitext.py " + " ".join(
+                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "out"))}
+    lm = LM.load(args.model, dtype=args.dtype)
+    ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens)
+    test_txt = DATA / "wiki.test.raw"
+    sub_txt = test_subset(lm, cache, args.subset_tokens)
+    W, S, B = 1024, 512, 4096
+
+    # ---- build speed vs the bare forward pass (interleaved A/B on the test subset) ----
+    sub_plan = plan_files(lm, [sub_txt], W, S, B)
+    bare, build = [], []
+    for rep in range(2):
+        bare.append(bare_forward_seconds(lm, sub_plan))
+        t0 = time.perf_counter()
+        build_datastore(lm, [sub_txt], cache / "speed_ds", W, S, B, overwrite=True, progress=False)
+        build.append(time.perf_counter() - t0)
+    res["build_speed"] = {"tokens": sub_plan.count, "bare_forward_tok_s": sub_plan.count / min(bare),
+                          "build_tok_s": sub_plan.count / min(build),
+                          "ratio": min(bare) / min(build), "runs_s": {"bare": bare, "build": build}}
+    LOG.info("build speed: %s", res["build_speed"])
+
+    # ---- the datastore (cached) ----
+    ds_path = cache / f"ds-{args.dtype}"
+    if not (ds_path / "meta.json").exists() or Datastore(ds_path).meta["corpora"][0]["sha256"] != file_sha256(ds_txt):
+        t0 = time.perf_counter()
+        build_datastore(lm, [ds_txt], ds_path, W, S, B, overwrite=True)
+        res["datastore_build_seconds"] = time.perf_counter() - t0
+    ds = open_for_model(lm, ds_path)
+    files = ("keys.npy", "vals.npy", "tokens.npy", "docs.npy")
+    res["datastore"] = {"entries": ds.count, "dim": ds.dim,
+                        "bytes_per_entry": sum((ds_path / f).stat().st_size for f in files) / ds.count,
+                        "key_bytes_per_entry": (ds_path / "keys.npy").stat().st_size / ds.count}
+    have = list_indexes(ds)
+    if "flat" not in have:
+        build_index(ds, "Flat")
+    approx = "IVF2048,PQ64"
+    if "ivf2048-pq64" not in have:
+        t0 = time.perf_counter()
+        build_index(ds, approx, nprobe=args.nprobe)
+        res["ivfpq_build_seconds"] = time.perf_counter() - t0
+    res["index"] = {"approx": approx, "nprobe": args.nprobe}
+    ivf = Searcher(ds, "ivf2048-pq64", nprobe=args.nprobe)
+
+    # ---- tune on the held-out validation articles ----
+    s = score_plan(lm, plan_files(lm, [tune_txt], W, S, B), ivf, k=args.k, keep_neighbors=True)
+    tuned = sweep(s.lm, s.dists, s.vals, s.targets)
+    best = tuned["best"]
+    res["tune"] = {"tokens": tuned["tokens"], "ppl_lm": tuned["ppl_lm"], "best": best}
+    LOG.info("tuned: %s", res["tune"])
+    del s
+
+    # ---- full test set with IVF-PQ + re-ranking ----
+    s = score_plan(lm, plan_files(lm, [test_txt], W, S, B), ivf, k=args.k, keep_neighbors=True)
+    knn_best = knn_target_logprobs(s.dists[:, : best["k"]], s.vals[:, : best["k"]], s.targets, best["temperature"])
+    knn_default = knn_target_logprobs(s.dists, s.vals, s.targets, 1.0)
+    res["test"] = {"tokens": int(len(s.targets)), "ppl_lm": perplexity(s.lm),
+                   "ppl_knnlm_default": perplexity(interpolate(s.lm, knn_default, 0.25)),
+                   "ppl_knnlm_tuned": perplexity(interpolate(s.lm, knn_best, best["lambda"])),
+                   "seconds": s.seconds}
+    LOG.info("test: %s", res["test"])
+    del s
+
+    # ---- exact vs approximate on the test subset ----
+    sub = {}
+    kw = dict(k=best["k"], lam=best["lambda"], temperature=best["temperature"], window=W, stride=S, progress=True)
+    for name, index, rerank in (("flat", "flat", None), ("ivfpq_rerank", "ivf2048-pq64", True),
+                                ("ivfpq_no_rerank", "ivf2048-pq64", False)):
+        r = evaluate(lm, [sub_txt], ds_path, index=index, rerank=rerank, nprobe=args.nprobe, **kw)
+        sub[name] = {"ppl_knnlm": r["ppl_knnlm"], "seconds_knn": r["seconds_knn"]}
+        sub["ppl_lm"] = r["ppl_lm"]
+    sub["tokens"] = r["tokens"]
+    sub["rerank_vs_flat"] = sub["ivfpq_rerank"]["ppl_knnlm"] / sub["flat"]["ppl_knnlm"] - 1
+    res["exact_vs_approx"] = sub
+    LOG.info("exact vs approx: %s", sub)
+
+    # ---- eval speed: base LM vs kNN-LM (IVF-PQ + re-ranking, k=1024), interleaved ----
+    base_t, knn_t = [], []
+    for rep in range(2):
+        base_t.append(evaluate(lm, [sub_txt], window=W, stride=S, progress=False)["seconds"])
+        knn_t.append(evaluate(lm, [sub_txt], ds_path, index="ivf2048-pq64", k=args.k, nprobe=args.nprobe,
+                              window=W, stride=S, progress=False)["seconds"])
+    res["eval_speed"] = {"tokens": sub["tokens"], "base_tok_s": sub["tokens"] / min(base_t),
+                         "knnlm_tok_s": sub["tokens"] / min(knn_t), "ratio": min(base_t) / min(knn_t),
+                         "k": args.k, "runs_s": {"base": base_t, "knnlm": knn_t}}
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    report = render(res)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+
+
+def render(r: dict) -> str:
+    t, b, sub, es, bs = r["test"], r["tune"]["best"], r["exact_vs_approx"], r["eval_speed"], r["build_speed"]
+
+    def ok(cond):
+        return "met" if cond else "MISSED"
+
+    rows = [
+        ("model, dtype", f"{r['model']}, {r['dtype']}"),
+        ("datastore", f"{r['datastore']['entries']} entries (wiki.valid.raw minus {r['tune']['tokens']} held-out "
+                      f"tokens), d={r['datastore']['dim']}, {r['datastore']['bytes_per_entry']:.1f} bytes/entry "
+                      f"({r['datastore']['key_bytes_per_entry']:.0f} of them key)"),
+        ("tuned on held-out valid", f"k={b['k']} lambda={b['lambda']} T={b['temperature']} "
+                                    f"(ppl {r['tune']['ppl_lm']:.3f} -> {b['ppl']:.3f})"),
+        ("test tokens", str(t["tokens"])),
+        ("test ppl, base LM", f"{t['ppl_lm']:.3f}"),
+        ("test ppl, kNN-LM IVF-PQ+rerank, tuned", f"{t['ppl_knnlm_tuned']:.3f}"),
+        ("test ppl, kNN-LM IVF-PQ+rerank, paper defaults (k=1024, lambda=0.25, T=1)",
+         f"{t['ppl_knnlm_default']:.3f}"),
+        (f"test subset ({sub['tokens']} tok) ppl: base / exact Flat / IVF-PQ+rerank / IVF-PQ only",
+         f"{sub['ppl_lm']:.3f} / {sub['flat']['ppl_knnlm']:.3f} / {sub['ivfpq_rerank']['ppl_knnlm']:.3f} / "
+         f"{sub['ivfpq_no_rerank']['ppl_knnlm']:.3f}"),
+        ("IVF-PQ+rerank vs exact (target within 1%)", f"{100 * sub['rerank_vs_flat']:+.2f}% — "
+                                                      f"{ok(abs(sub['rerank_vs_flat']) <= 0.01)}"),
+        ("build tok/s vs bare forward (target >= 0.9)", f"{bs['build_tok_s']:.0f} / {bs['bare_forward_tok_s']:.0f} = "
+                                                        f"{bs['ratio']:.2f}x — {ok(bs['ratio'] >= 0.9)}"),
+        (f"eval tok/s kNN-LM (IVF-PQ+rerank, k={es['k']}) vs base (target >= 0.7)",
+         f"{es['knnlm_tok_s']:.0f} / {es['base_tok_s']:.0f} = {es['ratio']:.2f}x — {ok(es['ratio'] >= 0.7)}"),
+        ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
+    ]
+    lines = ["# WikiText-2 benchmark", "", f"Command: `{r['command']}`", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {a} | {b_} |" for a, b_ in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

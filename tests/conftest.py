@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import ARCHS, TEXT, make_model_dir  # noqa: E402
 
+DEVICE = os.environ.get("KNNLM_TEST_DEVICE", "cpu")  # `cuda` runs the pipeline tests on a GPU
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw"
 
@@ -33,7 +35,7 @@ def llama_dir(model_dirs):
 def lm(llama_dir):
     from knnlm.model import LM
 
-    return LM.load(str(llama_dir), dtype="float32")
+    return LM.load(str(llama_dir), dtype="float32", device=DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def test_entries_are_keys_and_next_tokens(lm, datastore, corpus):
     assert datastore.count == len(ids) - 1
     assert np.array_equal(datastore.vals, np.array(ids[1:]))
     keys, _ = lm.forward(torch.tensor([ids[:32]]), logits=False)  # first window: positions 0..31
-    np.testing.assert_allclose(datastore.keys[:32], keys["ffn_input"][0].numpy().astype(np.float16), atol=1e-3)
+    np.testing.assert_allclose(datastore.keys[:32], keys["ffn_input"][0].cpu().numpy().astype(np.float16), atol=1e-3)
     assert datastore.meta["key_point"] == "ffn_input" and datastore.dim == 32
     doc, off = datastore.provenance(np.array([0, 5]))
     assert doc.tolist() == [0, 0] and off.tolist() == [1, 6]  # entry i predicts token i + 1
@@ -104,7 +104,7 @@ def test_lm_scores_match_one_long_window(lm, corpus):
     tokens scored; with a window as long as the text the log-probs are identical."""
     ids = lm.encode(corpus.read_text())
     keys, logits = lm.forward(torch.tensor([ids]), logits=True)
-    want = torch.log_softmax(logits[0, :-1].float(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    want = torch.log_softmax(logits[0, :-1].float().cpu(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     plan = plan_files(lm, [corpus], len(ids), len(ids), 10_000)
     s = score_plan(lm, plan, progress=False)
     np.testing.assert_allclose(s.lm, want.numpy(), rtol=1e-5, atol=1e-5)

@@ -40,8 +40,8 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
 
 
-def _add_knn_args(p: argparse.ArgumentParser, lam: bool = True) -> None:
-    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+def _add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
+    from knnlm.evaluate import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA, DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
 
     g = p.add_argument_group("retrieval")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
@@ -53,6 +53,14 @@ def _add_knn_args(p: argparse.ArgumentParser, lam: bool = True) -> None:
         g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
     g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    if cache:
+        c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
+        c.add_argument("--cache-lambda", type=float, default=None,
+                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); off if not given")
+        c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
+                       help="scale of the dot product of final hidden states")
+        c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
+                       help="most recent positions of the document in the cache")
 
 
 def _load_lm(args, datastore: str | None = None, key_point: str | None = None):
@@ -114,12 +122,16 @@ def cmd_eval(args) -> None:
     res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
                    temperature=args.temperature, window=args.window, stride=args.stride,
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,
-                   rerank=False if args.no_rerank else None, progress=not args.quiet)
+                   rerank=False if args.no_rerank else None, progress=not args.quiet,
+                   cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("settings", f"k={res['k']} lambda={res['lambda']} T={res['temperature']} "
                                  f"index={res['factory']} rerank={res['rerank']}"))
+    if "ppl_cache" in res:
+        rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
+        rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
     rows.append(("tokens/s", str(res["tokens_per_second"])))
     print(_table(rows))
     if args.output:
@@ -267,10 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", cmd_eval, "perplexity of the LM and the kNN-LM on a text",
              "  knnlm eval wiki.test.raw                    # base LM only\n"
              "  knnlm eval wiki.test.raw -d ds-wiki -o result.json\n"
-             "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat")
+             "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("-o", "--output", help="write the result as JSON")
-    _add_knn_args(sp)
+    _add_knn_args(sp, cache=True)
     _add_model_args(sp)
     _add_window_args(sp)
 

@@ -15,13 +15,18 @@ from knnlm.datastore import Datastore
 from knnlm.errors import KnnlmError
 from knnlm.index import Searcher
 from knnlm.model import target_logprobs
-from knnlm.scoring import check_settings, interpolate, knn_target_logprobs, perplexity
+from knnlm.scoring import (cache_target_logprobs, check_settings, interpolate, knn_target_logprobs, mix_cache,
+                           perplexity)
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_K = 1024
 DEFAULT_LAMBDA = 0.25
 DEFAULT_TEMPERATURE = 1.0
+# Continuous cache (Grave et al., 2017): keys are final hidden states, as in their paper.
+CACHE_KEY_POINT = "final"
+DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
+DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
 
 
 @dataclass
@@ -35,6 +40,8 @@ class Scores:
     dists: np.ndarray | None = None  # (n, k) when neighbours are kept
     ids: np.ndarray | None = None  # (n, k) datastore entry ids
     vals: np.ndarray | None = None  # (n, k) the neighbours' tokens
+    cache: np.ndarray | None = None  # (n,) log p_cache(target); NaN where the cache is empty
+    cache_keys: np.ndarray | None = None  # (n, d) float32 final hidden states, when kept
     seconds: dict = field(default_factory=dict)
 
 
@@ -46,9 +53,17 @@ def score_plan(
     temperature: float = DEFAULT_TEMPERATURE,
     keep_neighbors: bool = False,
     progress: bool = True,
+    cache_theta: float | None = None,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    keep_cache_keys: bool = False,
 ) -> Scores:
     """One forward pass per batch: LM log-probs of every target and, with a searcher, the
-    k nearest datastore entries of every query key."""
+    k nearest datastore entries of every query key.
+
+    With `cache_theta` (or `keep_cache_keys`) the same pass also reads the final hidden
+    state of every position, the continuous cache's key: `Scores.cache` is then
+    log p_cache(target) over the `cache_size` previous positions of the same document.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -63,13 +78,16 @@ def score_plan(
         dists = np.empty((n, k), dtype=np.float32)
         ids = np.empty((n, k), dtype=np.int64)
     kp = searcher.ds.key_point if searcher else None
+    use_cache = cache_theta is not None or keep_cache_keys
+    read = ([kp] if kp else []) + ([CACHE_KEY_POINT] if use_cache and kp != CACHE_KEY_POINT else [])
+    ckeys = np.empty((n, lm.dim(CACHE_KEY_POINT)), dtype=np.float32) if use_cache else None
     t_lm = t_search = 0.0
     bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress)
     for b in range(len(plan.batches)):
         t0 = time.perf_counter()
         windows = list(plan.scored(b))
         first = min(c0 for _, c0, _, _ in windows)  # no logits needed before the first scored column
-        keys, logits = lm.forward(plan.batch_input(b), [kp] if kp else [], logits=True, logits_from=first)
+        keys, logits = lm.forward(plan.batch_input(b), read, logits=True, logits_from=first)
         rows, qs, spans = [], [], []
         for row, c0, c1, t in windows:
             rows.append(logits[row, c0 - first : c1 - first])
@@ -77,6 +95,9 @@ def score_plan(
                 qs.append(keys[kp][row, c0:c1])
             spans.append((t, t + c1 - c0))
         sel = np.concatenate([np.arange(a, z) for a, z in spans])
+        if use_cache:
+            h = [keys[CACHE_KEY_POINT][row, c0:c1] for row, c0, _, _ in windows]
+            ckeys[sel] = torch.cat(h).float().cpu().numpy()  # (m, d)
         lm_lp[sel] = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device)).cpu().numpy()
         t1 = time.perf_counter()
         t_lm += t1 - t0
@@ -94,6 +115,12 @@ def score_plan(
     if keep_neighbors and searcher is not None:
         out.dists, out.ids = dists, ids
         out.vals = searcher.ds.vals[np.maximum(ids, 0)]
+    if cache_theta is not None:
+        t0 = time.perf_counter()
+        out.cache = cache_target_logprobs(ckeys, targets, plan.docs[:, 2], cache_theta, cache_size)
+        out.seconds["cache"] = time.perf_counter() - t0
+    if keep_cache_keys:
+        out.cache_keys = ckeys
     return out
 
 
@@ -118,9 +145,19 @@ def evaluate(
     nprobe: int | None = None,
     rerank: bool | None = None,
     progress: bool = True,
+    cache_lambda: float | None = None,
+    cache_theta: float = DEFAULT_CACHE_THETA,
+    cache_size: int = DEFAULT_CACHE_SIZE,
 ) -> dict:
-    """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict."""
+    """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
+
+    With `cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
+    p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
+    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.
+    """
     check_settings(lam=lam, temperature=temperature, k=k)
+    if cache_lambda is not None:
+        check_settings(lam=cache_lambda)
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
     searcher = None
@@ -129,7 +166,8 @@ def evaluate(
         searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
     plan = plan_files(lm, texts, window, stride, batch_tokens)
     t0 = time.perf_counter()
-    s = score_plan(lm, plan, searcher, k=k, temperature=temperature, progress=progress)
+    s = score_plan(lm, plan, searcher, k=k, temperature=temperature, progress=progress,
+                   cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size)
     total = time.perf_counter() - t0
     result = {
         "tokens": int(plan.count),
@@ -156,4 +194,8 @@ def evaluate(
             seconds_lm=round(s.seconds["lm"], 3),
             seconds_knn=round(s.seconds["knn"], 3),
         )
+    if cache_lambda is not None:
+        base = interpolate(s.lm, s.knn, lam) if searcher is not None else s.lm
+        result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
+                      cache_theta=cache_theta, cache_size=cache_size, cache_key_point=CACHE_KEY_POINT)
     return result

@@ -79,3 +79,61 @@ def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0):
 def perplexity(logprobs) -> float:
     lp = np.asarray(logprobs, dtype=np.float64)
     return float(np.exp(-lp.mean())) if lp.size else float("nan")
+
+
+# ---- continuous cache (Grave et al., 2017) -------------------------------------------
+def cache_target_logprobs(keys, targets, doc_starts, theta: float, size: int, block: int = 256) -> np.ndarray:
+    """log p_cache(target) at every position, from the same document's earlier positions.
+
+    keys (n, d): one vector per position (knnlm uses the final hidden state, the input of
+    the output embedding, as Grave et al. do); targets (n,): the token each position
+    predicts; doc_starts: first position of each document, ascending, starting at 0.
+    Position t's cache holds positions i with max(doc start, t - size) <= i < t, each
+    storing (key h_i, value targets[i] = the token that followed it), and
+
+        p_cache(w | t) = sum_{i in cache, targets[i] = w} exp(theta * h_t . h_i)
+                         / sum_{i in cache} exp(theta * h_t . h_i)
+
+    (Grave et al.'s dot-product similarity).  Returns (n,) float64: -inf where no cached
+    position has the target, NaN where the cache is empty (a document's first position);
+    `mix_cache` then falls back to the other distribution.
+    """
+    if size < 1:
+        raise KnnlmError(f"cache size must be >= 1, got {size}")
+    if not theta >= 0:
+        raise KnnlmError(f"cache theta must be >= 0, got {theta}")
+    keys = np.asarray(keys, dtype=np.float32)  # (n, d)
+    targets = np.asarray(targets)
+    n = len(targets)
+    bounds = list(np.asarray(doc_starts, dtype=np.int64)) + [n]
+    out = np.full(n, np.nan)
+    for a, z in zip(bounds[:-1], bounds[1:]):  # one document at a time: caches never cross
+        for q0 in range(a + 1, z, block):  # position a has an empty cache
+            q1 = min(q0 + block, z)
+            c0 = max(a, q0 - size)  # oldest position any query of the block may see
+            t = np.arange(q0, q1)[:, None]  # (b, 1) query positions
+            i = np.arange(c0, q1 - 1)[None, :]  # (1, c) candidate positions
+            seen = (i < t) & (i >= t - size)  # (b, c)
+            logits = theta * (keys[q0:q1] @ keys[c0 : q1 - 1].T).astype(np.float64)  # (b, c)
+            logits = np.where(seen, logits, -np.inf)
+            top = logits.max(axis=1, keepdims=True)  # (b, 1), finite: every query sees >= 1 position
+            w = np.exp(logits - top)  # (b, c); unseen weigh 0
+            hit = targets[c0 : q1 - 1][None, :] == targets[q0:q1, None]  # (b, c)
+            hit_w = (w * hit).sum(axis=1)
+            with np.errstate(divide="ignore"):
+                out[q0:q1] = np.log(hit_w) - np.log(w.sum(axis=1))
+    return out
+
+
+def mix_cache(base_logprobs, cache_logprobs, cache_lambda: float) -> np.ndarray:
+    """log(cache_lambda * p_cache + (1 - cache_lambda) * p_base), nested on top of the
+    kNN-LM (or the LM): cache_lambda = 0 returns base_logprobs exactly; where the cache
+    is empty (NaN) the base distribution is used alone."""
+    check_settings(lam=cache_lambda)
+    base = np.asarray(base_logprobs, dtype=np.float64)
+    if cache_lambda == 0.0:
+        return base
+    cache = np.asarray(cache_logprobs, dtype=np.float64)
+    empty = np.isnan(cache)
+    mixed = interpolate(base, np.where(empty, -np.inf, cache), cache_lambda)
+    return np.where(empty, base, mixed)

@@ -10,7 +10,7 @@ from knnlm.batching import plan_files
 from knnlm.datastore import Datastore, build_datastore
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import evaluate, score_plan
-from knnlm.index import Searcher, auto_factory, build_index, exact_distances
+from knnlm.index import Searcher, auto_factory, build_index
 from knnlm.tune import sweep
 
 
@@ -66,14 +66,10 @@ def test_flat_search_is_exact(datastore):
     np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
 
 
-def test_exact_distances_match_numpy(datastore):
-    q = np.random.default_rng(0).normal(size=(3, datastore.dim)).astype(np.float32)
-    ids = np.array([[0, 5, -1], [1, 2, 3], [7, 7, 7]])
-    got = exact_distances(q, datastore.keys, ids, block=2)
-    keys = np.asarray(datastore.keys, dtype=np.float32)
-    want = ((keys[np.maximum(ids, 0)] - q[:, None]) ** 2).sum(-1)
-    want[ids < 0] = np.inf
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+def exact_distances(q, keys, ids):
+    """Oracle: squared L2 from each query to its neighbours' stored keys; inf for id -1."""
+    want = ((np.asarray(keys, dtype=np.float64)[np.maximum(ids, 0)] - q[:, None]) ** 2).sum(-1)
+    return np.where(ids < 0, np.inf, want)
 
 
 def test_self_retrieval(lm, datastore, corpus):
@@ -156,3 +152,27 @@ def test_index_refuses_another_datastore(lm, corpus, tmp_path, datastore):
     shutil.copytree(datastore.path / "indexes", out / "indexes")
     with pytest.raises(KnnlmError, match="was built for datastore"):
         Searcher(Datastore(out))
+
+
+def test_fp16_index_holds_the_keys_exactly(datastore):
+    from knnlm.index import fp16_index
+
+    idx = fp16_index(datastore.keys)
+    assert idx.ntotal == datastore.count
+    np.testing.assert_array_equal(idx.reconstruct_n(0, 5), np.asarray(datastore.keys[:5], dtype=np.float32))
+
+
+def test_reranked_distances_are_exact(lm, corpus, tmp_path):
+    """IVF-PQ + re-ranking returns exact squared L2 to the stored keys, sorted; PQ-only
+    distances are approximations; probing too few lists leaves id -1 with distance inf."""
+    out = build_datastore(lm, [corpus], tmp_path / "ds", window=32, stride=16, progress=False)[0]
+    ds = Datastore(out)
+    build_index(ds, "IVF4,PQ8", name="ivfpq", nprobe=4, train_size=ds.count, progress=False)
+    q = np.asarray(ds.keys[:20], dtype=np.float32) + 0.05
+    d, i = Searcher(ds, "ivfpq").search(q, 16)
+    np.testing.assert_allclose(d, exact_distances(q, ds.keys, i), rtol=1e-4, atol=1e-4)
+    assert (np.diff(d, axis=1) >= 0).all()
+    d_pq, i_pq = Searcher(ds, "ivfpq", rerank=False).search(q, 16)
+    assert not np.allclose(d_pq, exact_distances(q, ds.keys, i_pq), rtol=1e-3)
+    d1, i1 = Searcher(ds, "ivfpq", nprobe=1).search(q, ds.count)
+    assert (i1 == -1).any() and np.isinf(d1[i1 == -1]).all() and np.isfinite(d1[i1 >= 0]).all()

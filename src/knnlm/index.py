@@ -164,6 +164,13 @@ class Searcher:
             except (RuntimeError, AttributeError):
                 pass
         self.rerank = self.info.get("rerank", False) if rerank is None else rerank
+        self._refine = None
+        if self.rerank and self.info["factory"] != "Flat":
+            # faiss re-ranks the k candidates of the approximate index with exact distances
+            # to the stored float16 keys (a scalar quantizer whose codes ARE those keys).
+            self._exact = fp16_index(ds.keys)
+            self._refine = faiss.IndexRefine(self.index, self._exact)
+            self._refine.k_factor = 1.0
 
     def settings(self) -> dict:
         return {"index": self.name, "factory": self.info["factory"], "nprobe": self.nprobe, "rerank": self.rerank}
@@ -176,27 +183,16 @@ class Searcher:
         if k > self.ds.count:
             raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, d)
-        dists, ids = self.index.search(q, k)
-        if self.rerank:
-            dists = exact_distances(q, self.ds.keys, ids)
-            order = np.argsort(dists, axis=1, kind="stable")
-            dists = np.take_along_axis(dists, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
-        dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
-        return dists, ids
+        dists, ids = (self._refine or self.index).search(q, k)
+        return np.where(ids < 0, np.inf, dists).astype(np.float32), ids
 
 
-def exact_distances(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, block: int = 64) -> np.ndarray:
-    """||q_i - keys[ids[i, j]]||^2 from the stored keys, (m, k) float32; inf for id -1."""
-    import torch
-
-    m, k = ids.shape
-    out = np.empty((m, k), dtype=np.float32)
-    for i in range(0, m, block):
-        sel = ids[i : i + block]  # (b, k)
-        cand = torch.from_numpy(np.asarray(keys[np.maximum(sel, 0).ravel()])).float()  # (b*k, d)
-        cand = cand.view(sel.shape[0], k, -1)
-        q = torch.from_numpy(queries[i : i + block])[:, None, :]  # (b, 1, d)
-        out[i : i + block] = (cand - q).pow_(2).sum(-1).numpy()
-    out[ids < 0] = np.inf
-    return out
+def fp16_index(keys: np.ndarray):
+    """An exact float16 flat index over `keys` (N, d) float16, filled by copying their bytes."""
+    faiss = _faiss()
+    n, d = keys.shape
+    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    codes = np.ascontiguousarray(keys, dtype=np.float16).view(np.uint8).reshape(-1)  # (N * d * 2,)
+    faiss.copy_array_to_vector(codes, index.codes)
+    index.ntotal = n
+    return index

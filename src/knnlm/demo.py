@@ -41,10 +41,11 @@ def run_demo(workdir: str | Path, articles: int = 400, heldout: int = 40, dtype:
     from knnlm.batching import plan_files
     from knnlm.corpus import file_sha256
     from knnlm.datastore import Datastore, build_datastore
-    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, evaluate, open_for_model, score_plan
+    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, open_for_model, score_plan
     from knnlm.explain import explain, render
     from knnlm.index import Searcher, build_index, list_indexes
     from knnlm.model import LM
+    from knnlm.scoring import interpolate, knn_target_logprobs, perplexity
     from knnlm.tune import sweep
 
     work = Path(workdir)
@@ -71,28 +72,30 @@ def run_demo(workdir: str | Path, articles: int = 400, heldout: int = 40, dtype:
     (work / "tune.json").write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
 
     LOG.info("evaluating on %s", files["test"])
-    default = evaluate(lm, [files["test"]], ds_path, k=k, lam=DEFAULT_LAMBDA, progress=progress)
-    best_eval = evaluate(lm, [files["test"]], ds_path, k=best["k"], lam=best["lambda"],
-                         temperature=best["temperature"], progress=progress)
-    s = score_plan(lm, plan_files(lm, [files["test"]], 1024, 512, 4096), searcher, k=best["k"],
-                   temperature=best["temperature"], keep_neighbors=True, progress=progress)
+    s = score_plan(lm, plan_files(lm, [files["test"]], 1024, 512, 4096), searcher, k=k, keep_neighbors=True,
+                   progress=progress)
+    kb = best["k"]
+    ppl_default = perplexity(interpolate(s.lm, knn_target_logprobs(s.dists, s.vals, s.targets, 1.0),
+                                         DEFAULT_LAMBDA))
+    s.knn = knn_target_logprobs(s.dists[:, :kb], s.vals[:, :kb], s.targets, best["temperature"])
+    ppl_tuned = perplexity(interpolate(s.lm, s.knn, best["lambda"]))
+    s.dists, s.ids = s.dists[:, :kb], s.ids[:, :kb]
     items = explain(lm, ds, s, lam=best["lambda"], temperature=best["temperature"], top=5, neighbors=4)
     (work / "explain.md").write_text(render(items) + "\n", encoding="utf-8")
     (work / "explain.json").write_text(json.dumps(items, indent=2) + "\n", encoding="utf-8")
-    summary = {"datastore": str(ds_path), "datastore_entries": ds.count, "test_tokens": default["tokens"],
-               "ppl_lm": default["ppl_lm"], "ppl_knnlm_default": default["ppl_knnlm"],
-               "ppl_knnlm_tuned": best_eval["ppl_knnlm"], "tuned": best, "default_settings": {
-                   "k": k, "lambda": DEFAULT_LAMBDA, "temperature": 1.0}}
+    summary = {"datastore": str(ds_path), "datastore_entries": ds.count, "index": searcher.settings(),
+               "test_tokens": int(len(s.targets)), "ppl_lm": perplexity(s.lm), "ppl_knnlm_default": ppl_default,
+               "ppl_knnlm_tuned": ppl_tuned, "tuned": best,
+               "default_settings": {"k": k, "lambda": DEFAULT_LAMBDA, "temperature": 1.0}}
     (work / "demo.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
     print(render(items[:3]))
-    w = 34
-    print(f"\n{'held-out Wikipedia articles':<{w}}  {default['tokens']} tokens")
+    w = 36
+    print(f"\n{'held-out Wikipedia articles':<{w}}  {summary['test_tokens']} tokens")
     print(f"{'datastore':<{w}}  {ds.count} entries from {articles} other articles")
-    print(f"{'perplexity, LM alone':<{w}}  {default['ppl_lm']:.3f}")
-    print(f"{'perplexity, kNN-LM (paper defaults)':<{w}}  {default['ppl_knnlm']:.3f}  "
-          f"(k={k}, lambda={DEFAULT_LAMBDA}, T=1)")
-    print(f"{'perplexity, kNN-LM (tuned)':<{w}}  {best_eval['ppl_knnlm']:.3f}  "
+    print(f"{'perplexity, LM alone':<{w}}  {summary['ppl_lm']:.3f}")
+    print(f"{'perplexity, kNN-LM (paper defaults)':<{w}}  {ppl_default:.3f}  (k={k}, lambda={DEFAULT_LAMBDA}, T=1)")
+    print(f"{'perplexity, kNN-LM (tuned)':<{w}}  {ppl_tuned:.3f}  "
           f"(k={best['k']}, lambda={best['lambda']}, T={best['temperature']}, tuned on other held-out articles)")
     print(f"\nresults in {work}/: demo.json, tune.json, explain.md")
     return summary

@@ -19,17 +19,23 @@ def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
-            neighbors: int = 5, context: int = 24) -> list[dict]:
-    """The `top` targets with the largest gain log p_kNN-LM - log p_LM, as dicts."""
+            neighbors: int = 5, context: int = 24, min_context: int = 4) -> list[dict]:
+    """The `top` targets with the largest gain log p_kNN-LM - log p_LM, as dicts.
+
+    Targets with fewer than `min_context` tokens of their document before them are
+    skipped: a document's first words are predicted from the same empty context everywhere.
+    """
+    plan = scores.plan
     mix = interpolate(scores.lm, scores.knn, lam)
     gain = mix - scores.lm
-    order = np.argsort(-gain, kind="stable")[:top]
-    plan = scores.plan
+    doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(gain)), side="right") - 1
+    offset = np.arange(len(gain)) - plan.docs[doc_of, 2] + 1
+    gain = np.where(offset > min_context, gain, -np.inf)
+    order = np.argsort(-gain, kind="stable")[: min(top, int(np.isfinite(gain).sum()))]
     out = []
     for i in order:
         i = int(i)
-        doc = int(np.searchsorted(plan.docs[:, 2], i, side="right") - 1)
-        off = i - int(plan.docs[doc, 2]) + 1  # token offset of the target in its document
+        doc, off = int(doc_of[i]), int(offset[i])  # the target is token `off` of document `doc`
         start = int(plan.docs[doc, 0])
         before = plan.tokens[start + max(1, off - context) : start + off]
         w = neighbor_weights(scores.dists[i], temperature)

@@ -4,8 +4,9 @@ Datastore from wiki.valid.raw without its last ~25k tokens (whole articles); lam
 and k tuned on those held-out articles; perplexity reported on wiki.test.raw.  Speed
 ratios are measured in this run, on the same machine, with A/B runs interleaved.
 
-    python benchmarks/bench_wikitext.py                    # ~20 min on 2 CPU cores
-    python benchmarks/bench_wikitext.py --subset-tokens 30000 --dtype bfloat16
+    python benchmarks/bench_wikitext.py                    # all phases, ~40 min on 2 idle CPU cores
+    python benchmarks/bench_wikitext.py --phases quality   # perplexities only
+    python benchmarks/bench_wikitext.py --phases speed     # speed ratios only (run on an idle machine)
 
 The datastore and indexes are cached in benchmarks/cache/ (git-ignored) and reused.
 Results: benchmarks/results/wikitext2.{json,md}.
@@ -73,55 +74,25 @@ def test_subset(lm: LM, cache: Path, tokens: int) -> Path:
     return path
 
 
-def bare_forward_seconds(lm: LM, plan) -> float:
-    """The same model over the same windows, computing nothing else."""
+def bare_forward_seconds(lm: LM, plan, logits: bool = True) -> float:
+    """The same model over the same windows, computing nothing else (with `logits=False`
+    the output projection runs for the last position only, as in a datastore build)."""
     import torch
 
+    kw = {} if logits else {"logits_to_keep": 1}
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(len(plan.batches)):
-            lm.model(input_ids=plan.batch_input(b), use_cache=False)
+            lm.model(input_ids=plan.batch_input(b).to(lm.device), use_cache=False, **kw)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--heldout-tokens", type=int, default=25_000)
-    ap.add_argument("--subset-tokens", type=int, default=30_000, help="test tokens for speed and exact-index runs")
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--nprobe", type=int, default=32)
-    ap.add_argument("--cache", default=str(HERE / "cache" / "wikitext2"))
-    ap.add_argument("--out", default=str(HERE / "results" / "wikitext2"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    res: dict = {"model": args.model, "dtype": args.dtype, "machine": platform.machine(),
-                 "command": "python benchmarks/bench_wikitext.py " + " ".join(
-                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "out"))}
-    lm = LM.load(args.model, dtype=args.dtype)
-    ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens)
-    test_txt = DATA / "wiki.test.raw"
-    sub_txt = test_subset(lm, cache, args.subset_tokens)
-    W, S, B = 1024, 512, 4096
-
-    # ---- build speed vs the bare forward pass (interleaved A/B on the test subset) ----
-    sub_plan = plan_files(lm, [sub_txt], W, S, B)
-    bare, build = [], []
-    for rep in range(2):
-        bare.append(bare_forward_seconds(lm, sub_plan))
-        t0 = time.perf_counter()
-        build_datastore(lm, [sub_txt], cache / "speed_ds", W, S, B, overwrite=True, progress=False)
-        build.append(time.perf_counter() - t0)
-    res["build_speed"] = {"tokens": sub_plan.count, "bare_forward_tok_s": sub_plan.count / min(bare),
-                          "build_tok_s": sub_plan.count / min(build),
-                          "ratio": min(bare) / min(build), "runs_s": {"bare": bare, "build": build}}
-    LOG.info("build speed: %s", res["build_speed"])
-
+def quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt) -> None:
+    """Datastore, tuning, test perplexities, exact vs approximate search."""
+    W, S, B = 1024, 512, args.batch_tokens
     # ---- the datastore (cached) ----
-    ds_path = cache / f"ds-{args.dtype}"
     if not (ds_path / "meta.json").exists() or Datastore(ds_path).meta["corpora"][0]["sha256"] != file_sha256(ds_txt):
         t0 = time.perf_counter()
         build_datastore(lm, [ds_txt], ds_path, W, S, B, overwrite=True)
@@ -163,7 +134,8 @@ def main() -> None:
 
     # ---- exact vs approximate on the test subset ----
     sub = {}
-    kw = dict(k=best["k"], lam=best["lambda"], temperature=best["temperature"], window=W, stride=S, progress=True)
+    kw = dict(k=best["k"], lam=best["lambda"], temperature=best["temperature"], window=W, stride=S,
+              batch_tokens=B, progress=True)
     for name, index, rerank in (("flat", "flat", None), ("ivfpq_rerank", "ivf2048-pq64", True),
                                 ("ivfpq_no_rerank", "ivf2048-pq64", False)):
         r = evaluate(lm, [sub_txt], ds_path, index=index, rerank=rerank, nprobe=args.nprobe, **kw)
@@ -174,17 +146,75 @@ def main() -> None:
     res["exact_vs_approx"] = sub
     LOG.info("exact vs approx: %s", sub)
 
+
+
+def speed(lm, args, res, cache, ds_path, sub_txt) -> None:
+    """Build and eval throughput ratios, A/B runs interleaved on the test subset."""
+    W, S, B = 1024, 512, args.batch_tokens
+    # ---- build speed vs the bare forward pass (interleaved A/B on the test subset) ----
+    sub_plan = plan_files(lm, [sub_txt], W, S, B)
+    bare, bare_keys, build = [], [], []
+    for rep in range(2):
+        bare.append(bare_forward_seconds(lm, sub_plan))
+        bare_keys.append(bare_forward_seconds(lm, sub_plan, logits=False))
+        t0 = time.perf_counter()
+        build_datastore(lm, [sub_txt], cache / "speed_ds", W, S, B, overwrite=True, progress=False)
+        build.append(time.perf_counter() - t0)
+    res["build_speed"] = {"tokens": sub_plan.count, "bare_forward_tok_s": sub_plan.count / min(bare),
+                          "bare_forward_no_logits_tok_s": sub_plan.count / min(bare_keys),
+                          "build_tok_s": sub_plan.count / min(build),
+                          "ratio": min(bare) / min(build), "ratio_vs_no_logits": min(bare_keys) / min(build),
+                          "runs_s": {"bare": bare, "bare_no_logits": bare_keys, "build": build}}
+    LOG.info("build speed: %s", res["build_speed"])
+
     # ---- eval speed: base LM vs kNN-LM (IVF-PQ + re-ranking, k=1024), interleaved ----
     base_t, knn_t = [], []
     for rep in range(2):
-        base_t.append(evaluate(lm, [sub_txt], window=W, stride=S, progress=False)["seconds"])
+        base_t.append(evaluate(lm, [sub_txt], window=W, stride=S, batch_tokens=B, progress=False)["seconds"])
         knn_t.append(evaluate(lm, [sub_txt], ds_path, index="ivf2048-pq64", k=args.k, nprobe=args.nprobe,
-                              window=W, stride=S, progress=False)["seconds"])
-    res["eval_speed"] = {"tokens": sub["tokens"], "base_tok_s": sub["tokens"] / min(base_t),
-                         "knnlm_tok_s": sub["tokens"] / min(knn_t), "ratio": min(base_t) / min(knn_t),
+                              window=W, stride=S, batch_tokens=B, progress=False)["seconds"])
+    res["eval_speed"] = {"tokens": sub_plan.count, "base_tok_s": sub_plan.count / min(base_t),
+                         "knnlm_tok_s": sub_plan.count / min(knn_t), "ratio": min(base_t) / min(knn_t),
                          "k": args.k, "runs_s": {"base": base_t, "knnlm": knn_t}}
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--heldout-tokens", type=int, default=25_000)
+    ap.add_argument("--subset-tokens", type=int, default=30_000, help="test tokens for speed and exact-index runs")
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--cache", default=str(HERE / "cache" / "wikitext2"))
+    ap.add_argument("--out", default=str(HERE / "results" / "wikitext2"))
+    ap.add_argument("--phases", default="quality,speed", help="comma-separated: quality, speed")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+    ap.add_argument("--data", default=str(DATA), help="folder with wiki.valid.raw and wiki.test.raw")
+    args = ap.parse_args()
+    phases = set(args.phases.split(","))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    res: dict = {**old, "model": args.model, "dtype": args.dtype, "machine": platform.machine(),
+                 "device": args.device if args.device == "cpu" else __import__("torch").cuda.get_device_name()}
+    res.setdefault("commands", {})["+".join(sorted(phases))] = "python benchmarks/bench_wikitext.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "out", "data"))
+    global DATA
+    DATA = Path(args.data)
+    lm = LM.load(args.model, dtype=args.dtype, device=args.device)
+    ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens)
+    test_txt = DATA / "wiki.test.raw"
+    sub_txt = test_subset(lm, cache, args.subset_tokens)
+    ds_path = cache / f"ds-{args.dtype}"
+    if "quality" in phases:
+        quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt)
+    if "speed" in phases:
+        speed(lm, args, res, cache, ds_path, sub_txt)
+    res[f"peak_rss_mb_{'_'.join(sorted(phases))}"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     report = render(res)
@@ -193,36 +223,45 @@ def main() -> None:
 
 
 def render(r: dict) -> str:
-    t, b, sub, es, bs = r["test"], r["tune"]["best"], r["exact_vs_approx"], r["eval_speed"], r["build_speed"]
-
     def ok(cond):
         return "met" if cond else "MISSED"
 
-    rows = [
-        ("model, dtype", f"{r['model']}, {r['dtype']}"),
-        ("datastore", f"{r['datastore']['entries']} entries (wiki.valid.raw minus {r['tune']['tokens']} held-out "
-                      f"tokens), d={r['datastore']['dim']}, {r['datastore']['bytes_per_entry']:.1f} bytes/entry "
-                      f"({r['datastore']['key_bytes_per_entry']:.0f} of them key)"),
-        ("tuned on held-out valid", f"k={b['k']} lambda={b['lambda']} T={b['temperature']} "
-                                    f"(ppl {r['tune']['ppl_lm']:.3f} -> {b['ppl']:.3f})"),
-        ("test tokens", str(t["tokens"])),
-        ("test ppl, base LM", f"{t['ppl_lm']:.3f}"),
-        ("test ppl, kNN-LM IVF-PQ+rerank, tuned", f"{t['ppl_knnlm_tuned']:.3f}"),
-        ("test ppl, kNN-LM IVF-PQ+rerank, paper defaults (k=1024, lambda=0.25, T=1)",
-         f"{t['ppl_knnlm_default']:.3f}"),
-        (f"test subset ({sub['tokens']} tok) ppl: base / exact Flat / IVF-PQ+rerank / IVF-PQ only",
-         f"{sub['ppl_lm']:.3f} / {sub['flat']['ppl_knnlm']:.3f} / {sub['ivfpq_rerank']['ppl_knnlm']:.3f} / "
-         f"{sub['ivfpq_no_rerank']['ppl_knnlm']:.3f}"),
-        ("IVF-PQ+rerank vs exact (target within 1%)", f"{100 * sub['rerank_vs_flat']:+.2f}% — "
-                                                      f"{ok(abs(sub['rerank_vs_flat']) <= 0.01)}"),
-        ("build tok/s vs bare forward (target >= 0.9)", f"{bs['build_tok_s']:.0f} / {bs['bare_forward_tok_s']:.0f} = "
-                                                        f"{bs['ratio']:.2f}x — {ok(bs['ratio'] >= 0.9)}"),
-        (f"eval tok/s kNN-LM (IVF-PQ+rerank, k={es['k']}) vs base (target >= 0.7)",
-         f"{es['knnlm_tok_s']:.0f} / {es['base_tok_s']:.0f} = {es['ratio']:.2f}x — {ok(es['ratio'] >= 0.7)}"),
-        ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
-    ]
-    lines = ["# WikiText-2 benchmark", "", f"Command: `{r['command']}`", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {a} | {b_} |" for a, b_ in rows]
+    rows = [("model, dtype", f"{r['model']}, {r['dtype']}")]
+    if "test" in r:
+        t, b, sub = r["test"], r["tune"]["best"], r["exact_vs_approx"]
+        rows += [
+            ("datastore", f"{r['datastore']['entries']} entries (wiki.valid.raw minus {r['tune']['tokens']} held-out "
+                          f"tokens), d={r['datastore']['dim']}, {r['datastore']['bytes_per_entry']:.1f} bytes/entry "
+                          f"({r['datastore']['key_bytes_per_entry']:.0f} of them the key)"),
+            ("tuned on held-out valid (IVF-PQ+rerank)", f"k={b['k']} lambda={b['lambda']} T={b['temperature']} "
+                                                       f"(ppl {r['tune']['ppl_lm']:.3f} -> {b['ppl']:.3f})"),
+            ("test tokens (all of wiki.test.raw)", str(t["tokens"])),
+            ("test ppl, base LM", f"{t['ppl_lm']:.3f}"),
+            ("test ppl, kNN-LM IVF-PQ+rerank, tuned", f"{t['ppl_knnlm_tuned']:.3f}"),
+            ("test ppl, kNN-LM IVF-PQ+rerank, paper defaults (k=1024, lambda=0.25, T=1)",
+             f"{t['ppl_knnlm_default']:.3f}"),
+            (f"test subset ({sub['tokens']} tok), tuned: ppl base / exact Flat / IVF-PQ+rerank / IVF-PQ only",
+             f"{sub['ppl_lm']:.3f} / {sub['flat']['ppl_knnlm']:.3f} / {sub['ivfpq_rerank']['ppl_knnlm']:.3f} / "
+             f"{sub['ivfpq_no_rerank']['ppl_knnlm']:.3f}"),
+            ("IVF-PQ+rerank vs exact (target: within 1%)",
+             f"{100 * sub['rerank_vs_flat']:+.2f}% — {ok(abs(sub['rerank_vs_flat']) <= 0.01)}"),
+        ]
+    if "build_speed" in r:
+        bs, es = r["build_speed"], r["eval_speed"]
+        rows += [
+            ("build tok/s vs bare forward with logits (target >= 0.9)",
+             f"{bs['build_tok_s']:.0f} / {bs['bare_forward_tok_s']:.0f} = {bs['ratio']:.2f}x — {ok(bs['ratio'] >= 0.9)}"),
+            ("build tok/s vs bare forward without logits (stricter)",
+             f"{bs['build_tok_s']:.0f} / {bs['bare_forward_no_logits_tok_s']:.0f} = {bs['ratio_vs_no_logits']:.2f}x"),
+            (f"eval tok/s kNN-LM (IVF-PQ+rerank, k={es['k']}) vs base LM (target >= 0.7)",
+             f"{es['knnlm_tok_s']:.0f} / {es['base_tok_s']:.0f} = {es['ratio']:.2f}x — {ok(es['ratio'] >= 0.7)}"),
+        ]
+    rows += [(f"peak RSS ({k[len('peak_rss_mb_'):]})", f"{v:.0f} MB") for k, v in sorted(r.items())
+             if k.startswith("peak_rss_mb_")]
+    lines = ["# WikiText-2 benchmark", "", "Commands (one per phase; tokens/s count scored tokens, each window of",
+             "1024 scores 512):", ""]
+    lines += [f"    {c}" for c in r.get("commands", {}).values()]
+    lines += ["", "| measure | value |", "|---|---|"] + [f"| {a} | {b_} |" for a, b_ in rows]
     return "\n".join(lines) + "\n"
 
 

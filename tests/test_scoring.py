@@ -71,3 +71,10 @@ def test_knn_distribution_sums_per_token():
 
 def test_perplexity():
     assert perplexity(np.log([0.5, 0.5])) == pytest.approx(2.0)
+
+
+def test_chunked_rows_give_the_same_result():
+    rng = np.random.default_rng(1)
+    d = np.sort(rng.uniform(0, 9, (100, 8)), axis=1)
+    v, t = rng.integers(0, 3, (100, 8)), rng.integers(0, 3, 100)
+    assert np.array_equal(knn_target_logprobs(d, v, t, 1.0, chunk=7), knn_target_logprobs(d, v, t, 1.0))

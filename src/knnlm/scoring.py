@@ -22,9 +22,14 @@ def check_settings(lam: float | None = None, temperature: float | None = None, k
         raise KnnlmError(f"k must be >= 1, got {k}")
 
 
-def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0):
+def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0,
+                        chunk: int = 8192):
     """log p_kNN(target) for each row: softmax over -d/T, summed over neighbours whose
     value is the target.  -inf where no neighbour has the target.  (m,)"""
+    if len(dists) > chunk:  # bounded float64 temporaries: (chunk, k) at a time
+        return np.concatenate([knn_target_logprobs(dists[i : i + chunk], vals[i : i + chunk],
+                                                   targets[i : i + chunk], temperature, chunk)
+                               for i in range(0, len(dists), chunk)])
     logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, k)
     top = logits.max(axis=1, keepdims=True)  # (m, 1)
     top = np.where(np.isfinite(top), top, 0.0)

@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heldout", type=int, default=40, help="held-out articles (half to tune, half to test)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    from knnlm.cli_generate import register
+
+    register(add, _add_model_args, _add_knn_args)
     return p
 
 

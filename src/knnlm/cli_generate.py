@@ -1,0 +1,144 @@
+"""`knnlm generate` and `knnlm serve`: thin edges over knnlm.generate and knnlm.server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger("knnlm")
+
+
+def _datastore_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def cmd_generate(args) -> None:
+    from knnlm.cli import _load_lm
+    from knnlm.generate import KNNLM
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is None and prompt.endswith("\n"):
+        prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
+    lm = _load_lm(args, args.datastore)
+    datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
+    knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
+                lam=args.lam, k=args.k, temperature=args.temperature)
+    options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
+                   seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    if args.json:
+        g = knn.generate(prompt, args.max_new_tokens, **options)
+        print(json.dumps({"prompt": prompt, "text": g.text, "finish_reason": g.finish_reason, **g.settings,
+                          "tokens": [asdict(t) for t in g.tokens]}, indent=2))
+        n = len(g.tokens)
+    else:
+        n, tokens = 0, []
+        for event in knn.stream(prompt, args.max_new_tokens, **options):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if event.token is not None:
+                n += 1
+                tokens.append(event.token)
+        sys.stdout.write("\n")
+        if args.neighbors:
+            print(_render_neighbors(tokens))
+    dt = time.perf_counter() - t0
+    LOG.info("%d tokens in %.2f s (%.1f tokens/s)%s", n, dt, n / dt if dt > 0 else 0.0,
+             "" if args.datastore else ", base LM (no datastore)")
+
+
+def _render_neighbors(tokens) -> str:
+    lines = []
+    for i, t in enumerate(tokens):
+        lines.append(f"[{i}] {t.text!r}  log p = {t.logprob:.3f} (LM {t.logprob_lm:.3f}, kNN {t.logprob_knn:.3f})")
+        for n in t.neighbors:
+            ctx = (n.context[-50:] + "[" + n.token + "]" + n.after).replace("\n", "\\n")
+            lines.append(f"     {n.weight:.3f}  {n.title or n.source} @{n.offset}  …{ctx}")
+    return "\n".join(lines)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from knnlm.cli import _load_lm
+    from knnlm.generate import KNNLM
+    from knnlm.server import create_app
+
+    datastores = dict(args.datastore or [])
+    if len(datastores) != len(args.datastore or []):
+        raise KnnlmError("each --datastore NAME must be different")
+    if args.default_datastore and args.default_datastore != "none" and args.default_datastore not in datastores:
+        raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
+                         f"({', '.join(datastores) or 'none'})")
+    lm = _load_lm(args, next(iter(datastores.values()), None))
+    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, temperature=args.knn_temperature, nprobe=args.nprobe,
+                rerank=False if args.no_rerank else None,
+                default=None if args.default_datastore in (None, "none") else args.default_datastore)
+    if args.default_datastore == "none":
+        knn.default = None
+    app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        LOG.warning("listening on %s: anyone who can reach it can use the model", args.host)
+    LOG.info("http://%s:%d/docs for the API", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
+def register(add, add_model_args, add_knn_args) -> None:
+    """Add `generate` and `serve` to the knnlm parser (see knnlm.cli.build_parser)."""
+    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+
+    sp = add("generate", cmd_generate, "generate text with the kNN-LM, streaming tokens as they come",
+             "  knnlm generate 'The history of the' -d ds-wiki\n"
+             "  echo 'The history of the' | knnlm generate -d ds-wiki --lambda 0.5 -k 64\n"
+             "  knnlm generate 'Once upon a time' --max-new-tokens 100 --sampling-temperature 0.8 --top-p 0.9 "
+             "--seed 1\n"
+             "  knnlm generate 'The history of the' -d ds-wiki --neighbors 3   # where each token came from\n"
+             "  knnlm generate $'Q: What is a fjord?\\nA:' --stop $'\\n' --json   # base LM (no -d), JSON out")
+    sp.add_argument("prompt", nargs="?", help="the prompt (default: read from standard input)")
+    g = sp.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
+    g.add_argument("--sampling-temperature", type=float, default=0.0,
+                   help="0 = greedy; otherwise sample from p^(1/T) (the kNN softmax's is --temperature)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
+    g.add_argument("--ignore-eos", action="store_true", help="go on after the end-of-text token")
+    g.add_argument("--neighbors", type=int, default=0, help="after the text, each token's N nearest memories")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, scores) at the end")
+    add_knn_args(sp)
+    add_model_args(sp)
+
+    sp = add("serve", cmd_serve, "HTTP server: OpenAI-compatible /v1/completions with datastores, /v1/score",
+             "  knnlm serve --datastore wiki=ds-wiki\n"
+             "  knnlm serve --datastore wiki=ds-wiki --datastore law=ds-law --port 8001 --max-queue 32\n"
+             "  curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
+             "       -d '{\"prompt\": \"The history of\", \"max_tokens\": 20, \"datastore\": \"wiki\", \"lambda\": 0.25}'\n"
+             "  curl -s localhost:8000/v1/score -H 'content-type: application/json' -d '{\"text\": \"Some text.\"}'\n"
+             "  (API docs at http://127.0.0.1:8000/docs; the model is the first datastore's unless --model)")
+    sp.add_argument("--datastore", "-d", type=_datastore_spec, action="append", metavar="NAME=PATH",
+                    help="a datastore served under NAME (repeatable; all built with the same model)")
+    sp.add_argument("--default-datastore", default=None,
+                    help="datastore of requests that name none (default: the first; 'none': the base LM)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
+    sp.add_argument("--port", type=int, default=8000, help="port")
+    sp.add_argument("--max-queue", type=int, default=16, help="requests waiting before new ones get 503")
+    sp.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
+    sp.add_argument("--served-model-name", default=None, help="model id in the API (default: --model's)")
+    r = sp.add_argument_group("retrieval defaults (each request may override them)")
+    r.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="weight of p_kNN")
+    r.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours (at most the datastore's size)")
+    r.add_argument("--knn-temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
+    r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
+    r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    add_model_args(sp)

@@ -1,0 +1,561 @@
+"""Generation and scoring with a kNN-LM, from Python: the API that `knnlm generate` and
+`knnlm serve` are thin edges over.
+
+    from knnlm.generate import KNNLM
+
+    knn = KNNLM.load("smollm2-135m", {"wiki": "ds-wiki", "law": "ds-law"})
+    knn.generate("The history of", max_new_tokens=32, datastore="wiki", lam=0.25).text
+    knn.score("Some text.", datastore="law", k=64).ppl
+    with knn.disabled():                      # the base LM, exactly
+        knn.generate("The history of").text
+
+Generation keeps the model's KV cache: each new token costs one forward step on one
+token and one datastore search, never a re-run of the prefix.  Every call names its
+datastore (`datastore=None`: the base LM) and may override λ, k and the kNN temperature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from knnlm.datastore import Datastore
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+from knnlm.explain import neighbor_weights
+from knnlm.index import Searcher
+from knnlm.scoring import check_settings, interpolate, knn_distribution, knn_target_logprobs, perplexity
+
+LOG = logging.getLogger(__name__)
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()  # `datastore=DEFAULT`: the KNNLM's default datastore; None: the base LM
+MAX_STOPS = 16
+
+
+# ---- results -------------------------------------------------------------------------
+@dataclass
+class Neighbor:
+    """One retrieved datastore entry and the share of the kNN distribution it carried."""
+
+    datastore: str
+    entry: int  # row in the datastore
+    document: int
+    title: str
+    source: str  # corpus file the document came from
+    offset: int  # token offset of `token` in its document
+    distance: float  # squared L2 to the query key
+    weight: float  # softmax(-distance / T) over the k neighbours
+    token: str  # the value: the token that followed this memory
+    token_id: int
+    context: str  # the document's text just before `token`
+    after: str  # and just after it
+
+
+@dataclass
+class TokenScore:
+    """One token with its log-probabilities under the LM, p_kNN and the mixture."""
+
+    id: int
+    text: str
+    logprob: float  # log p_kNN-LM, the distribution the token was scored (or sampled) under
+    logprob_lm: float
+    logprob_knn: float | None  # None without a datastore; -inf when no neighbour predicts it
+    neighbors: list[Neighbor] = field(default_factory=list)
+    top: dict[str, float] = field(default_factory=dict)  # the most likely tokens' log p_kNN-LM, when asked
+
+
+@dataclass
+class TextScore:
+    """Per-token scores of a text: every token after the first (which has no context)."""
+
+    ids: list[int]
+    tokens: list[TokenScore]
+    settings: dict
+
+    @property
+    def ppl(self) -> float:
+        return perplexity([t.logprob for t in self.tokens])
+
+    @property
+    def ppl_lm(self) -> float:
+        return perplexity([t.logprob_lm for t in self.tokens])
+
+
+@dataclass
+class StreamEvent:
+    """One generated token (`token`) and the text it adds (`text`, may be "" while a
+    partial character or a possible stop string is held back); the last event of a
+    stream has token None and a finish_reason: "stop" (EOS or a stop string) or "length"."""
+
+    text: str
+    token: TokenScore | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[TokenScore]
+    prompt_ids: list[int]
+    finish_reason: str
+    settings: dict
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+
+@dataclass
+class NextToken:
+    """The next-token distribution after a prefix, as log-probs over the vocabulary (V,)."""
+
+    mix: torch.Tensor  # (V,) log p_kNN-LM
+    lm: torch.Tensor  # (V,) log p_LM
+    knn: torch.Tensor | None  # (V,) log p_kNN; None without a datastore
+    neighbors: list[Neighbor]
+    decode: object = field(repr=False)
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        """The n most likely tokens and their probabilities under the mixture."""
+        p, ids = torch.topk(self.mix.exp(), n)
+        return [(self.decode([i]), float(q)) for i, q in zip(ids.tolist(), p)]
+
+
+# ---- settings ------------------------------------------------------------------------
+@dataclass
+class _Retrieval:
+    """Resolved per-call settings for one datastore."""
+
+    name: str
+    searcher: Searcher
+    lam: float
+    k: int
+    temperature: float
+
+    @property
+    def ds(self) -> Datastore:
+        return self.searcher.ds
+
+    def settings(self) -> dict:
+        return {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
+
+
+@dataclass
+class GenerationRequest:
+    """A checked generation request (from `KNNLM.prepare`), ready to `run`."""
+
+    ids: list[int]  # the prompt
+    r: _Retrieval | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stops: list[str]
+    seed: int | None
+    ignore_eos: bool
+    neighbors: int
+    top_logprobs: int
+
+    @property
+    def settings(self) -> dict:
+        return self.r.settings() if self.r is not None else {"datastore": None}
+
+
+# ---- sampling ------------------------------------------------------------------------
+def filter_logprobs(logprobs: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Log-probs (V,) with the tokens outside the top k, and outside the smallest set whose
+    probability reaches top_p, set to -inf.  The most likely token always stays.
+
+    p = (.5, .3, .15, .05): top_k=3 drops .05; top_p=.7 keeps .5 and .3 (.5 < .7 <= .8).
+    """
+    out = logprobs.clone()
+    if top_k is not None and top_k < out.numel():
+        kth = torch.topk(out, top_k).values[-1]
+        out[out < kth] = -math.inf
+    if top_p is not None and top_p < 1.0:
+        lp, order = torch.sort(out, descending=True)  # (V,)
+        before = torch.cumsum(lp.softmax(0), 0) - lp.softmax(0)  # mass of the more likely tokens
+        out[order[before >= top_p]] = -math.inf
+    return out
+
+
+def sample(logprobs: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """A token id from log-probs (V,): the argmax at temperature 0, else a draw from
+    softmax(logprobs / temperature) after top-k / top-p filtering."""
+    if temperature == 0.0:
+        return int(torch.argmax(logprobs))
+    lp = filter_logprobs(logprobs.float() / temperature, top_k, top_p)  # (V,)
+    return int(torch.multinomial(torch.softmax(lp, 0), 1, generator=generator))
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if not temperature >= 0:
+        raise KnnlmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise KnnlmError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise KnnlmError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise KnnlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _stops(stop: str | Sequence[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS or any(not isinstance(s, str) or not s for s in stops):
+        raise KnnlmError(f"stop must be at most {MAX_STOPS} non-empty strings, got {stops!r}")
+    return stops
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _shown_up_to(text: str, stops: list[str]) -> int:
+    """How much of text is safe to show: hold back a trailing partial character (byte-level
+    tokenizers decode an incomplete UTF-8 sequence as U+FFFD) and any tail that could be
+    the start of a stop string."""
+    end = len(text)
+    while end > 0 and len(text) - end < 4 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = max((n for s in stops for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
+    return end - hold
+
+
+# ---- the model -----------------------------------------------------------------------
+class KNNLM:
+    """A loaded LM with named datastores.  Not thread-safe: one caller at a time
+    (the server gives the model to a single worker thread)."""
+
+    def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None,
+                 lam: float = DEFAULT_LAMBDA, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+                 index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
+                 context: int = 24):
+        check_settings(lam=lam, temperature=temperature, k=k)
+        self.lm = lm
+        self.searchers: dict[str, Searcher] = {}
+        self.lam, self.k, self.temperature = lam, k, temperature
+        self.context = context  # tokens of a neighbour's document shown before it
+        self._disabled = False
+        for name, path in (datastores or {}).items():
+            self.add_datastore(name, path, index=index, nprobe=nprobe, rerank=rerank)
+        if default is not None and default not in self.searchers:
+            raise KnnlmError(f"default datastore {default!r} is not loaded (have: {self._names()})")
+        self.default = default if default is not None else next(iter(self.searchers), None)
+
+    @classmethod
+    def load(cls, model: str | None = None, datastores: Mapping[str, str | Path] | None = None,
+             dtype: str | None = None, device: str = "cpu", **kwargs) -> "KNNLM":
+        """Load the model (default: the first datastore's, else smollm2-135m) and the datastores."""
+        from knnlm.model import DEFAULT_MODEL, LM
+
+        meta = Datastore(next(iter(datastores.values()))).meta if datastores else {}
+        model = model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
+        lm = LM.load(model, dtype=dtype or meta.get("model_dtype") or "float32", device=device,
+                     key_point=meta.get("key_point", "ffn_input"))
+        return cls(lm, datastores, **kwargs)
+
+    def add_datastore(self, name: str, path: str | Path, index: str | None = None, nprobe: int | None = None,
+                      rerank: bool | None = None) -> None:
+        """Open a datastore built with this model (any key point) under `name`."""
+        if not name or "=" in name:
+            raise KnnlmError(f"invalid datastore name {name!r}")
+        if name in self.searchers:
+            raise KnnlmError(f"datastore name {name!r} is used twice")
+        ds = Datastore(path)
+        ds.check_compatible(self.lm.identity(ds.key_point))
+        self.searchers[name] = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+        LOG.info("datastore %s: %s (%d entries, key point %s)", name, ds.path, ds.count, ds.key_point)
+
+    @property
+    def datastores(self) -> dict[str, Datastore]:
+        return {name: s.ds for name, s in self.searchers.items()}
+
+    def _names(self) -> str:
+        return ", ".join(self.searchers) or "none"
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["KNNLM"]:
+        """Inside, every call uses the base LM alone, whatever datastore it names."""
+        old, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = old
+
+    def retrieval(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
+                  temperature: float | None = None) -> _Retrieval | None:
+        """Resolve a call's settings: None means the base LM (no datastore, or disabled)."""
+        check_settings(lam=lam, temperature=temperature, k=k)
+        name = self.default if datastore is DEFAULT else datastore
+        if name is None or self._disabled:
+            return None
+        if name not in self.searchers:
+            raise KnnlmError(f"unknown datastore {name!r} (loaded: {self._names()})")
+        s = self.searchers[name]
+        if k is None:
+            k = min(self.k, s.ds.count)  # the default k shrinks to a small datastore
+        if k > s.ds.count:
+            raise KnnlmError(f"k={k} is larger than datastore {name!r} ({s.ds.count} entries)")
+        return _Retrieval(name, s, self.lam if lam is None else lam, k,
+                          self.temperature if temperature is None else temperature)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""
+        ids = self.lm.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise KnnlmError("empty prompt (and the tokenizer has no BOS/EOS token to start from)")
+        return ids
+
+    def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = self.lm.max_positions
+        if limit and n_prompt + max_new_tokens > limit:
+            raise KnnlmError(f"too many tokens: the prompt has {n_prompt} and max_new_tokens is {max_new_tokens}, "
+                             f"but {self.lm.name} reads at most {limit}")
+
+    # ---- scoring -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
+              temperature: float | None = None, neighbors: int = 0) -> TextScore:
+        """log p of every token of `text` given the ones before it, in one forward pass.
+
+        A string gets the prefix token first and every one of its tokens is scored; a
+        list of ids is scored from its second id on.  `neighbors` > 0 attaches that many
+        nearest neighbours (with their kNN weight) to each token.
+        """
+        r = self.retrieval(datastore, lam, k, temperature)
+        ids = self.prompt_ids(text)
+        self.check_length(len(ids), 0)
+        if len(ids) < 2:
+            raise KnnlmError("nothing to score: the text has no token after the first")
+        kps = [r.ds.key_point] if r else []
+        keys, logits = self.lm.forward(torch.tensor([ids]), kps, logits=True)  # logits (1, T, V)
+        targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
+        lm_lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(1, targets[:, None])[:, 0]  # (T-1,)
+        lm_lp = lm_lp.cpu().numpy().astype(np.float64)
+        knn_lp, mix = None, lm_lp
+        if r is not None:
+            q = keys[r.ds.key_point][0, :-1].float().cpu().numpy()  # (T-1, d)
+            dists, nids = r.searcher.search(q, r.k)  # (T-1, k)
+            knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature)
+            mix = interpolate(lm_lp, knn_lp, r.lam)
+        tokens = []
+        for i, t in enumerate(ids[1:]):
+            nb = self._neighbors(r, dists[i], nids[i], neighbors) if r is not None and neighbors else []
+            tokens.append(TokenScore(t, self.lm.decode([t]), float(mix[i]), float(lm_lp[i]),
+                                     None if knn_lp is None else float(knn_lp[i]), nb))
+        return TextScore(ids, tokens, self._settings(r))
+
+    def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, lam: float | None = None,
+                                k: int | None = None, temperature: float | None = None,
+                                neighbors: int = 0) -> NextToken:
+        """p(next token | prefix) under the LM, p_kNN and their mixture."""
+        r = self.retrieval(datastore, lam, k, temperature)
+        ids = self.prompt_ids(prefix)
+        self.check_length(len(ids), 1)
+        step = _Decoder(self.lm, r)
+        step.feed(ids)
+        mix, lm_lp, knn_lp = step.distribution()
+        nb = self._neighbors(r, step.dists[0], step.ids[0], neighbors) if r is not None and neighbors else []
+        return NextToken(mix, lm_lp, knn_lp, nb, self.lm.decode)
+
+    # ---- generation --------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Generation:
+        """Generate a continuation; the options are `stream`'s.  Returns the text (stop
+        string trimmed), every token with its scores, and why it stopped."""
+        req = self.prepare(prompt, max_new_tokens, **options)
+        events = list(self.run(req))
+        tokens = [e.token for e in events if e.token is not None]
+        return Generation("".join(e.text for e in events), tokens, req.ids, events[-1].finish_reason, req.settings)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Iterator[StreamEvent]:
+        """Generate token by token with the KV cache, yielding a StreamEvent per token and a
+        last one with the finish reason; the events' texts add up to the completion.
+
+        Options: temperature (0, the default, is greedy; above, tokens are drawn from
+        softmax(log p_kNN-LM / temperature) after top_k / top_p filtering, from a generator
+        seeded with `seed`, None: random), stop (strings; trimmed from the text),
+        ignore_eos, neighbors (attached to each token), top_logprobs (the most likely
+        tokens at each step), and the retrieval settings datastore, lam, k,
+        knn_temperature.  Generation ends at EOS, at a stop string or after
+        max_new_tokens.  Every setting is checked here, before the first token.
+        """
+        return self.run(self.prepare(prompt, max_new_tokens, **options))
+
+    def prepare(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
+                seed: int | None = None, ignore_eos: bool = False, neighbors: int = 0, top_logprobs: int = 0,
+                datastore=DEFAULT, lam: float | None = None, k: int | None = None,
+                knn_temperature: float | None = None) -> GenerationRequest:
+        """Check a generation request and tokenize its prompt; `run` generates it."""
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        if neighbors < 0 or top_logprobs < 0:
+            raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
+        stops = _stops(stop)
+        r = self.retrieval(datastore, lam, k, knn_temperature)
+        ids = self.prompt_ids(prompt)
+        self.check_length(len(ids), max_new_tokens)
+        return GenerationRequest(ids, r, max_new_tokens, temperature, top_k, top_p, stops, seed, ignore_eos,
+                                 neighbors, top_logprobs)
+
+    def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
+        """Generate a prepared request (see `stream`)."""
+        gen = torch.Generator()
+        if req.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(req.seed)
+        eos = self.lm.tokenizer.eos_token_id
+        r, step = req.r, _Decoder(self.lm, req.r)
+        step.feed(req.ids)
+        out: list[int] = []
+        shown, text, finish = 0, "", "length"
+        for n in range(req.max_new_tokens):
+            mix, lm_lp, knn_lp = step.distribution()  # (V,) each
+            tok = sample(mix, req.temperature, req.top_k, req.top_p, gen)
+            if tok == eos and not req.ignore_eos:
+                finish = "stop"
+                break
+            nb = self._neighbors(r, step.dists[0], step.ids[0], req.neighbors) if r and req.neighbors else []
+            score = TokenScore(tok, self.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
+                               None if knn_lp is None else float(knn_lp[tok]), nb, self._top(mix, req.top_logprobs))
+            out.append(tok)
+            text = self.lm.decode(out)
+            cut = _find_stop(text, req.stops)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                yield StreamEvent(text[shown:], score)
+                shown = len(text)
+                break
+            end = _shown_up_to(text, req.stops)
+            yield StreamEvent(text[shown:end], score)
+            shown = max(shown, end)
+            if n + 1 < req.max_new_tokens:
+                step.feed([tok])
+        yield StreamEvent(text[shown:], None, finish)
+
+    # ---- HF generate -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def logits_processor(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
+                         temperature: float | None = None) -> Iterator["KNNLogitsProcessor"]:
+        """A LogitsProcessor for `lm.model.generate(..., logits_processor=[proc])`; the key
+        is read by a hook that lives as long as the `with` block."""
+        r = self.retrieval(datastore, lam, k, temperature)
+        proc = KNNLogitsProcessor(self.lm, r)
+        with contextlib.ExitStack() as stack:
+            if r is not None:
+                proc.captured = stack.enter_context(self.lm._capture([r.ds.key_point]))
+            yield proc
+
+    # ---- attribution -------------------------------------------------------------------
+    def _neighbors(self, r: _Retrieval, dists: np.ndarray, ids: np.ndarray, n: int) -> list[Neighbor]:
+        """The n nearest of one query's neighbours (dists, ids: (k,)) with their source."""
+        w = neighbor_weights(dists, r.temperature)  # (k,)
+        out = []
+        for j in range(min(n, len(ids))):  # neighbours arrive nearest first
+            entry = int(ids[j])
+            if entry < 0:
+                break
+            left, value, right = r.ds.context(entry, before=self.context, after=8)
+            doc, off = (int(x[0]) for x in r.ds.provenance(np.array([entry])))
+            info = r.ds.doc_info[doc]
+            out.append(Neighbor(r.name, entry, doc, info.get("title", ""), info.get("source", ""), off,
+                                float(dists[j]), float(w[j]), self.lm.decode([value]), value,
+                                self.lm.decode(left), self.lm.decode(right)))
+        return out
+
+    def _top(self, logprobs: torch.Tensor, n: int) -> dict[str, float]:
+        if n == 0:
+            return {}
+        lp, ids = torch.topk(logprobs, n)
+        return {self.lm.decode([i]): float(v) for i, v in zip(ids.tolist(), lp)}
+
+    def _settings(self, r: _Retrieval | None) -> dict:
+        return r.settings() if r is not None else {"datastore": None}
+
+
+def mix_distributions(lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """log(λ p_kNN + (1-λ) p_LM) over the vocabulary (..., V); λ = 0 returns lm_lp itself."""
+    if knn_lp is None or lam == 0.0:
+        return lm_lp
+    if lam == 1.0:
+        return knn_lp
+    return torch.logaddexp(math.log(lam) + knn_lp, math.log1p(-lam) + lm_lp)
+
+
+class _Decoder:
+    """One sequence stepped through the model with its KV cache: `feed` new tokens, then
+    read the next-token distributions at the last position."""
+
+    def __init__(self, lm, r: _Retrieval | None):
+        self.lm, self.r = lm, r
+        self.cache = None
+        self.logits: torch.Tensor | None = None  # (V,) at the last position
+        self.key: np.ndarray | None = None  # (1, d) float32 at the last position
+        self.dists = self.ids = None  # (1, k) neighbours of the last key
+
+    @torch.inference_mode()
+    def feed(self, ids: list[int]) -> None:
+        x = torch.tensor([ids], device=self.lm.device)  # (1, t)
+        kps = [self.r.ds.key_point] if self.r else []
+        with self.lm._capture(kps) as captured:
+            out = self.lm.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1]  # (V,)
+        if self.r is not None:
+            key = captured[self.r.ds.key_point]
+            self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
+
+    @torch.inference_mode()
+    def distribution(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mix, lm, knn) log-probs (V,) after the tokens fed so far."""
+        lm_lp = torch.log_softmax(self.logits.float(), -1).cpu()  # (V,)
+        if self.r is None:
+            return lm_lp, lm_lp, None
+        self.dists, self.ids = self.r.searcher.search(self.key, self.r.k)  # (1, k)
+        vals = self.r.ds.vals[np.maximum(self.ids, 0)]  # (1, k); a missing neighbour weighs 0
+        knn_lp = knn_distribution(self.dists, vals, lm_lp.shape[-1], self.r.temperature)[0]  # (V,)
+        if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
+            return lm_lp, lm_lp, knn_lp
+        return mix_distributions(lm_lp, knn_lp, self.r.lam), lm_lp, knn_lp
+
+
+class KNNLogitsProcessor(LogitsProcessor):
+    """Turns the LM's next-token scores into kNN-LM log-probs inside HF `generate`.
+
+    The query key is the one the model computed at the last position in its own forward
+    pass (captured by a hook that `KNNLM.logits_processor()` installs).  Custom
+    processors run before HF's temperature/top-k/top-p warpers, so sampling applies to
+    the mixture, as in `KNNLM.generate`.  Use a batch of one or left padding.
+    """
+
+    def __init__(self, lm, r: _Retrieval | None):
+        self.lm, self.r = lm, r
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        lm_lp = torch.log_softmax(scores.float(), -1)  # (B, V)
+        if self.r is None:
+            return lm_lp
+        b = scores.shape[0]
+        key = self.captured[self.r.ds.key_point].reshape(b, -1, self.r.ds.dim)  # (B, t, d)
+        dists, ids = self.r.searcher.search(key[:, -1].float().cpu().numpy(), self.r.k)  # (B, k)
+        vals = self.r.ds.vals[np.maximum(ids, 0)]
+        knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature).to(lm_lp.device)  # (B, V)
+        return mix_distributions(lm_lp, knn_lp, self.r.lam)

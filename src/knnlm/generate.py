@@ -484,7 +484,10 @@ class KNNLM:
         if n == 0:
             return {}
         lp, ids = torch.topk(logprobs, n)
-        return {self.lm.decode([i]): float(v) for i, v in zip(ids.tolist(), lp)}
+        top: dict[str, float] = {}
+        for i, v in zip(ids.tolist(), lp.tolist()):  # tokens that decode alike (partial bytes): the likeliest
+            top.setdefault(self.lm.decode([i]), v)
+        return top
 
     def _settings(self, r: _Retrieval | None) -> dict:
         return r.settings() if r is not None else {"datastore": None}

@@ -107,7 +107,7 @@ def test_kv_cached_generation_scores_equal_scoring_the_whole_text(lm, knn):
     opts = dict(datastore="text", lam=0.5, k=8, knn_temperature=2.0)
     g = knn.generate("Memory helps the", 24, temperature=1.0, seed=3, ignore_eos=True, **opts)
     assert len(g.tokens) == 24
-    s = knn.score(g.prompt_ids + g.ids, datastore="text", lam=0.5, k=8, temperature=2.0)
+    s = knn.score(g.prompt_ids + g.ids, **opts)
     scored = s.tokens[-24:]
     assert [t.id for t in scored] == g.ids
     for name in ("logprob", "logprob_lm", "logprob_knn"):
@@ -116,7 +116,7 @@ def test_kv_cached_generation_scores_equal_scoring_the_whole_text(lm, knn):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=name)
     assert any(t.logprob != t.logprob_lm for t in g.tokens)
     # the next-token distribution after the whole text but its last token agrees too
-    nt = knn.next_token_distribution(g.prompt_ids + g.ids[:-1], datastore="text", lam=0.5, k=8, temperature=2.0)
+    nt = knn.next_token_distribution(g.prompt_ids + g.ids[:-1], **opts)
     assert abs(float(nt.mix[g.ids[-1]]) - scored[-1].logprob) < 1e-4
 
 
@@ -198,7 +198,7 @@ def test_every_token_can_show_its_neighbours(lm, knn, nonsense_ds):
     """Self-retrieval: scoring the memorised text, token i's nearest neighbour is entry
     i - 1 (key at token i - 1, value token i), shown in its document's context."""
     text = nonsense_text()
-    s = knn.score(text, datastore="nonsense", k=4, neighbors=3, temperature=1.0)
+    s = knn.score(text, datastore="nonsense", k=4, neighbors=3, knn_temperature=1.0)
     ids = lm.encode(text)
     for i, t in enumerate(s.tokens, start=1):
         assert len(t.neighbors) == 3

@@ -32,7 +32,7 @@ def cmd_generate(args) -> None:
     lm = _load_lm(args, args.datastore)
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                lam=args.lam, k=args.k, temperature=args.temperature)
+                lam=args.lam, k=args.k, knn_temperature=args.temperature)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def cmd_serve(args) -> None:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
     lm = _load_lm(args, next(iter(datastores.values()), None))
-    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, temperature=args.knn_temperature, nprobe=args.nprobe,
+    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature, nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
                 default=None if args.default_datastore in (None, "none") else args.default_datastore)
     if args.default_datastore == "none":

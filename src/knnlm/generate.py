@@ -154,6 +154,10 @@ class _Retrieval:
         return {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
 
 
+def _settings_of(r: _Retrieval | None) -> dict:
+    return r.settings() if r is not None else {"datastore": None}
+
+
 @dataclass
 class GenerationRequest:
     """A checked generation request (from `KNNLM.prepare`), ready to `run`."""
@@ -172,7 +176,7 @@ class GenerationRequest:
 
     @property
     def settings(self) -> dict:
-        return self.r.settings() if self.r is not None else {"datastore": None}
+        return _settings_of(self.r)
 
 
 # ---- sampling ------------------------------------------------------------------------
@@ -244,13 +248,13 @@ class KNNLM:
     (the server gives the model to a single worker thread)."""
 
     def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None,
-                 lam: float = DEFAULT_LAMBDA, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+                 lam: float = DEFAULT_LAMBDA, k: int = DEFAULT_K, knn_temperature: float = DEFAULT_TEMPERATURE,
                  index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
                  context: int = 24):
-        check_settings(lam=lam, temperature=temperature, k=k)
+        check_settings(lam=lam, temperature=knn_temperature, k=k)
         self.lm = lm
         self.searchers: dict[str, Searcher] = {}
-        self.lam, self.k, self.temperature = lam, k, temperature
+        self.lam, self.k, self.knn_temperature = lam, k, knn_temperature  # defaults of every call
         self.context = context  # tokens of a neighbour's document shown before it
         self._disabled = False
         for name, path in (datastores or {}).items():
@@ -300,9 +304,9 @@ class KNNLM:
             self._disabled = old
 
     def retrieval(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                  temperature: float | None = None) -> _Retrieval | None:
+                  knn_temperature: float | None = None) -> _Retrieval | None:
         """Resolve a call's settings: None means the base LM (no datastore, or disabled)."""
-        check_settings(lam=lam, temperature=temperature, k=k)
+        check_settings(lam=lam, temperature=knn_temperature, k=k)
         name = self.default if datastore is DEFAULT else datastore
         if name is None or self._disabled:
             return None
@@ -314,7 +318,7 @@ class KNNLM:
         if k > s.ds.count:
             raise KnnlmError(f"k={k} is larger than datastore {name!r} ({s.ds.count} entries)")
         return _Retrieval(name, s, self.lam if lam is None else lam, k,
-                          self.temperature if temperature is None else temperature)
+                          self.knn_temperature if knn_temperature is None else knn_temperature)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""
@@ -332,14 +336,14 @@ class KNNLM:
     # ---- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-              temperature: float | None = None, neighbors: int = 0) -> TextScore:
+              knn_temperature: float | None = None, neighbors: int = 0) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
         list of ids is scored from its second id on.  `neighbors` > 0 attaches that many
         nearest neighbours (with their kNN weight) to each token.
         """
-        r = self.retrieval(datastore, lam, k, temperature)
+        r = self.retrieval(datastore, lam, k, knn_temperature)
         ids = self.prompt_ids(text)
         self.check_length(len(ids), 0)
         if len(ids) < 2:
@@ -360,13 +364,13 @@ class KNNLM:
             nb = self._neighbors(r, dists[i], nids[i], neighbors) if r is not None and neighbors else []
             tokens.append(TokenScore(t, self.lm.decode([t]), float(mix[i]), float(lm_lp[i]),
                                      None if knn_lp is None else float(knn_lp[i]), nb))
-        return TextScore(ids, tokens, self._settings(r))
+        return TextScore(ids, tokens, _settings_of(r))
 
     def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, lam: float | None = None,
-                                k: int | None = None, temperature: float | None = None,
+                                k: int | None = None, knn_temperature: float | None = None,
                                 neighbors: int = 0) -> NextToken:
         """p(next token | prefix) under the LM, p_kNN and their mixture."""
-        r = self.retrieval(datastore, lam, k, temperature)
+        r = self.retrieval(datastore, lam, k, knn_temperature)
         ids = self.prompt_ids(prefix)
         self.check_length(len(ids), 1)
         step = _Decoder(self.lm, r)
@@ -453,10 +457,10 @@ class KNNLM:
     # ---- HF generate -------------------------------------------------------------------
     @contextlib.contextmanager
     def logits_processor(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                         temperature: float | None = None) -> Iterator["KNNLogitsProcessor"]:
+                         knn_temperature: float | None = None) -> Iterator["KNNLogitsProcessor"]:
         """A LogitsProcessor for `lm.model.generate(..., logits_processor=[proc])`; the key
         is read by a hook that lives as long as the `with` block."""
-        r = self.retrieval(datastore, lam, k, temperature)
+        r = self.retrieval(datastore, lam, k, knn_temperature)
         proc = KNNLogitsProcessor(self.lm, r)
         with contextlib.ExitStack() as stack:
             if r is not None:
@@ -488,9 +492,6 @@ class KNNLM:
         for i, v in zip(ids.tolist(), lp.tolist()):  # tokens that decode alike (partial bytes): the likeliest
             top.setdefault(self.lm.decode([i]), v)
         return top
-
-    def _settings(self, r: _Retrieval | None) -> dict:
-        return r.settings() if r is not None else {"datastore": None}
 
 
 def mix_distributions(lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, lam: float) -> torch.Tensor:

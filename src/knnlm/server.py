@@ -313,7 +313,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
 
     @app.post("/v1/score", summary="per-token log-probs of a text under the LM, p_kNN and the mixture")
     async def score(req: ScoreRequest):
-        kw = dict(settings(req), temperature=req.knn_temperature, neighbors=req.return_neighbors)
+        kw = dict(settings(req), knn_temperature=req.knn_temperature, neighbors=req.return_neighbors)
         job = await submit(lambda: iter([knnlm.score(req.text, **kw)]))
         s = await first_item(job)
         return {"object": "score", "model": name, **s.settings, "ppl": _num(s.ppl), "ppl_lm": _num(s.ppl_lm),

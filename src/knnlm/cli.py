@@ -15,7 +15,11 @@ LOG = logging.getLogger("knnlm")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    def _get_help_string(self, action):  # "(default: X)" only where it says something
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> None:

@@ -919,7 +919,7 @@ def main() -> None:
     ap.add_argument("--heldout-tokens", type=int, default=25_000)
     ap.add_argument("--subset-tokens", type=int, default=30_000, help="test tokens (whole articles)")
     ap.add_argument("--size-points", type=int, default=6, help="datastore sizes full/2^i, i < this")
-    ap.add_argument("--leads-tokens", type=int, default=150_000, help="Wikipedia lead tokens for the largest point")
+    ap.add_argument("--leads-tokens", type=int, default=100_000, help="Wikipedia lead tokens for the largest point")
     ap.add_argument("--kp-tokens", type=int, default=60_000, help="datastore tokens for the key-point experiment")
     ap.add_argument("--code-dir", default=COMMAND_CODE_DIR)
     ap.add_argument("--code-max-chars", type=int, default=40_000, help="skip longer source files")

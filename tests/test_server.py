@@ -189,6 +189,9 @@ def test_bad_requests_through_the_openai_client(client, base):
         client.completions.create(model=MODEL, prompt="x", stream=True, extra_body={"datastore": "law"})
     r = httpx.post(base + "/v1/score", json={"text": ""})
     assert r.status_code == 400 and "text: String should have at least 1 character" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/score", json={"text": "fjord " * 300})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_tokens"
+    assert "reads at most 256" in r.json()["error"]["message"]
 
 
 # ---- overload ------------------------------------------------------------------------

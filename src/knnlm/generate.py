@@ -328,10 +328,11 @@ class KNNLM:
         return ids
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        """The prompt and the tokens to generate must fit the model's context."""
         limit = self.lm.max_positions
         if limit and n_prompt + max_new_tokens > limit:
-            raise KnnlmError(f"too many tokens: the prompt has {n_prompt} and max_new_tokens is {max_new_tokens}, "
-                             f"but {self.lm.name} reads at most {limit}")
+            asked = f"the prompt has {n_prompt}" + (f" and max_new_tokens is {max_new_tokens}" if max_new_tokens else "")
+            raise KnnlmError(f"too many tokens: {asked}, but {self.lm.name} reads at most {limit}")
 
     # ---- scoring -----------------------------------------------------------------------
     @torch.inference_mode()

@@ -87,6 +87,16 @@ def _write_json(path: str | Path, obj) -> None:
     tmp.replace(path)
 
 
+def _numbers(text: str | None, kind, option: str) -> list | None:
+    """A comma-separated list of numbers from the command line (None if not given)."""
+    if not text:
+        return None
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise KnnlmError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
@@ -150,13 +160,15 @@ def cmd_tune(args) -> None:
     from knnlm.scoring import check_settings
     from knnlm.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
 
-    lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else DEFAULT_LAMBDAS
-    temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else DEFAULT_TEMPERATURES
-    ks = [int(x) for x in args.ks.split(",")] if args.ks else None
+    lambdas = _numbers(args.lambdas, float, "--lambdas") or DEFAULT_LAMBDAS
+    temps = _numbers(args.temperatures, float, "--temperatures") or DEFAULT_TEMPERATURES
+    ks = _numbers(args.ks, int, "--ks")
     for lam in lambdas:
         check_settings(lam=lam)
     for t in temps:
         check_settings(temperature=t)
+    for k in ks or [args.k]:
+        check_settings(k=k)
     if ks and max(ks) > args.k:
         raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
     lm = _load_lm(args, args.datastore)
@@ -180,7 +192,9 @@ def cmd_explain(args) -> None:
     from knnlm.evaluate import open_for_model, score_plan
     from knnlm.explain import explain, render
     from knnlm.index import Searcher
+    from knnlm.scoring import check_settings
 
+    check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
     lm = _load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)

@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 KEY_DTYPE = np.float16  # half the bytes of fp32; re-ranking distances are exact on these keys
 VAL_DTYPE = np.int32  # vocabularies reach 256k: int16 overflows
 _FILES = ("keys.npy", "vals.npy", "tokens.npy", "docs.npy", "docs.jsonl")
+_META_FIELDS = ("id", "created", "identity", "key_point", "model_dtype", "dim", "count", "documents", "window",
+                "stride", "corpora", "sha256")
+_IDENTITY_FIELDS = ("model", "model_fingerprint", "weights_sample", "tokenizer_fingerprint")
 
 
 # ---- reading -------------------------------------------------------------------------
@@ -52,30 +55,53 @@ class Datastore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         meta_path = self.path / "meta.json"
+        partial = self.path.with_name(self.path.name + ".partial")
+        hint = f" (an unfinished build is in {partial}: run the build again to resume)" if partial.exists() else ""
         if not self.path.is_dir():
-            raise KnnlmError(f"datastore not found: {self.path}")
+            raise KnnlmError(f"datastore not found: {self.path}{hint}")
         if not meta_path.exists():
-            partial = self.path.with_name(self.path.name + ".partial")
-            hint = f" (an unfinished build is in {partial}: run the build again to resume)" if partial.exists() else ""
             raise KnnlmError(f"not a datastore (no meta.json): {self.path}{hint}")
-        try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if not isinstance(self.meta, dict):
-                raise ValueError("not a JSON object")
-            version = self.meta["format_version"]
-            self.count, self.dim = int(self.meta["count"]), int(self.meta["dim"])
-            self.key_point = self.meta["key_point"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise KnnlmError(f"corrupted meta.json in {self.path}: {e}") from None
-        if version != FORMAT_VERSION:
-            raise KnnlmError(f"datastore format {version} is not supported (this knnlm reads {FORMAT_VERSION})")
+        self.meta = self._read_meta(meta_path)
+        self.count, self.dim = int(self.meta["count"]), int(self.meta["dim"])
+        self.key_point = self.meta["key_point"]
         self.keys = self._load("keys.npy", (self.count, self.dim), KEY_DTYPE)
         self.vals = self._load("vals.npy", (self.count,), VAL_DTYPE)
         self.tokens = self._load("tokens.npy", None, np.int32)
         self.docs = self._load("docs.npy", None, np.int64)
-        self.doc_info = [json.loads(line) for line in (self.path / "docs.jsonl").read_text("utf-8").splitlines()]
+        docs_jsonl = self.path / "docs.jsonl"
+        if not docs_jsonl.exists():
+            raise KnnlmError(f"datastore file missing: {docs_jsonl}")
+        try:
+            self.doc_info = [json.loads(line) for line in docs_jsonl.read_text("utf-8").splitlines()]
+        except ValueError as e:
+            raise KnnlmError(f"docs.jsonl in {self.path} is truncated or corrupted: {e}") from None
         if len(self.doc_info) != len(self.docs):
             raise KnnlmError(f"docs.jsonl and docs.npy disagree in {self.path}")
+
+    def _read_meta(self, meta_path: Path) -> dict:
+        """meta.json, with every field the library reads present and well typed."""
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # UnicodeDecodeError is one
+            raise KnnlmError(f"corrupted meta.json in {self.path}: {e}") from None
+        if "format_version" not in meta:
+            raise KnnlmError(f"corrupted meta.json in {self.path}: no format_version")
+        version = meta["format_version"]
+        if version != FORMAT_VERSION:
+            raise KnnlmError(f"datastore format {version} is not supported (this knnlm reads {FORMAT_VERSION}): "
+                             f"{self.path}")
+        identity = meta.get("identity")
+        missing = [f for f in _META_FIELDS if f not in meta] + [
+            f"identity.{f}" for f in _IDENTITY_FIELDS if not isinstance(identity, dict) or f not in identity]
+        if missing:
+            raise KnnlmError(f"corrupted meta.json in {self.path}: no {', '.join(missing)}")
+        try:
+            int(meta["count"]), int(meta["dim"])
+        except (ValueError, TypeError) as e:
+            raise KnnlmError(f"corrupted meta.json in {self.path}: count and dim must be integers ({e})") from None
+        return meta
 
     def _load(self, name: str, shape, dtype) -> np.ndarray:
         f = self.path / name
@@ -118,7 +144,8 @@ class Datastore:
         if mine["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
             raise KnnlmError(
                 f"datastore {self.path} was built with the tokenizer of {mine['model']} "
-                f"({mine['tokenizer_fingerprint']}) but you are using another ({identity['tokenizer_fingerprint']})"
+                f"({mine['tokenizer_fingerprint']}) but {identity['model']} has another "
+                f"({identity['tokenizer_fingerprint']})"
             )
         if mine["key_point"] != identity["key_point"]:
             raise KnnlmError(
@@ -187,8 +214,8 @@ def build_datastore(
         raise KnnlmError("no corpus file given")
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
+    plan = plan_files(lm, corpora, window, stride, batch_tokens)  # reads and checks each file first
     records = [corpus_record(c) for c in corpora]
-    plan = plan_files(lm, corpora, window, stride, batch_tokens)
     signature = {
         "identity": lm.identity(),
         "key_points": key_points,
@@ -206,10 +233,15 @@ def build_datastore(
         try:
             state = json.loads(progress_file.read_text())
         except ValueError:
-            state = {}
-        if state.get("signature") == json.loads(json.dumps(signature)) and all(p.exists() for p in partials):
-            done = int(state["batches_done"])
+            state = None
+        if (isinstance(state, dict) and state.get("signature") == json.loads(json.dumps(signature))
+                and isinstance(state.get("batches_done"), int)
+                and all(_partial_intact(p, plan.count, dims[kp]) for kp, p in zip(key_points, partials))):
+            done = state["batches_done"]
             LOG.warning("resuming the build in %s from batch %d/%d", partials[0], done, len(plan.batches))
+        else:
+            LOG.warning("starting over: the unfinished build in %s had other input or settings, or is damaged",
+                        partials[0])
     if done == 0:
         for p in partials:
             if p.exists():
@@ -269,6 +301,17 @@ def build_datastore(
         (p / "progress.json").unlink(missing_ok=True)
         _publish(p, o)
     return outs
+
+
+def _partial_intact(p: Path, count: int, dim: int) -> bool:
+    """Whether an unfinished build's files are all there, keys.npy at its full shape."""
+    if not all((p / f).exists() for f in _FILES):
+        return False
+    try:
+        keys = np.load(p / "keys.npy", mmap_mode="r")
+    except (ValueError, OSError, EOFError):
+        return False
+    return keys.shape == (count, dim) and keys.dtype == KEY_DTYPE
 
 
 def _publish(partial: Path, final: Path) -> None:

@@ -156,8 +156,8 @@ def evaluate(
     so cache_lambda = 0 gives the kNN-LM's perplexity exactly.
     """
     check_settings(lam=lam, temperature=temperature, k=k)
-    if cache_lambda is not None:
-        check_settings(lam=cache_lambda)
+    if cache_lambda is not None and not 0.0 <= cache_lambda <= 1.0:
+        raise KnnlmError(f"cache lambda must be in [0, 1], got {cache_lambda}")
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
     searcher = None

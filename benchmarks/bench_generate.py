@@ -5,13 +5,15 @@ split (cached in benchmarks/cache/generate/, git-ignored).  Each setting generat
 `--tokens` tokens greedily (EOS ignored) from the same prompts; settings are interleaved
 and repeated, and the median tokens/s is reported, with the ratio to the base LM.
 
-    python benchmarks/bench_generate.py                      # ~3 min on 2 CPU cores
+    python benchmarks/bench_generate.py                      # ~8 min on 2 CPU cores
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16
 
 Settings: KNNLM without a datastore (base LM, KV cache); KNNLM with the datastore (one
 forward step + one search per token); transformers' own `generate` with and without the
-KNNLogitsProcessor; and a loop that re-runs the whole prefix for every token (no KV
-cache), which is what the KV cache saves.  Results: benchmarks/results/generate.md.
+KNNLogitsProcessor; a loop that re-runs the whole prefix for every token (no KV
+cache), which is what the KV cache saves; and all prompts stepped together as one batch
+(`KNNLM.generate_many`, what `knnlm serve` does with concurrent requests).
+Results: benchmarks/results/generate.md.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ PROMPTS = [
     " = Homarus gammarus = \n\n Homarus gammarus , known as the European lobster or common lobster , is a",
     "The history of the city begins in",
     "In 1998 , the band released",
+    "The species was first described by",
+    " = = Early life = = \n\n He was born in",
+    "The game received generally positive reviews from critics , who",
+    "During the Second World War , the ship",
+    "The river flows through",
 ]
 
 
@@ -46,11 +53,13 @@ def datastore(lm: LM, cache: Path, chars: int) -> Datastore:
     text = DATA.read_text(encoding="utf-8")[:chars]
     text = text[: text.rfind("\n") + 1]
     corpus = cache / f"wiki_valid_{chars}.txt"
-    out = cache / f"ds-valid-{chars}-{lm.dtype}".replace("torch.", "")
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name.strip("/").split("/")[-1])
+    out = cache / f"ds-valid-{chars}-{slug}-{lm.dtype}".replace("torch.", "")  # one per model and dtype
     if not corpus.exists() or corpus.read_text(encoding="utf-8") != text:
         corpus.write_text(text, encoding="utf-8")
     if not (out / "meta.json").exists():
-        build_datastore(lm, [corpus], out, window=512, stride=256, overwrite=True, progress=False)
+        window = min(512, lm.max_positions or 512)
+        build_datastore(lm, [corpus], out, window=window, stride=window // 2, overwrite=True, progress=False)
     ds = Datastore(out)
     if "flat" not in list_indexes(ds):
         build_index(ds, "Flat", progress=False)
@@ -106,22 +115,30 @@ def main() -> None:
         with knn.logits_processor(datastore="wiki") as proc:
             return hf_generate(lm, prompt, n, [proc])
 
+    def each(fn):  # one prompt after the other
+        return lambda prompts: [fn(p) for p in prompts]
+
+    def batched(**kw):  # all prompts stepped together (knnlm.batch, as `knnlm serve` does)
+        return lambda prompts: [g.ids for g in knn.generate_many(prompts, n, max_batch=len(prompts), **gen, **kw)]
+
     settings = {
-        "base LM (KNNLM, datastore=None)": lambda p: knn_ids(p, datastore=None),
-        f"kNN-LM (KNNLM, k={args.k}, λ={args.lam})": lambda p: knn_ids(p, datastore="wiki"),
-        f"kNN-LM (KNNLM, k=64, λ={args.lam})": lambda p: knn_ids(p, datastore="wiki", k=64),
-        "base LM (HF generate)": lambda p: hf_generate(lm, p, n),
-        f"kNN-LM (HF generate + KNNLogitsProcessor, k={args.k})": hf_knn,
-        "base LM, no KV cache (prefix re-run per token)": lambda p: no_cache_generate(lm, p, n),
+        "base LM (KNNLM, datastore=None)": each(lambda p: knn_ids(p, datastore=None)),
+        f"kNN-LM (KNNLM, k={args.k}, λ={args.lam})": each(lambda p: knn_ids(p, datastore="wiki")),
+        f"kNN-LM (KNNLM, k=64, λ={args.lam})": each(lambda p: knn_ids(p, datastore="wiki", k=64)),
+        "base LM (HF generate)": each(lambda p: hf_generate(lm, p, n)),
+        f"kNN-LM (HF generate + KNNLogitsProcessor, k={args.k})": each(hf_knn),
+        "base LM, no KV cache (prefix re-run per token)": each(lambda p: no_cache_generate(lm, p, n)),
+        f"base LM, the {len(PROMPTS)} prompts as one batch (generate_many)": batched(datastore=None),
+        f"kNN-LM, the {len(PROMPTS)} prompts as one batch (generate_many, k={args.k})": batched(datastore="wiki"),
     }
     for fn in settings.values():  # warm-up: allocator, faiss threads, tokenizer caches
-        fn(PROMPTS[0][:20])
+        fn([PROMPTS[0][:20]])
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     outputs: dict[str, list[list[int]]] = {name: [] for name in settings}
     for rep in range(args.repeats):
         for name, fn in settings.items():  # interleaved, so machine noise hits every setting alike
             t = time.perf_counter()
-            ids = [fn(p) for p in PROMPTS]
+            ids = fn(PROMPTS)
             seconds[name].append(time.perf_counter() - t)
             assert all(len(i) == n for i in ids), name
             outputs[name] = ids
@@ -139,6 +156,8 @@ def main() -> None:
         med = statistics.median(seconds[name])
         rows.append(f"| {name} | {total / med:.1f} | {base / med:.2f} |")
     changed = sum(a != b for a, b in zip(base_ids, knn_ids_))
+    same_batched = (sum(a == b for a, b in zip(outputs[names[6]], base_ids)),  # padding rounds differently:
+                    sum(a == b for a, b in zip(outputs[names[7]], knn_ids_)))  # a near-tie may flip
     env = (f"model {args.model} ({args.dtype}, {args.device}); datastore {ds.count} entries (d={ds.dim}, Flat) "
            f"from the first {args.chars} characters of wiki.valid.raw; {len(PROMPTS)} prompts x {n} greedy tokens "
            f"(EOS ignored), median of {args.repeats} interleaved repeats; torch {torch.__version__}, "
@@ -146,16 +165,17 @@ def main() -> None:
     table = "\n".join(rows)
     print(env)
     print(table)
-    print(f"kNN-LM (k={args.k}) output differs from the base LM's on {changed}/{len(PROMPTS)} prompts; "
-          "KNNLM, HF generate (with and without the processor) and the no-cache loop agree token for token.")
+    agree = (f"kNN-LM (k={args.k}) output differs from the base LM's on {changed}/{len(PROMPTS)} prompts; KNNLM, HF "
+             "generate (with and without the processor) and the no-cache loop agree token for token; batched "
+             f"generation gives the one-at-a-time tokens on {same_batched[0]}/{len(PROMPTS)} (base) and "
+             f"{same_batched[1]}/{len(PROMPTS)} (kNN-LM) prompts.")
+    print(agree)
     sample = knn.generate(PROMPTS[0], 24, datastore="wiki").text
     print(f"sample (kNN-LM, prompt 1): {sample!r}")
     Path(args.output).write_text(
         "# Generation speed: kNN-LM vs base LM\n\n"
         f"Command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`".rstrip() + "\n\n"
-        f"{env}.\n\n{table}\n\n"
-        f"kNN-LM (k={args.k}) output differs from the base LM's on {changed}/{len(PROMPTS)} prompts; KNNLM, HF "
-        "generate (with and without the processor) and the no-cache loop agree token for token.\n\n"
+        f"{env}.\n\n{table}\n\n{agree}\n\n"
         f"Sample (kNN-LM, prompt 1): `{sample!r}`\n",
         encoding="utf-8")
     LOG.info("wrote %s", args.output)

@@ -200,13 +200,13 @@ def test_a_full_queue_answers_503_at_once(lm, datastore):
     gated = KNNLM(lm, {"text": datastore.path})
     started, release = threading.Event(), threading.Event()
 
-    def run(req):
+    def prepare(*args, **kwargs):  # runs on the model's thread: holding it holds the model
         started.set()
         assert release.wait(30)
-        yield from KNNLM.run(gated, req)
+        return KNNLM.prepare(gated, *args, **kwargs)
 
-    gated.run = run
-    app = create_app(gated, max_queue=1, max_tokens=8, model_name=MODEL)
+    gated.prepare = prepare
+    app = create_app(gated, max_queue=1, max_tokens=8, model_name=MODEL, max_batch=1)
     results = {}
 
     def post(key):
@@ -232,6 +232,57 @@ def test_a_full_queue_answers_503_at_once(lm, datastore):
     assert third.json()["error"]["code"] == "queue_full"
     assert results["first"].status_code == 200 and results["second"].status_code == 200
     assert results["first"].json()["choices"][0]["text"] == results["second"].json()["choices"][0]["text"]
+
+
+def test_concurrent_completions_are_batched_and_answered_as_alone(lm, datastore, docs_ds):
+    """Four requests wait while the model is held; then they run as one batch of four, each
+    with its own settings, and each answer is the one the Python API gives alone."""
+    knn = KNNLM(lm, {"text": datastore.path, "docs": docs_ds.path})
+    app = create_app(knn, max_queue=8, max_tokens=16, model_name=MODEL, max_batch=4)
+    worker, sizes, held = app.state.worker, [], []
+    step = worker.batch.step
+
+    def counted_step():
+        sizes.append(len(worker.batch))
+        return step()
+
+    def prepare(*args, **kwargs):
+        if not held:  # the first request waits for the other three to queue
+            held.append(True)
+            deadline = time.monotonic() + 30
+            while worker.waiting < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        return KNNLM.prepare(knn, *args, **kwargs)
+
+    worker.batch.step, knn.prepare = counted_step, prepare
+    bodies = [{"prompt": "The quick brown", "max_tokens": 10, "temperature": 0, "datastore": "text", "k": 4},
+              {"prompt": "Memory", "max_tokens": 6, "temperature": 0, "datastore": "docs", "lambda": 0.7},
+              {"prompt": "A fox jumps over the lazy", "max_tokens": 12, "temperature": 0, "datastore": None},
+              {"prompt": "The", "max_tokens": 8, "temperature": 0.9, "seed": 5, "datastore": "text", "stream": True}]
+    answers = {}
+
+    def post(i):
+        body = bodies[i]
+        if body.get("stream"):
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            answers[i] = "".join(c["choices"][0]["text"] for c in chunks)
+        else:
+            answers[i] = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    with running(app) as url:
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert max(sizes) == 4  # all four stepped together
+    for i, body in enumerate(bodies):
+        alone = KNNLM.generate(knn, body["prompt"], body["max_tokens"], datastore=body["datastore"],
+                               k=body.get("k"), lam=body.get("lambda"), temperature=body["temperature"],
+                               seed=body.get("seed"))
+        assert answers[i] == alone.text, i
 
 
 def _hammer(url: str, clients: int, seconds: float) -> tuple[int, list[int], list[str]]:

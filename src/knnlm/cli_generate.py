@@ -89,7 +89,8 @@ def cmd_serve(args) -> None:
                 default=None if args.default_datastore in (None, "none") else args.default_datastore)
     if args.default_datastore == "none":
         knn.default = None
-    app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name)
+    app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name,
+                     max_batch=args.max_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         LOG.warning("listening on %s: anyone who can reach it can use the model", args.host)
     LOG.info("http://%s:%d/docs for the API", args.host, args.port)
@@ -136,6 +137,8 @@ def register(add, add_model_args, add_knn_args) -> None:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
     sp.add_argument("--port", type=int, default=8000, help="port")
     sp.add_argument("--max-queue", type=int, default=16, help="requests waiting before new ones get 503")
+    sp.add_argument("--max-batch", type=int, default=8,
+                    help="completions generated together, one forward step for all (1: one at a time)")
     sp.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     sp.add_argument("--served-model-name", default=None, help="model id in the API (default: --model's)")
     r = sp.add_argument_group("retrieval defaults (each request may override them)")

@@ -385,9 +385,7 @@ class KNNLM:
         """Generate a continuation; the options are `stream`'s.  Returns the text (stop
         string trimmed), every token with its scores, and why it stopped."""
         req = self.prepare(prompt, max_new_tokens, **options)
-        events = list(self.run(req))
-        tokens = [e.token for e in events if e.token is not None]
-        return Generation("".join(e.text for e in events), tokens, req.ids, events[-1].finish_reason, req.settings)
+        return _generation(req, list(self.run(req)))
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Iterator[StreamEvent]:
         """Generate token by token with the KV cache, yielding a StreamEvent per token and a
@@ -421,39 +419,32 @@ class KNNLM:
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""
-        gen = torch.Generator()
-        if req.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(req.seed)
-        eos = self.lm.tokenizer.eos_token_id
-        r, step = req.r, _Decoder(self.lm, req.r)
+        seq, step = _Sequence(self, req), _Decoder(self.lm, req.r)
         step.feed(req.ids)
-        out: list[int] = []
-        shown, text, finish = 0, "", "length"
-        for n in range(req.max_new_tokens):
-            mix, lm_lp, knn_lp = step.distribution()  # (V,) each
-            tok = sample(mix, req.temperature, req.top_k, req.top_p, gen)
-            if tok == eos and not req.ignore_eos:
-                finish = "stop"
-                break
-            nb = self._neighbors(r, step.dists[0], step.ids[0], req.neighbors) if r and req.neighbors else []
-            score = TokenScore(tok, self.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
-                               None if knn_lp is None else float(knn_lp[tok]), nb, self._top(mix, req.top_logprobs))
-            out.append(tok)
-            text = self.lm.decode(out)
-            cut = _find_stop(text, req.stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                yield StreamEvent(text[shown:], score)
-                shown = len(text)
-                break
-            end = _shown_up_to(text, req.stops)
-            yield StreamEvent(text[shown:end], score)
-            shown = max(shown, end)
-            if n + 1 < req.max_new_tokens:
-                step.feed([tok])
-        yield StreamEvent(text[shown:], None, finish)
+        while True:
+            events, tok = seq.advance(*step.distribution(), step.dists, step.ids)
+            yield from events
+            if tok is None:
+                return
+            step.feed([tok])
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
+                      max_batch: int = 8, **options) -> list[Generation]:
+        """`generate` for several prompts at once, stepped together in batches of up to
+        `max_batch` (one forward step of the batch and one search per datastore per
+        token); the same options for every prompt.  Results are in the prompts' order."""
+        from knnlm.batch import BatchGenerator
+
+        reqs = [self.prepare(p, max_new_tokens, **options) for p in prompts]  # every prompt checked first
+        events: list[list[StreamEvent]] = [[] for _ in reqs]
+        batch, todo = BatchGenerator(self, max_batch), list(range(len(reqs)))[::-1]
+        while todo or len(batch):
+            while todo and batch.has_room():
+                i = todo.pop()
+                events[i] += batch.add(i, reqs[i])
+            for i, evs in batch.step().items():
+                events[i] += evs
+        return [_generation(req, evs) for req, evs in zip(reqs, events)]
 
     # ---- HF generate -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -495,6 +486,11 @@ class KNNLM:
         return top
 
 
+def _generation(req: GenerationRequest, events: list[StreamEvent]) -> Generation:
+    tokens = [e.token for e in events if e.token is not None]
+    return Generation("".join(e.text for e in events), tokens, req.ids, events[-1].finish_reason, req.settings)
+
+
 def mix_distributions(lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, lam: float) -> torch.Tensor:
     """log(λ p_kNN + (1-λ) p_LM) over the vocabulary (..., V); λ = 0 returns lm_lp itself."""
     if knn_lp is None or lam == 0.0:
@@ -527,18 +523,74 @@ class _Decoder:
             key = captured[self.r.ds.key_point]
             self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
 
-    @torch.inference_mode()
     def distribution(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(mix, lm, knn) log-probs (V,) after the tokens fed so far."""
-        lm_lp = torch.log_softmax(self.logits.float(), -1).cpu()  # (V,)
-        if self.r is None:
-            return lm_lp, lm_lp, None
-        self.dists, self.ids = self.r.searcher.search(self.key, self.r.k)  # (1, k)
-        vals = self.r.ds.vals[np.maximum(self.ids, 0)]  # (1, k); a missing neighbour weighs 0
-        knn_lp = knn_distribution(self.dists, vals, lm_lp.shape[-1], self.r.temperature)[0]  # (V,)
-        if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
-            return lm_lp, lm_lp, knn_lp
-        return mix_distributions(lm_lp, knn_lp, self.r.lam), lm_lp, knn_lp
+        if self.r is not None:
+            self.dists, self.ids = self.r.searcher.search(self.key, self.r.k)  # (1, k)
+        return next_distributions(self.logits, self.r, self.dists, self.ids)
+
+
+@torch.inference_mode()
+def next_distributions(logits: torch.Tensor, r: _Retrieval | None, dists: np.ndarray | None,
+                       ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(mix, lm, knn) log-probs (V,) from the LM's logits (V,) at one position and that
+    position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM)."""
+    lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
+    if r is None:
+        return lm_lp, lm_lp, None
+    vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
+    knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature)[0]  # (V,)
+    if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
+        return lm_lp, lm_lp, knn_lp
+    return mix_distributions(lm_lp, knn_lp, r.lam), lm_lp, knn_lp
+
+
+class _Sequence:
+    """One generation's progress: samples each next token from the distributions it is
+    given, tracks the text and stop strings, and says what to feed next (None: done).
+    `KNNLM.run` steps one of these alone; `BatchGenerator` steps several together."""
+
+    def __init__(self, knnlm: KNNLM, req: GenerationRequest):
+        self.knnlm, self.req = knnlm, req
+        self.gen = torch.Generator()
+        if req.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(req.seed)
+        self.eos = knnlm.lm.tokenizer.eos_token_id
+        self.out: list[int] = []
+        self.shown, self.text = 0, ""
+
+    def advance(self, mix: torch.Tensor, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None,
+                dists: np.ndarray | None, ids: np.ndarray | None) -> tuple[list[StreamEvent], int | None]:
+        """Pick the next token; the events to deliver, and the token to feed (None: finished,
+        the last event carries the finish reason)."""
+        req, knnlm = self.req, self.knnlm
+        tok = sample(mix, req.temperature, req.top_k, req.top_p, self.gen)
+        if tok == self.eos and not req.ignore_eos:
+            return [self._end("stop")], None
+        r = req.r
+        nb = knnlm._neighbors(r, dists[0], ids[0], req.neighbors) if r and req.neighbors else []
+        score = TokenScore(tok, knnlm.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
+                           None if knn_lp is None else float(knn_lp[tok]), nb, knnlm._top(mix, req.top_logprobs))
+        self.out.append(tok)
+        text = knnlm.lm.decode(self.out)
+        cut = _find_stop(text, req.stops)
+        if cut is not None:
+            self.text = text[:cut]
+            event = StreamEvent(self.text[self.shown:], score)
+            self.shown = len(self.text)
+            return [event, self._end("stop")], None
+        self.text = text
+        end = _shown_up_to(text, req.stops)
+        event = StreamEvent(text[self.shown:end], score)
+        self.shown = max(self.shown, end)
+        if len(self.out) == req.max_new_tokens:
+            return [event, self._end("length")], None
+        return [event], tok
+
+    def _end(self, finish: str) -> StreamEvent:
+        return StreamEvent(self.text[self.shown:], None, finish)
 
 
 class KNNLogitsProcessor(LogitsProcessor):

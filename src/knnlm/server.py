@@ -3,9 +3,11 @@
     app = create_app(KNNLM.load(datastores={"wiki": "ds-wiki"}))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-One worker thread owns the model and runs requests one at a time, in arrival order;
-requests wait in a bounded queue and get 503 (with Retry-After) when it is full, so an
-overloaded server answers at once instead of hanging.  A streaming request whose client
+One worker thread owns the model.  Completions are generated together, up to
+`max_batch` at a time (continuous batching: one forward step and one search per datastore
+for all of them per token, a waiting request joining between steps); scoring requests run
+alone, in turn.  Requests wait in a bounded queue and get 503 (with Retry-After) when it
+is full, so an overloaded server answers at once instead of hanging.  A streaming request whose client
 goes away is cancelled at the next token.  Errors have OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON, a
 value out of range, too many tokens), 404 for an unknown datastore or model.
@@ -31,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from knnlm import __version__
 from knnlm.errors import KnnlmError
-from knnlm.generate import DEFAULT, KNNLM, StreamEvent, TokenScore
+from knnlm.batch import BatchGenerator
+from knnlm.generate import DEFAULT, KNNLM, GenerationRequest, StreamEvent, TokenScore
 
 LOG = logging.getLogger(__name__)
 
@@ -50,11 +53,14 @@ class _End:
 
 
 class Job:
-    """Work for the model thread: a function returning an iterator, whose items (then an
-    end marker, or the exception it raised) are delivered to an asyncio queue."""
+    """Work for the model thread, answered through an asyncio queue.  Either `work`, a
+    function returning an iterator whose items (then an end marker, or the exception it
+    raised) are delivered, or `generation`, a function returning (info, GenerationRequest):
+    info is delivered first, then the generation's StreamEvents as the batch steps it."""
 
-    def __init__(self, work: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop):
-        self.work, self.loop = work, loop
+    def __init__(self, work: Callable[[], Iterator[Any]] | None, loop: asyncio.AbstractEventLoop,
+                 generation: Callable[[], tuple[dict, GenerationRequest]] | None = None):
+        self.work, self.generation, self.loop = work, generation, loop
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -77,13 +83,16 @@ class Job:
 
 
 class Worker:
-    """The one thread that runs the model; jobs wait in a queue of at most `max_queue`."""
+    """The one thread that runs the model; jobs wait in a queue of at most `max_queue`.
+    Generations run in a batch of up to `max_batch` (`knnlm.batch`): a waiting one joins
+    between two steps of the running ones; other work (scoring) runs alone, in turn."""
 
-    def __init__(self, max_queue: int):
+    def __init__(self, knnlm: KNNLM, max_queue: int, max_batch: int = 8):
         if max_queue < 1:
             raise KnnlmError(f"max_queue must be >= 1, got {max_queue}")
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.max_queue = max_queue
+        self.batch = BatchGenerator(knnlm, max_batch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="knnlm-model", daemon=True)
         self.served = 0
@@ -95,8 +104,9 @@ class Worker:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def submit(self, work: Callable[[], Iterator[Any]]) -> Job:
-        job = Job(work, asyncio.get_running_loop())
+    def submit(self, work: Callable[[], Iterator[Any]] | None = None,
+               generation: Callable[[], tuple[dict, GenerationRequest]] | None = None) -> Job:
+        job = Job(work, asyncio.get_running_loop(), generation)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -107,22 +117,72 @@ class Worker:
     def waiting(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if not job.cancelled.is_set():
-                job.run()
-            self.served += 1
-        while True:  # shutting down: tell whoever still waits
+            self._admit()
+            if len(self.batch):
+                self._step()
+        for job in self.batch.tags:  # shutting down: tell whoever still waits
+            self._fail(job, KnnlmError("the server is shutting down"))
+        self.batch.clear()
+        while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            job._deliver(KnnlmError("the server is shutting down"))
+            self._fail(job, KnnlmError("the server is shutting down"))
+
+    def _admit(self) -> None:
+        """Start waiting jobs while the batch has room (wait a little only when idle)."""
+        while self.batch.has_room():
+            try:
+                job = self.jobs.get_nowait() if len(self.batch) else self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                return
+            if job.cancelled.is_set():
+                self.served += 1
+            elif job.generation is None:
+                job.run()
+                self.served += 1
+            else:
+                try:
+                    info, req = job.generation()  # checks the request
+                    job._deliver(info)
+                    self._send(job, self.batch.add(job, req))
+                except Exception as e:  # noqa: BLE001 - delivered to the request's handler
+                    self._fail(job, e)
+
+    def _step(self) -> None:
+        for job in self.batch.tags:
+            if job.cancelled.is_set():
+                LOG.info("request cancelled")
+                self.batch.drop(job)
+                self.served += 1
+        try:
+            results = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - the batch failed: each of its requests hears why
+            for job in self.batch.tags:
+                self._fail(job, e)
+            self.batch.clear()
+            return
+        for job, events in results.items():
+            self._send(job, events)
+
+    def _send(self, job: Job, events: list[StreamEvent]) -> None:
+        for ev in events:
+            job._deliver(ev)
+        if events and events[-1].finish_reason is not None:
             job._deliver(_End)
+            self.served += 1
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        job._deliver(e)
+        job._deliver(_End)
+        self.served += 1
 
 
 # ---- requests ------------------------------------------------------------------------
@@ -188,13 +248,15 @@ def _num(x: float | None) -> float | None:
 
 
 # ---- the app -------------------------------------------------------------------------
-def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_name: str | None = None) -> FastAPI:
+def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_name: str | None = None,
+               max_batch: int = 8) -> FastAPI:
     """The FastAPI app; the model worker starts and stops with the app's lifespan.
 
     max_queue: requests waiting for the model beyond which new ones get 503;
-    max_tokens: the most tokens one completion may ask for.
+    max_tokens: the most tokens one completion may ask for;
+    max_batch: completions generated together (1: one at a time).
     """
-    worker = Worker(max_queue)
+    worker = Worker(knnlm, max_queue, max_batch)
     name = model_name or knnlm.lm.name
 
     @asynccontextmanager
@@ -238,9 +300,10 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
                             "datastore", "datastore_not_found")
         return {"datastore": ds, "lam": req.lambda_, "k": req.k}
 
-    async def submit(work: Callable[[], Iterator[Any]]) -> Job:
+    async def submit(work: Callable[[], Iterator[Any]] | None = None,
+                     generation: Callable[[], tuple[dict, GenerationRequest]] | None = None) -> Job:
         try:
-            return worker.submit(work)
+            return worker.submit(work, generation)
         except QueueFull:
             raise HTTPError(503, f"the server is busy ({worker.max_queue} requests waiting); retry later",
                             code="queue_full", headers={"Retry-After": "1"}) from None
@@ -267,7 +330,8 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
     @app.get("/health", summary="liveness and load")
     async def health():
         return {"status": "ok", "model": name, "datastores": list(knnlm.searchers), "default_datastore": knnlm.default,
-                "queue": {"waiting": worker.waiting, "max": worker.max_queue}, "served": worker.served}
+                "queue": {"waiting": worker.waiting, "max": worker.max_queue},
+                "batch": {"running": worker.running, "max": worker.batch.max_batch}, "served": worker.served}
 
     @app.get("/v1/models", summary="the served model and its datastores")
     async def models():
@@ -297,12 +361,11 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name}
         detail = req.return_neighbors > 0 or req.logprobs is not None
 
-        def work():
+        def generation():
             prepared = knnlm.prepare(prompt, req.max_tokens, **options)  # checks everything first
-            yield {"prompt_tokens": len(prepared.ids), "settings": prepared.settings}
-            yield from knnlm.run(prepared)
+            return {"prompt_tokens": len(prepared.ids), "settings": prepared.settings}, prepared
 
-        job = await submit(work)
+        job = await submit(generation=generation)
         info = await first_item(job)  # the request is valid (or a 400 was raised)
         if req.stream:
             return StreamingResponse(_sse(job, meta, info, detail, req.logprobs), media_type="text/event-stream",

@@ -1165,10 +1165,15 @@ def publish(run: Run, args) -> None:
             "machine": machine(run, args), "device": args.device,
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "timings": run.timer.data}
     fwd = sorted((run.cache / "fwd").glob("*.npz")) if (run.cache / "fwd").exists() else []
+    splits_json = summaries / "splits.json"  # split sizes kept beside the results, for --render from them alone
+    splits = json.loads(splits_json.read_text()) if splits_json.exists() else {}
     for split, key in (("wt_tune", "tune_tokens"), ("wt_test", "test_tokens")):
         f = next((p for p in fwd if p.name.startswith(split + "-")), None)
         if f is not None:
-            meta[key] = len(np.load(f)["targets"])
+            splits[key] = len(np.load(f)["targets"])
+    if splits:
+        save_json(splits_json, splits)
+    meta.update(splits)
     if "lambda" in res:
         meta["wt_entries"] = res["lambda"]["in_domain"]["entries"]
     docs = Path(args.docs)

@@ -174,7 +174,7 @@ def main() -> None:
     print(f"sample (kNN-LM, prompt 1): {sample!r}")
     Path(args.output).write_text(
         "# Generation speed: kNN-LM vs base LM\n\n"
-        f"Command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`".rstrip() + "\n\n"
+        f"Command: `{' '.join(['python', 'benchmarks/bench_generate.py', *sys.argv[1:]])}`\n\n"
         f"{env}.\n\n{table}\n\n{agree}\n\n"
         f"Sample (kNN-LM, prompt 1): `{sample!r}`\n",
         encoding="utf-8")

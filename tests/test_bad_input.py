@@ -429,6 +429,21 @@ def test_explain_and_generate_refuse_bad_settings(args, pattern, ds_copy, corpus
     assert re.search(pattern, err), err
 
 
+@pytest.mark.parametrize("args, pattern", [
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--max-queue", "-1"], "--max-queue must be >= 1, got -1"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["--default-datastore", "law"], "--default-datastore 'law' is not one of the --datastore names"),
+])
+def test_serve_refuses_bad_options_before_listening(args, pattern, ds_copy, llama_dir, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    err = fails(capsys, ["serve", "--datastore", f"wiki={ds_copy}", *model_args(llama_dir), *args])
+    assert re.search(re.escape(pattern), err), err
+
+
 # ---- interrupted builds --------------------------------------------------------------
 def interrupt_at(monkeypatch, where: str, batch: int, exc=KeyboardInterrupt) -> None:
     """Make the next build die while on `batch` (0-based):

@@ -352,3 +352,20 @@ def test_load_on_loopback(knn):
     assert worker.served - served0 == ok  # accepted requests ran once each; refused ones never queued
     assert health["queue"]["waiting"] == 0
     assert rss1 - rss0 < 64 * 2**20, f"memory grew by {(rss1 - rss0) / 2**20:.1f} MiB"
+
+
+def test_the_serve_command_serves_what_it_was_asked(monkeypatch, datastore, llama_dir):
+    """`knnlm serve` with its options: the app it hands to uvicorn has them."""
+    from knnlm.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["-q", "serve", "--datastore", f"text={datastore.path}", "--model", str(llama_dir), "--dtype",
+                 "float32", "--max-batch", "3", "--max-queue", "5", "--port", "8123", "-k", "4"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    with running(seen["app"]) as url:
+        health = httpx.get(url + "/health").json()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 3, "temperature": 0})
+    assert health["batch"] == {"running": 0, "max": 3} and health["queue"]["max"] == 5
+    assert health["datastores"] == ["text"] and health["default_datastore"] == "text"
+    assert r.status_code == 200 and r.json()["choices"][0]["knnlm"]["k"] == 4

@@ -76,6 +76,11 @@ def cmd_serve(args) -> None:
     from knnlm.generate import KNNLM
     from knnlm.server import create_app
 
+    for opt in ("max_queue", "max_batch", "max_tokens"):  # before the model loads
+        if getattr(args, opt) < 1:
+            raise KnnlmError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    if not 0 < args.port < 65536:
+        raise KnnlmError(f"--port must be in 1..65535, got {args.port}")
     datastores = dict(args.datastore or [])
     if len(datastores) != len(args.datastore or []):
         raise KnnlmError("each --datastore NAME must be different")

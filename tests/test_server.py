@@ -369,3 +369,11 @@ def test_the_serve_command_serves_what_it_was_asked(monkeypatch, datastore, llam
     assert health["batch"] == {"running": 0, "max": 3} and health["queue"]["max"] == 5
     assert health["datastores"] == ["text"] and health["default_datastore"] == "text"
     assert r.status_code == 200 and r.json()["choices"][0]["knnlm"]["k"] == 4
+
+
+def test_an_app_can_be_served_again(knn):
+    app = create_app(knn, max_queue=2, max_tokens=4, model_name=MODEL, max_batch=2)
+    for _ in range(2):  # the model's thread stops with the first server and starts with the second
+        with running(app) as url:
+            r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -94,15 +94,21 @@ class Worker:
         self.max_queue = max_queue
         self.batch = BatchGenerator(knnlm, max_batch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="knnlm-model", daemon=True)
+        self._thread: threading.Thread | None = None
         self.served = 0
 
     def start(self) -> None:
+        """Start the model's thread (again, after `stop`: an app may be served more than once)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise KnnlmError("the model worker is already running")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="knnlm-model", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     def submit(self, work: Callable[[], Iterator[Any]] | None = None,
                generation: Callable[[], tuple[dict, GenerationRequest]] | None = None) -> Job:

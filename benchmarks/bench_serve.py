@@ -1,0 +1,156 @@
+"""Throughput of `knnlm serve` under concurrent clients, with and without batching (issue 3).
+
+The server runs in this process on 127.0.0.1 (uvicorn, an ephemeral port) over the default
+model and the small WikiText datastore of bench_generate.py (cached in
+benchmarks/cache/generate/).  `--clients` threads each send `--requests` greedy
+completions of `--tokens` tokens, all at once; the same load runs against servers with
+`--max-batch 1` (one request at a time) and `--max-batch N`, alternating, `--repeats`
+times.  Reported: completion tokens/s over the whole load, median request latency, and
+whether both servers gave the same texts.
+
+    python benchmarks/bench_serve.py                  # ~5 min on 2 CPU cores
+    python benchmarks/bench_serve.py --clients 16 --max-batch 16
+
+Results: benchmarks/results/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from bench_generate import PROMPTS, datastore
+from knnlm.generate import KNNLM
+from knnlm.model import LM
+from knnlm.server import create_app
+
+HERE = Path(__file__).resolve().parent
+LOG = logging.getLogger("bench")
+
+
+@contextlib.contextmanager
+def serving(app):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tuple[float, list[float], dict, int]:
+    """All clients at once; (seconds, latencies, {(client, i): text}, completion tokens)."""
+    latencies, texts, counted, errors = [], {}, [0], []
+    lock, start = threading.Lock(), threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            start.wait()
+            for i in range(requests):
+                prompt = PROMPTS[(c + i) % len(PROMPTS)]
+                t = time.perf_counter()
+                r = http.post("/v1/completions", json={**body, "prompt": prompt, "max_tokens": tokens})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+                        continue
+                    latencies.append(dt)
+                    texts[(c, i)] = r.json()["choices"][0]["text"]
+                    counted[0] += r.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return seconds, latencies, texts, counted[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chars", type=int, default=20_000, help="characters of wiki.valid.raw in the datastore")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=2, help="completions per client")
+    ap.add_argument("--tokens", type=int, default=16, help="max_tokens of each completion")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("-k", type=int, default=1024)
+    ap.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    ap.add_argument("--output", default=str(HERE / "results" / "serve.md"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cache = HERE / "cache" / "generate"
+    cache.mkdir(parents=True, exist_ok=True)
+    lm = LM.load(args.model, dtype=args.dtype, device=args.device)
+    ds = datastore(lm, cache, args.chars)
+    knn = KNNLM(lm, {"wiki": ds.path}, lam=args.lam, k=args.k)
+    body = {"temperature": 0, "datastore": "wiki"}
+    batches = {"one at a time (--max-batch 1)": 1, f"batched (--max-batch {args.max_batch})": args.max_batch}
+    apps = {name: create_app(knn, max_queue=args.clients * args.requests, max_tokens=args.tokens, max_batch=b)
+            for name, b in batches.items()}
+
+    with serving(apps[next(iter(apps))]) as url:  # warm-up
+        load(url, 2, 1, 4, body)
+    seconds = {name: [] for name in apps}
+    latencies = {name: [] for name in apps}
+    texts, tokens = {}, {}
+    for rep in range(args.repeats):
+        for name, app in apps.items():  # alternating, so machine noise hits both alike
+            with serving(app) as url:
+                s, lat, texts[name], tokens[name] = load(url, args.clients, args.requests, args.tokens, body)
+            seconds[name].append(s)
+            latencies[name] += lat
+            LOG.info("repeat %d, %s: %.1f s", rep + 1, name, s)
+
+    names = list(apps)
+    base = statistics.median(seconds[names[0]])
+    rows = ["| server | completion tokens/s | ratio | median latency (s) |", "|---|---:|---:|---:|"]
+    for name in names:
+        med = statistics.median(seconds[name])
+        rows.append(f"| {name} | {tokens[name] / med:.1f} | {base / med:.2f} | {statistics.median(latencies[name]):.2f} |")
+    same = sum(texts[names[0]][key] == texts[names[1]].get(key) for key in texts[names[0]])
+    env = (f"model {args.model} ({args.dtype}, {args.device}); datastore {ds.count} entries (Flat, k={args.k}, "
+           f"λ={args.lam}); {args.clients} concurrent clients x {args.requests} greedy completions of "
+           f"{args.tokens} tokens; median of {args.repeats} alternating repeats; torch {torch.__version__}, "
+           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    agree = f"The two servers gave the same text for {same}/{len(texts[names[0]])} requests."
+    table = "\n".join(rows)
+    print(env)
+    print(table)
+    print(agree)
+    Path(args.output).write_text(
+        "# Serving throughput: batched vs one request at a time\n\n"
+        f"Command: `{' '.join(['python', 'benchmarks/bench_serve.py', *sys.argv[1:]])}`\n\n"
+        f"{env}.\n\n{table}\n\n{agree}\n", encoding="utf-8")
+    LOG.info("wrote %s", args.output)
+
+
+if __name__ == "__main__":
+    main()

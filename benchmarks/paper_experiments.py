@@ -46,7 +46,7 @@ from knnlm.datastore import Datastore, build_datastore  # noqa: E402
 from knnlm.evaluate import Scores, open_for_model  # noqa: E402
 from knnlm.index import Searcher, build_index, list_indexes  # noqa: E402
 from knnlm.model import KEY_POINTS, LM, target_logprobs, to_numpy  # noqa: E402
-from knnlm.scoring import (cache_target_logprobs, interpolate, knn_target_logprobs,  # noqa: E402
+from knnlm.scoring import (cache_target_logprobs, interpolate,  # noqa: E402
                            knn_target_logprobs_all_k, mix_cache, perplexity)
 
 LOG = logging.getLogger("paper")
@@ -512,7 +512,6 @@ def exp_cache(run: Run) -> dict:
     path = run.cache / "cache_lp.npz"
     have = dict(np.load(path)) if path.exists() else {}
     t0 = time.perf_counter()
-    settings = [(th, 2000) for th in CACHE_THETAS] + [(None, s) for s in CACHE_SIZES]
 
     def lp(split, theta, size):
         key = f"{split}-{theta}-{size}"
@@ -713,7 +712,7 @@ def render(res: dict, meta: dict) -> str:
          "Khandelwal et al., *Generalization through Memorization: Nearest Neighbor Language Models* "
          "(ICLR 2020), re-run with this package on a small model and a small benchmark.  The paper's numbers "
          "appear only as the claims under test; every number below was measured by the command that follows.",
-         "", "```bash", f"bash scripts/setup.sh                              # .venv with the dev extra (matplotlib)",
+         "", "```bash", "bash scripts/setup.sh                              # .venv with the dev extra (matplotlib)",
          (f"{COMMAND} --device cuda --batch-tokens {B}   # all experiments, the LM on the GPU"
           if meta.get("device") == "cuda" else f"{COMMAND}   # all experiments, this page, docs/img/*.png"), "```", "",
          f"It caches forward passes, datastores and retrievals in `benchmarks/cache/paper/` and reuses them "

@@ -7,8 +7,8 @@ One worker thread owns the model.  Completions are generated together, up to
 `max_batch` at a time (continuous batching: one forward step and one search per datastore
 for all of them per token, a waiting request joining between steps); scoring requests run
 alone, in turn.  Requests wait in a bounded queue and get 503 (with Retry-After) when it
-is full, so an overloaded server answers at once instead of hanging.  A streaming request whose client
-goes away is cancelled at the next token.  Errors have OpenAI's shape,
+is full, so an overloaded server answers at once instead of hanging.  A streaming request
+whose client goes away is cancelled at the next token.  Errors have OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON, a
 value out of range, too many tokens), 404 for an unknown datastore or model.
 """

@@ -83,28 +83,37 @@ def hf_generate(lm: LM, prompt: str, n: int, processors=None) -> list[int]:
     return out[0, x.shape[1]:].tolist()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The model and datastore options shared with bench_serve.py."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chars", type=int, default=20_000, help="characters of wiki.valid.raw in the datastore")
-    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per run")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-k", type=int, default=1024)
     ap.add_argument("--lambda", dest="lam", type=float, default=0.25)
-    ap.add_argument("--output", default=str(HERE / "results" / "generate.md"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
-    torch.manual_seed(0)
+
+
+def setup(args) -> tuple[LM, Datastore, KNNLM]:
+    """The model, the cached datastore (named "wiki" in the KNNLM) and the KNNLM over them."""
     cache = HERE / "cache" / "generate"
     cache.mkdir(parents=True, exist_ok=True)
-
     lm = LM.load(args.model, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
     ds = datastore(lm, cache, args.chars)
     LOG.info("datastore: %d entries, d=%d (%.1f s)", ds.count, ds.dim, time.perf_counter() - t0)
-    knn = KNNLM(lm, {"wiki": ds.path}, lam=args.lam, k=args.k)
+    return lm, ds, KNNLM(lm, {"wiki": ds.path}, lam=args.lam, k=args.k)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(ap)
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--output", default=str(HERE / "results" / "generate.md"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    torch.manual_seed(0)
+    lm, ds, knn = setup(args)
     n = args.tokens
     gen = dict(ignore_eos=True)
 

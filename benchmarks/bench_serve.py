@@ -17,7 +17,6 @@ Results: benchmarks/results/serve.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import platform
 import statistics
@@ -28,31 +27,12 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
-from bench_generate import PROMPTS, datastore
-from knnlm.generate import KNNLM
-from knnlm.model import LM
-from knnlm.server import create_app
+from bench_generate import PROMPTS, add_setup_args, setup
+from knnlm.server import create_app, serve_in_thread
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
-
-
-@contextlib.contextmanager
-def serving(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tuple[float, list[float], dict, int]:
@@ -91,39 +71,30 @@ def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chars", type=int, default=20_000, help="characters of wiki.valid.raw in the datastore")
+    add_setup_args(ap)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=2, help="completions per client")
     ap.add_argument("--tokens", type=int, default=16, help="max_tokens of each completion")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("-k", type=int, default=1024)
-    ap.add_argument("--lambda", dest="lam", type=float, default=0.25)
     ap.add_argument("--output", default=str(HERE / "results" / "serve.md"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    cache = HERE / "cache" / "generate"
-    cache.mkdir(parents=True, exist_ok=True)
-    lm = LM.load(args.model, dtype=args.dtype, device=args.device)
-    ds = datastore(lm, cache, args.chars)
-    knn = KNNLM(lm, {"wiki": ds.path}, lam=args.lam, k=args.k)
+    _, ds, knn = setup(args)
     body = {"temperature": 0, "datastore": "wiki"}
     batches = {"one at a time (--max-batch 1)": 1, f"batched (--max-batch {args.max_batch})": args.max_batch}
     apps = {name: create_app(knn, max_queue=args.clients * args.requests, max_tokens=args.tokens, max_batch=b)
             for name, b in batches.items()}
 
-    with serving(apps[next(iter(apps))]) as url:  # warm-up
+    with serve_in_thread(apps[next(iter(apps))]) as url:  # warm-up
         load(url, 2, 1, 4, body)
     seconds = {name: [] for name in apps}
     latencies = {name: [] for name in apps}
     texts, tokens = {}, {}
     for rep in range(args.repeats):
         for name, app in apps.items():  # alternating, so machine noise hits both alike
-            with serving(app) as url:
+            with serve_in_thread(app) as url:
                 s, lat, texts[name], tokens[name] = load(url, args.clients, args.requests, args.tokens, body)
             seconds[name].append(s)
             latencies[name] += lat

@@ -1,7 +1,6 @@
 """The HTTP server (knnlm.server), run with uvicorn on 127.0.0.1 and an ephemeral port,
 driven by the official `openai` client and by httpx."""
 
-import contextlib
 import gc
 import json
 import threading
@@ -14,27 +13,9 @@ import pytest
 import uvicorn
 
 from knnlm.generate import KNNLM
-from knnlm.server import create_app
+from knnlm.server import create_app, serve_in_thread as running
 
 MODEL = "tiny"
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` from a thread on 127.0.0.1 (an ephemeral port); yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

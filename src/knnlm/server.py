@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
@@ -391,6 +391,28 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
                 "usage": {"prompt_tokens": len(s.ids), "total_tokens": len(s.ids)}}
 
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn from a background thread (port 0: an ephemeral one); yields
+    its base URL and stops the server on exit.  For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise KnnlmError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def _token(t: TokenScore, neighbors: bool) -> dict:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from knnlm.datastore import Datastore, build_datastore
-from knnlm.generate import KNNLM
-from knnlm.index import build_index, list_indexes
-from knnlm.model import LM
+from knnlm.core.datastore import Datastore, build_datastore
+from knnlm.core.index import build_index, list_indexes
+from knnlm.core.model import LM
+from knnlm.run.generate import KNNLM
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
@@ -127,7 +127,7 @@ def main() -> None:
     def each(fn):  # one prompt after the other
         return lambda prompts: [fn(p) for p in prompts]
 
-    def batched(**kw):  # all prompts stepped together (knnlm.batch, as `knnlm serve` does)
+    def batched(**kw):  # all prompts stepped together (knnlm.run.batch, as `knnlm serve` does)
         return lambda prompts: [g.ids for g in knn.generate_many(prompts, n, max_batch=len(prompts), **gen, **kw)]
 
     settings = {

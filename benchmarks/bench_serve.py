@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from bench_generate import PROMPTS, add_setup_args, setup
-from knnlm.server import create_app, serve_in_thread
+
+from knnlm.serve.server import create_app, serve_in_thread
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")

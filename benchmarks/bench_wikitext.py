@@ -23,16 +23,14 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
-from knnlm.batching import plan_files
-from knnlm.corpus import file_sha256
-from knnlm.datastore import Datastore, build_datastore
-from knnlm.evaluate import evaluate, open_for_model, score_plan
-from knnlm.index import Searcher, build_index, list_indexes
-from knnlm.model import LM
-from knnlm.scoring import interpolate, knn_target_logprobs, perplexity
-from knnlm.tune import sweep
+from knnlm.core.batching import plan_files
+from knnlm.core.corpus import file_sha256
+from knnlm.core.datastore import Datastore, build_datastore
+from knnlm.core.index import Searcher, build_index, list_indexes
+from knnlm.core.model import LM
+from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+from knnlm.run.evaluate import evaluate, open_for_model, score_plan
+from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw"

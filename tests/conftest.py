@@ -33,7 +33,7 @@ def llama_dir(model_dirs):
 
 @pytest.fixture(scope="session")
 def lm(llama_dir):
-    from knnlm.model import LM
+    from knnlm.core.model import LM
 
     return LM.load(str(llama_dir), dtype="float32", device=DEVICE)
 
@@ -58,8 +58,8 @@ def jsonl_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def datastore(lm, corpus, tmp_path_factory):
     """A datastore over `corpus` with the tiny llama, small windows, and a Flat index."""
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
 
     out = tmp_path_factory.mktemp("ds") / "ds"
     build_datastore(lm, [corpus], out, window=32, stride=16, batch_tokens=128, progress=False)

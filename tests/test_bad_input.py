@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import knnlm.batching
-import knnlm.datastore
-from knnlm.cli import main
-from knnlm.datastore import Datastore, build_datastore
-from knnlm.errors import KnnlmError
-from knnlm.index import build_index
-
 from tiny import TEXT, make_model_dir
+
+import knnlm.core.batching
+import knnlm.core.datastore
+from knnlm.cli.main import main
+from knnlm.core.datastore import Datastore, build_datastore
+from knnlm.core.index import build_index
+from knnlm.errors import KnnlmError
 
 WINDOWS = ["--window", "32", "--stride", "16", "--batch-tokens", "128"]  # the `datastore` fixture's: 6 batches
 BATCHES = 6
@@ -450,7 +449,7 @@ def interrupt_at(monkeypatch, where: str, batch: int, exc=KeyboardInterrupt) -> 
     `forward`: before the batch's forward pass (batches 0..batch-1 are on disk);
     `progress`: after its keys are in keys.npy but before progress.json records it."""
     if where == "forward":
-        original = knnlm.batching.Plan.batch_input
+        original = knnlm.core.batching.Plan.batch_input
         calls = []
 
         def batch_input(self, b, *a, **kw):
@@ -459,27 +458,27 @@ def interrupt_at(monkeypatch, where: str, batch: int, exc=KeyboardInterrupt) -> 
                 raise exc()
             return original(self, b, *a, **kw)
 
-        monkeypatch.setattr(knnlm.batching.Plan, "batch_input", batch_input)
+        monkeypatch.setattr(knnlm.core.batching.Plan, "batch_input", batch_input)
     else:
-        original = knnlm.datastore._write_json_atomic
+        original = knnlm.core.datastore._write_json_atomic
 
         def write(path, obj):
             if path.name == "progress.json" and obj["batches_done"] == batch + 1:
                 raise exc()
             return original(path, obj)
 
-        monkeypatch.setattr(knnlm.datastore, "_write_json_atomic", write)
+        monkeypatch.setattr(knnlm.core.datastore, "_write_json_atomic", write)
 
 
 def count_forward_batches(monkeypatch) -> list[int]:
-    original = knnlm.batching.Plan.batch_input
+    original = knnlm.core.batching.Plan.batch_input
     calls: list[int] = []
 
     def batch_input(self, b, *a, **kw):
         calls.append(b)
         return original(self, b, *a, **kw)
 
-    monkeypatch.setattr(knnlm.batching.Plan, "batch_input", batch_input)
+    monkeypatch.setattr(knnlm.core.batching.Plan, "batch_input", batch_input)
     return calls
 
 

@@ -1,22 +1,21 @@
-"""Batched generation (knnlm.batch): several generations stepped together must give each
+"""Batched generation (knnlm.run.batch): several generations stepped together must give each
 the tokens and scores it gets alone, whatever joins or leaves the batch around it."""
 
 import numpy as np
 import pytest
-
-from knnlm.batch import BatchGenerator
-from knnlm.errors import KnnlmError
-from knnlm.generate import KNNLM
-
 from test_generate import nonsense_text, split_nonsense
+
+from knnlm.errors import KnnlmError
+from knnlm.run.batch import BatchGenerator
+from knnlm.run.generate import KNNLM
 
 PROMPTS = ["the cat", "a quick brown fox jumps over the", "one", "memory is what the model keeps of the text it read"]
 
 
 @pytest.fixture(scope="module")
 def knn(lm, datastore, tmp_path_factory):
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
 
     root = tmp_path_factory.mktemp("nonsense-batch")
     (root / "nonsense.txt").write_text(nonsense_text(), encoding="utf-8")
@@ -125,7 +124,7 @@ def test_bad_use(knn):
 def test_batched_equals_alone_on_every_architecture(arch, model_dirs):
     """Left padding with a mask and per-row positions is right for each architecture (the
     base LM alone: no datastore needed)."""
-    from knnlm.model import LM
+    from knnlm.core.model import LM
 
     knn = KNNLM(LM.load(str(model_dirs[arch]), dtype="float32"))
     alone = [knn.generate(p, 6, ignore_eos=True) for p in PROMPTS]

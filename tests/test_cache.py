@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from knnlm.batching import plan_files
+from knnlm.core.batching import plan_files
+from knnlm.core.index import Searcher
+from knnlm.core.scoring import cache_target_logprobs, interpolate, mix_cache
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import CACHE_KEY_POINT, evaluate, score_plan
-from knnlm.index import Searcher
-from knnlm.scoring import cache_target_logprobs, interpolate, mix_cache
+from knnlm.run.evaluate import CACHE_KEY_POINT, evaluate, score_plan
 
 # three positions of one document: keys h0 = (1, 0), h1 = (0, 1), h2 = (2, 1); each
 # position predicts the token after it: targets 5, 7, 5

@@ -1,9 +1,9 @@
 import numpy as np
 
-from knnlm.batching import plan_files
-from knnlm.evaluate import score_plan
-from knnlm.explain import explain, neighbor_weights, render
-from knnlm.index import Searcher
+from knnlm.core.batching import plan_files
+from knnlm.core.index import Searcher
+from knnlm.run.evaluate import score_plan
+from knnlm.run.explain import explain, neighbor_weights, render
 
 
 def test_neighbor_weights_golden():

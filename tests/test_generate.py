@@ -1,4 +1,4 @@
-"""The Python generation API (knnlm.generate) and `knnlm generate`, on the tiny random llama."""
+"""The Python generation API (knnlm.run.generate) and `knnlm generate`, on the tiny random llama."""
 
 import random
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm.cli import main
+from knnlm.cli.main import main
 from knnlm.errors import KnnlmError
-from knnlm.generate import KNNLM, filter_logprobs, sample
+from knnlm.run.decode import filter_logprobs, sample
+from knnlm.run.generate import KNNLM
 
 N_PROMPT_WORDS = 6
 
@@ -24,8 +25,8 @@ def nonsense_text(words: int = 20, seed: int = 7) -> str:
 def nonsense_ds(lm, tmp_path_factory):
     """A datastore over one nonsense document, in a single window (its keys are exactly
     the ones generation computes from the same prefix)."""
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
 
     root = tmp_path_factory.mktemp("nonsense")
     (root / "nonsense.txt").write_text(nonsense_text(), encoding="utf-8")

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-
-from knnlm.errors import KnnlmError
-from knnlm.model import KEY_POINTS, LM, target_logprobs
 from tiny import ARCHS, TEXT
+
+from knnlm.core.model import KEY_POINTS, LM, target_logprobs
+from knnlm.errors import KnnlmError
 
 EXPECTED_FFN_SITE = {  # what the structural search must find, checked against the HF module names
     "gpt2": "transformer.h.1.mlp",
@@ -84,7 +84,7 @@ def test_dtypes(llama_dir, dtype):
 
 
 def test_same_model_in_another_dtype_has_the_same_identity(llama_dir, model_dirs):
-    from knnlm.model import same_weights
+    from knnlm.core.model import same_weights
 
     a, b = LM.load(str(llama_dir), dtype="float32"), LM.load(str(llama_dir), dtype="bfloat16")
     assert a.fingerprint == b.fingerprint and same_weights(a.weights_sample, b.weights_sample)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm.batching import plan_files
-from knnlm.datastore import Datastore, build_datastore
+from knnlm.core.batching import plan_files
+from knnlm.core.datastore import Datastore, build_datastore
+from knnlm.core.index import Searcher, auto_factory, build_index
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import evaluate, score_plan
-from knnlm.index import Searcher, auto_factory, build_index
-from knnlm.tune import sweep
+from knnlm.run.evaluate import evaluate, score_plan
+from knnlm.run.tune import sweep
 
 
 def test_entries_are_keys_and_next_tokens(lm, datastore, corpus):
@@ -155,7 +155,7 @@ def test_index_refuses_another_datastore(lm, corpus, tmp_path, datastore):
 
 
 def test_fp16_index_holds_the_keys_exactly(datastore):
-    from knnlm.index import fp16_index
+    from knnlm.core.index import fp16_index
 
     idx = fp16_index(datastore.keys)
     assert idx.ntotal == datastore.count

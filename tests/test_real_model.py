@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import WIKITEXT
 
 pytestmark = pytest.mark.real_model
@@ -10,7 +9,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def real_lm():
-    from knnlm.model import LM
+    from knnlm.core.model import LM
 
     return LM.load("smollm2-135m", dtype="float32")
 
@@ -24,10 +23,10 @@ def test_default_model_loads_with_expected_shape(real_lm):
 
 
 def test_default_model_kNN_LM_on_wikitext(real_lm, tmp_path):
-    from knnlm.batching import plan_files
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.evaluate import evaluate, score_plan
-    from knnlm.index import Searcher, build_index
+    from knnlm.core.batching import plan_files
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import Searcher, build_index
+    from knnlm.run.evaluate import evaluate, score_plan
 
     text = (WIKITEXT / "wiki.valid.raw").read_text(encoding="utf-8")[:2500]
     src = tmp_path / "article.txt"

@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from knnlm.scoring import (interpolate, knn_distribution, knn_target_logprobs, knn_target_logprobs_all_k,
-                           perplexity)
+from knnlm.core.scoring import interpolate, knn_distribution, knn_target_logprobs, knn_target_logprobs_all_k, perplexity
 
 
 def test_golden_three_neighbours():

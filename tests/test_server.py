@@ -1,4 +1,4 @@
-"""The HTTP server (knnlm.server), run with uvicorn on 127.0.0.1 and an ephemeral port,
+"""The HTTP server (knnlm.serve.server), run with uvicorn on 127.0.0.1 and an ephemeral port,
 driven by the official `openai` client and by httpx."""
 
 import gc
@@ -12,16 +12,17 @@ import psutil
 import pytest
 import uvicorn
 
-from knnlm.generate import KNNLM
-from knnlm.server import create_app, serve_in_thread as running
+from knnlm.run.generate import KNNLM
+from knnlm.serve.server import create_app
+from knnlm.serve.server import serve_in_thread as running
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
 def docs_ds(lm, jsonl_corpus, tmp_path_factory):
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
 
     out = build_datastore(lm, [jsonl_corpus], tmp_path_factory.mktemp("docs") / "ds", window=32, stride=16,
                           progress=False)[0]
@@ -337,7 +338,7 @@ def test_load_on_loopback(knn):
 
 def test_the_serve_command_serves_what_it_was_asked(monkeypatch, datastore, llama_dir):
     """`knnlm serve` with its options: the app it hands to uvicorn has them."""
-    from knnlm.cli import main
+    from knnlm.cli.main import main
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))

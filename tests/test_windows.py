@@ -1,6 +1,6 @@
 import pytest
 
-from knnlm.windows import Window, make_windows
+from knnlm.core.windows import Window, make_windows
 
 
 def scored_targets(ws):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnlm.datastore import Datastore
-from knnlm.evaluate import Scores
-from knnlm.scoring import interpolate
+from knnlm.core.datastore import Datastore
+from knnlm.core.scoring import interpolate
+from knnlm.run.evaluate import Scores
 
 
 def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:

@@ -196,7 +196,7 @@ class LM:
             raise KnnlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         path = name_or_path
         if name_or_path == DEFAULT_MODEL:
-            from knnlm.assets import ensure_default_model
+            from knnlm.core.assets import ensure_default_model
 
             path = str(ensure_default_model())
         try:

@@ -37,16 +37,16 @@ def split_leads(leads: Path, out: Path, articles: int, heldout: int, seed: int =
 
 def run_demo(workdir: str | Path, articles: int = 400, heldout: int = 40, dtype: str = "bfloat16",
              device: str = "auto", progress: bool = True) -> dict:
-    from knnlm.assets import ensure_wiki_leads
-    from knnlm.batching import plan_files
-    from knnlm.corpus import file_sha256
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, open_for_model, score_plan
-    from knnlm.explain import explain, render
-    from knnlm.index import Searcher, build_index, list_indexes
-    from knnlm.model import LM
-    from knnlm.scoring import interpolate, knn_target_logprobs, perplexity
-    from knnlm.tune import sweep
+    from knnlm.core.assets import ensure_wiki_leads
+    from knnlm.core.batching import plan_files
+    from knnlm.core.corpus import file_sha256
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import Searcher, build_index, list_indexes
+    from knnlm.core.model import LM
+    from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+    from knnlm.run.evaluate import DEFAULT_K, DEFAULT_LAMBDA, open_for_model, score_plan
+    from knnlm.run.explain import explain, render
+    from knnlm.run.tune import sweep
 
     work = Path(workdir)
     files = split_leads(ensure_wiki_leads(), work / "corpus", articles, heldout)

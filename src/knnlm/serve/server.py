@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from knnlm import __version__
 from knnlm.errors import KnnlmError
-from knnlm.batch import BatchGenerator
-from knnlm.generate import DEFAULT, KNNLM, GenerationRequest, StreamEvent, TokenScore
+from knnlm.run.batch import BatchGenerator
+from knnlm.run.decode import GenerationRequest, StreamEvent, TokenScore
+from knnlm.run.generate import DEFAULT, KNNLM
 
 LOG = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Job:
 
 class Worker:
     """The one thread that runs the model; jobs wait in a queue of at most `max_queue`.
-    Generations run in a batch of up to `max_batch` (`knnlm.batch`): a waiting one joins
+    Generations run in a batch of up to `max_batch` (`knnlm.run.batch`): a waiting one joins
     between two steps of the running ones; other work (scoring) runs alone, in turn."""
 
     def __init__(self, knnlm: KNNLM, max_queue: int, max_batch: int = 8):

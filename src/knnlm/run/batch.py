@@ -20,20 +20,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from knnlm.errors import KnnlmError
-from knnlm.generate import KNNLM, GenerationRequest, StreamEvent, _Decoder, _Sequence, next_distributions
+from knnlm.run.decode import Decoder, GenerationRequest, SequenceState, StreamEvent, next_distributions
+
+if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
+    from knnlm.run.generate import KNNLM
 
 
 @dataclass
 class _Row:
     tag: Hashable
-    seq: _Sequence
+    seq: SequenceState
     token: int  # the next token to feed
 
 
@@ -84,7 +87,7 @@ class BatchGenerator:
             raise KnnlmError(f"the batch is full ({len(self.rows)} generations)")
         if tag in self.tags:
             raise KnnlmError(f"tag {tag!r} is already in the batch")
-        seq, dec = _Sequence(self.knnlm, req), _Decoder(self.lm, req.r)
+        seq, dec = SequenceState(self.knnlm, req), Decoder(self.lm, req.r)
         dec.feed(req.ids)
         events, token = seq.advance(*dec.distribution(), dec.dists, dec.ids)
         if token is not None:

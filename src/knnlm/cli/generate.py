@@ -1,4 +1,4 @@
-"""`knnlm generate` and `knnlm serve`: thin edges over knnlm.generate and knnlm.server."""
+"""`knnlm generate` and `knnlm serve`: thin edges over knnlm.run.generate and knnlm.serve.server."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from knnlm.cli.common import load_lm
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -23,13 +24,12 @@ def _datastore_spec(spec: str) -> tuple[str, str]:
 
 
 def cmd_generate(args) -> None:
-    from knnlm.cli import _load_lm
-    from knnlm.generate import KNNLM
+    from knnlm.run.generate import KNNLM
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.prompt is None and prompt.endswith("\n"):
         prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
-    lm = _load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore)
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                 lam=args.lam, knn_temperature=args.temperature)
@@ -71,10 +71,9 @@ def _render_neighbors(tokens) -> str:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from knnlm.cli import _load_lm
-    from knnlm.evaluate import DEFAULT_K
-    from knnlm.generate import KNNLM
-    from knnlm.server import create_app
+    from knnlm.run.evaluate import DEFAULT_K
+    from knnlm.run.generate import KNNLM
+    from knnlm.serve.server import create_app
 
     for opt in ("max_queue", "max_batch", "max_tokens"):  # before the model loads
         if getattr(args, opt) < 1:
@@ -87,7 +86,7 @@ def cmd_serve(args) -> None:
     if args.default_datastore and args.default_datastore != "none" and args.default_datastore not in datastores:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
-    lm = _load_lm(args, next(iter(datastores.values()), None))
+    lm = load_lm(args, next(iter(datastores.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k or DEFAULT_K, knn_temperature=args.knn_temperature,
                 nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
@@ -104,7 +103,7 @@ def cmd_serve(args) -> None:
 
 def register(add, add_model_args, add_knn_args) -> None:
     """Add `generate` and `serve` to the knnlm parser (see knnlm.cli.build_parser)."""
-    from knnlm.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+    from knnlm.run.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
 
     sp = add("generate", cmd_generate, "generate text with the kNN-LM, streaming tokens as they come",
              "  knnlm generate 'The history of the' -d ds-wiki\n"

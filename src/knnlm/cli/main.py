@@ -9,105 +9,27 @@ import logging
 import sys
 from pathlib import Path
 
+from knnlm.cli.common import (
+    Formatter,
+    add_knn_args,
+    add_model_args,
+    add_window_args,
+    load_lm,
+    numbers,
+    table,
+    write_json,
+)
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: X)" only where it says something
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
-def _add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="HF model id or local path; 'smollm2-135m' is the built-in default "
-                        "(default: the datastore's model, else smollm2-135m)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="model weights dtype (default: the datastore's, else bfloat16)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
-    if with_key_point:
-        from knnlm.model import DEFAULT_KEY_POINT, KEY_POINTS
-
-        g.add_argument("--key-point", choices=list(KEY_POINTS), default=DEFAULT_KEY_POINT,
-                       help="where in the final layer the key is read")
-
-
-def _add_window_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("windows")
-    g.add_argument("--window", type=int, default=1024, help="tokens per model input (W)")
-    g.add_argument("--stride", type=int, default=512, help="new tokens scored per window (S)")
-    g.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
-
-
-def _add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
-    from knnlm.evaluate import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA, DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
-
-    g = p.add_argument_group("retrieval")
-    g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
-    g.add_argument("--index", default=None, help="index name inside the datastore (default: its only index)")
-    g.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours retrieved")
-    if lam:
-        g.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
-                       help="weight of p_kNN in the interpolation")
-        g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
-    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
-    g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
-    if cache:
-        c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
-        c.add_argument("--cache-lambda", type=float, default=None,
-                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); off if not given")
-        c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
-                       help="scale of the dot product of final hidden states")
-        c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
-                       help="most recent positions of the document in the cache")
-
-
-def _load_lm(args, datastore: str | None = None, key_point: str | None = None):
-    from knnlm.datastore import Datastore
-    from knnlm.model import DEFAULT_MODEL, LM
-
-    meta = Datastore(datastore).meta if datastore else {}
-    model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
-    dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
-    kp = key_point or meta.get("key_point") or "ffn_input"
-    LOG.info("loading %s (%s)", model, dtype)
-    return LM.load(model, dtype=dtype, device=args.device, key_point=kp)
-
-
-def _write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _numbers(text: str | None, kind, option: str) -> list | None:
-    """A comma-separated list of numbers from the command line (None if not given)."""
-    if not text:
-        return None
-    try:
-        return [kind(x) for x in text.split(",")]
-    except ValueError:
-        raise KnnlmError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    w = max(len(a) for a, _ in rows)
-    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
-
-
 # ---- subcommands ---------------------------------------------------------------------
 def cmd_build(args) -> None:
-    from knnlm.datastore import Datastore, build_datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
 
-    lm = _load_lm(args, key_point=args.key_point)
+    lm = load_lm(args, key_point=args.key_point)
     out = build_datastore(lm, args.corpus, args.output, window=args.window, stride=args.stride,
                           batch_tokens=args.batch_tokens, overwrite=args.overwrite,
                           progress=not args.quiet)[0]
@@ -119,8 +41,8 @@ def cmd_build(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from knnlm.datastore import Datastore
-    from knnlm.index import build_index
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.index import build_index
 
     ds = Datastore(args.datastore)
     path = build_index(ds, args.type, name=args.name, train_size=args.train_size, nprobe=args.nprobe,
@@ -130,9 +52,9 @@ def cmd_index(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from knnlm.evaluate import evaluate
+    from knnlm.run.evaluate import evaluate
 
-    lm = _load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore)
     res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
                    temperature=args.temperature, window=args.window, stride=args.stride,
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,
@@ -147,22 +69,22 @@ def cmd_eval(args) -> None:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
     rows.append(("tokens/s", str(res["tokens_per_second"])))
-    print(_table(rows))
+    print(table(rows))
     if args.output:
-        _write_json(args.output, res)
+        write_json(args.output, res)
         print(f"wrote {args.output}")
 
 
 def cmd_tune(args) -> None:
-    from knnlm.batching import plan_files
-    from knnlm.evaluate import open_for_model, score_plan
-    from knnlm.index import Searcher
-    from knnlm.scoring import check_settings
-    from knnlm.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
+    from knnlm.core.batching import plan_files
+    from knnlm.core.index import Searcher
+    from knnlm.core.scoring import check_settings
+    from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
 
-    lambdas = _numbers(args.lambdas, float, "--lambdas") or DEFAULT_LAMBDAS
-    temps = _numbers(args.temperatures, float, "--temperatures") or DEFAULT_TEMPERATURES
-    ks = _numbers(args.ks, int, "--ks")
+    lambdas = numbers(args.lambdas, float, "--lambdas") or DEFAULT_LAMBDAS
+    temps = numbers(args.temperatures, float, "--temperatures") or DEFAULT_TEMPERATURES
+    ks = numbers(args.ks, int, "--ks")
     for lam in lambdas:
         check_settings(lam=lam)
     for t in temps:
@@ -171,7 +93,7 @@ def cmd_tune(args) -> None:
         check_settings(k=k)
     if ks and max(ks) > args.k:
         raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
-    lm = _load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
@@ -180,22 +102,22 @@ def cmd_tune(args) -> None:
     res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=args.k, **searcher.settings(),
                window=args.window, stride=args.stride)
     b = res["best"]
-    print(_table([("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}"),
+    print(table([("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}"),
                   ("best ppl kNN-LM", f"{b['ppl']:.3f}"),
                   ("best", f"k={b['k']} lambda={b['lambda']} T={b['temperature']}")]))
-    _write_json(args.output, res)
+    write_json(args.output, res)
     print(f"wrote {args.output} ({len(res['grid'])} settings)")
 
 
 def cmd_explain(args) -> None:
-    from knnlm.batching import plan_files
-    from knnlm.evaluate import open_for_model, score_plan
-    from knnlm.explain import explain, render
-    from knnlm.index import Searcher
-    from knnlm.scoring import check_settings
+    from knnlm.core.batching import plan_files
+    from knnlm.core.index import Searcher
+    from knnlm.core.scoring import check_settings
+    from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.explain import explain, render
 
     check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
-    lm = _load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
@@ -209,13 +131,13 @@ def cmd_explain(args) -> None:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n", encoding="utf-8")
-        _write_json(out.with_suffix(".json"), items)
+        write_json(out.with_suffix(".json"), items)
         print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 def cmd_info(args) -> None:
-    from knnlm.datastore import Datastore
-    from knnlm.index import list_indexes
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.index import list_indexes
 
     ds = Datastore(args.datastore)
     if args.verify:
@@ -237,11 +159,11 @@ def cmd_info(args) -> None:
     ]
     if args.verify:
         rows.append(("checksums", "ok"))
-    print(_table(rows))
+    print(table(rows))
 
 
 def cmd_demo(args) -> None:
-    from knnlm.demo import run_demo
+    from knnlm.run.demo import run_demo
 
     run_demo(args.workdir, articles=args.articles, heldout=args.heldout, dtype=args.dtype or "bfloat16",
              device=args.device, progress=not args.quiet)
@@ -251,7 +173,7 @@ def cmd_demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="knnlm",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="kNN-LM: make a pretrained causal LM better without training, by letting it remember.",
         epilog="examples:\n"
                "  knnlm demo                                   # everything, on the built-in defaults\n"
@@ -264,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, fn, help, epilog):
         sp = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
-                            formatter_class=_Formatter)
+                            formatter_class=Formatter)
         sp.set_defaults(fn=fn)
         sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or info messages")
@@ -280,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, help="datastore directory to create")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
     sp.add_argument("--index", default="auto", help="index to build after: auto, Flat, a FAISS factory string, none")
-    _add_model_args(sp, with_key_point=True)
-    _add_window_args(sp)
+    add_model_args(sp, with_key_point=True)
+    add_window_args(sp)
 
     sp = add("index", cmd_index, "build a FAISS index over a datastore",
              "  knnlm index ds                              # auto: Flat below 100k entries, IVF-PQ above\n"
@@ -301,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("-o", "--output", help="write the result as JSON")
-    _add_knn_args(sp, cache=True)
-    _add_model_args(sp)
-    _add_window_args(sp)
+    add_knn_args(sp, cache=True)
+    add_model_args(sp)
+    add_window_args(sp)
 
     sp = add("tune", cmd_tune, "sweep lambda, temperature and k from one retrieval",
              "  knnlm tune heldout.txt -d ds-wiki -o tune.json\n"
@@ -313,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lambdas", help="comma-separated (default: 0, 0.05, ..., 1)")
     sp.add_argument("--temperatures", help="comma-separated (default: 0.25 ... 16)")
     sp.add_argument("--ks", help="comma-separated, each <= -k (default: powers of two up to -k)")
-    _add_knn_args(sp, lam=False)
-    _add_model_args(sp)
-    _add_window_args(sp)
+    add_knn_args(sp, lam=False)
+    add_model_args(sp)
+    add_window_args(sp)
 
     sp = add("explain", cmd_explain, "show the tokens where the datastore helped most, with their memories",
              "  knnlm explain article.txt -d ds-wiki\n"
@@ -324,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=10, help="tokens shown")
     sp.add_argument("--neighbors", type=int, default=5, help="neighbours shown per token")
     sp.add_argument("-o", "--output", help="write markdown here and JSON beside it")
-    _add_knn_args(sp)
-    _add_model_args(sp)
-    _add_window_args(sp)
+    add_knn_args(sp)
+    add_model_args(sp)
+    add_window_args(sp)
 
     sp = add("info", cmd_info, "describe a datastore",
              "  knnlm info ds-wiki\n"
@@ -342,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heldout", type=int, default=40, help="held-out articles (half to tune, half to test)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    from knnlm.cli_generate import register
+    from knnlm.cli.generate import register
 
-    register(add, _add_model_args, _add_knn_args)
+    register(add, add_model_args, add_knn_args)
     return p
 
 

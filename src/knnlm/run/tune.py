@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnlm.scoring import interpolate, knn_target_logprobs_all_k, perplexity
+from knnlm.core.scoring import interpolate, knn_target_logprobs_all_k, perplexity
 
 DEFAULT_LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0001, 0.05))
 DEFAULT_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)

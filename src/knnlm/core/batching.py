@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from knnlm.corpus import Document, read_documents
+from knnlm.core.corpus import Document, read_documents
+from knnlm.core.windows import Window, make_windows
 from knnlm.errors import KnnlmError
-from knnlm.windows import Window, make_windows
 
 
 @dataclass

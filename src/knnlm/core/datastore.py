@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from knnlm import __version__
-from knnlm.batching import plan_files
-from knnlm.corpus import corpus_record, file_sha256
+from knnlm.core.batching import plan_files
+from knnlm.core.corpus import corpus_record, file_sha256
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Datastore:
 
     def check_compatible(self, identity: dict) -> None:
         """Refuse a model, tokenizer or key point other than the datastore's own, naming both."""
-        from knnlm.model import same_weights
+        from knnlm.core.model import same_weights
 
         mine = self.meta["identity"]
         if not same_weights(mine["weights_sample"], identity["weights_sample"]):

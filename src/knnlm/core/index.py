@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm.datastore import Datastore
+from knnlm.core.datastore import Datastore
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)

@@ -10,13 +10,19 @@ from typing import Sequence
 
 import numpy as np
 
-from knnlm.batching import Plan, plan_files
-from knnlm.datastore import Datastore
+from knnlm.core.batching import Plan, plan_files
+from knnlm.core.datastore import Datastore
+from knnlm.core.index import Searcher
+from knnlm.core.model import target_logprobs
+from knnlm.core.scoring import (
+    cache_target_logprobs,
+    check_settings,
+    interpolate,
+    knn_target_logprobs,
+    mix_cache,
+    perplexity,
+)
 from knnlm.errors import KnnlmError
-from knnlm.index import Searcher
-from knnlm.model import target_logprobs
-from knnlm.scoring import (cache_target_logprobs, check_settings, interpolate, knn_target_logprobs, mix_cache,
-                           perplexity)
 
 LOG = logging.getLogger(__name__)
 

@@ -1,0 +1,106 @@
+"""Pieces every `knnlm` subcommand shares: argument groups, model loading, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger("knnlm")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: X)" only where it says something
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="HF model id or local path; 'smollm2-135m' is the built-in default "
+                        "(default: the datastore's model, else smollm2-135m)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model weights dtype (default: the datastore's, else bfloat16)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    if with_key_point:
+        from knnlm.core.model import DEFAULT_KEY_POINT, KEY_POINTS
+
+        g.add_argument("--key-point", choices=list(KEY_POINTS), default=DEFAULT_KEY_POINT,
+                       help="where in the final layer the key is read")
+
+
+def add_window_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("windows")
+    g.add_argument("--window", type=int, default=1024, help="tokens per model input (W)")
+    g.add_argument("--stride", type=int, default=512, help="new tokens scored per window (S)")
+    g.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+
+
+def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
+    from knnlm.run.evaluate import (
+        DEFAULT_CACHE_SIZE,
+        DEFAULT_CACHE_THETA,
+        DEFAULT_K,
+        DEFAULT_LAMBDA,
+        DEFAULT_TEMPERATURE,
+    )
+
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
+    g.add_argument("--index", default=None, help="index name inside the datastore (default: its only index)")
+    g.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours retrieved")
+    if lam:
+        g.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
+                       help="weight of p_kNN in the interpolation")
+        g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
+    g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    if cache:
+        c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
+        c.add_argument("--cache-lambda", type=float, default=None,
+                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); off if not given")
+        c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
+                       help="scale of the dot product of final hidden states")
+        c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
+                       help="most recent positions of the document in the cache")
+
+
+def load_lm(args, datastore: str | None = None, key_point: str | None = None):
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.model import DEFAULT_MODEL, LM
+
+    meta = Datastore(datastore).meta if datastore else {}
+    model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
+    dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
+    kp = key_point or meta.get("key_point") or "ffn_input"
+    LOG.info("loading %s (%s)", model, dtype)
+    return LM.load(model, dtype=dtype, device=args.device, key_point=kp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def numbers(text: str | None, kind, option: str) -> list | None:
+    """A comma-separated list of numbers from the command line (None if not given)."""
+    if not text:
+        return None
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise KnnlmError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -1,0 +1,1 @@
+"""What runs on top of the core: evaluation, tuning, explanation, generation, the demo."""

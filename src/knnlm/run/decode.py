@@ -1,0 +1,273 @@
+"""Decoding one step at a time: the per-call retrieval settings, next-token distributions
+(LM, p_kNN and their mixture), sampling, and a generation's progress (text, stop strings).
+`KNNLM` (knnlm.run.generate) steps one sequence; `BatchGenerator` (knnlm.run.batch) several.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from typing import Sequence as Seq
+
+import numpy as np
+import torch
+
+from knnlm.core.datastore import Datastore
+from knnlm.core.index import Searcher
+from knnlm.core.scoring import knn_distribution
+from knnlm.errors import KnnlmError
+
+if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
+    from knnlm.run.generate import KNNLM
+
+MAX_STOPS = 16
+
+
+@dataclass
+class Neighbor:
+    """One retrieved datastore entry and the share of the kNN distribution it carried."""
+
+    datastore: str
+    entry: int  # row in the datastore
+    document: int
+    title: str
+    source: str  # corpus file the document came from
+    offset: int  # token offset of `token` in its document
+    distance: float  # squared L2 to the query key
+    weight: float  # softmax(-distance / T) over the k neighbours
+    token: str  # the value: the token that followed this memory
+    token_id: int
+    context: str  # the document's text just before `token`
+    after: str  # and just after it
+
+
+@dataclass
+class TokenScore:
+    """One token with its log-probabilities under the LM, p_kNN and the mixture."""
+
+    id: int
+    text: str
+    logprob: float  # log p_kNN-LM, the distribution the token was scored (or sampled) under
+    logprob_lm: float
+    logprob_knn: float | None  # None without a datastore; -inf when no neighbour predicts it
+    neighbors: list[Neighbor] = field(default_factory=list)
+    top: dict[str, float] = field(default_factory=dict)  # the most likely tokens' log p_kNN-LM, when asked
+
+
+@dataclass
+class StreamEvent:
+    """One generated token (`token`) and the text it adds (`text`, may be "" while a
+    partial character or a possible stop string is held back); the last event of a
+    stream has token None and a finish_reason: "stop" (EOS or a stop string) or "length"."""
+
+    text: str
+    token: TokenScore | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Retrieval:
+    """Resolved per-call settings for one datastore."""
+
+    name: str
+    searcher: Searcher
+    lam: float
+    k: int
+    temperature: float
+
+    @property
+    def ds(self) -> Datastore:
+        return self.searcher.ds
+
+    def settings(self) -> dict:
+        return {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
+
+
+def settings_of(r: Retrieval | None) -> dict:
+    return r.settings() if r is not None else {"datastore": None}
+
+
+@dataclass
+class GenerationRequest:
+    """A checked generation request (from `KNNLM.prepare`), ready to `run`."""
+
+    ids: list[int]  # the prompt
+    r: Retrieval | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stops: list[str]
+    seed: int | None
+    ignore_eos: bool
+    neighbors: int
+    top_logprobs: int
+
+    @property
+    def settings(self) -> dict:
+        return settings_of(self.r)
+
+
+def filter_logprobs(logprobs: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Log-probs (V,) with the tokens outside the top k, and outside the smallest set whose
+    probability reaches top_p, set to -inf.  The most likely token always stays.
+
+    p = (.5, .3, .15, .05): top_k=3 drops .05; top_p=.7 keeps .5 and .3 (.5 < .7 <= .8).
+    """
+    out = logprobs.clone()
+    if top_k is not None and top_k < out.numel():
+        kth = torch.topk(out, top_k).values[-1]
+        out[out < kth] = -math.inf
+    if top_p is not None and top_p < 1.0:
+        lp, order = torch.sort(out, descending=True)  # (V,)
+        before = torch.cumsum(lp.softmax(0), 0) - lp.softmax(0)  # mass of the more likely tokens
+        out[order[before >= top_p]] = -math.inf
+    return out
+
+
+def sample(logprobs: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """A token id from log-probs (V,): the argmax at temperature 0, else a draw from
+    softmax(logprobs / temperature) after top-k / top-p filtering."""
+    if temperature == 0.0:
+        return int(torch.argmax(logprobs))
+    lp = filter_logprobs(logprobs.float() / temperature, top_k, top_p)  # (V,)
+    return int(torch.multinomial(torch.softmax(lp, 0), 1, generator=generator))
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if not temperature >= 0:
+        raise KnnlmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise KnnlmError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise KnnlmError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise KnnlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def parse_stops(stop: str | Seq[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS or any(not isinstance(s, str) or not s for s in stops):
+        raise KnnlmError(f"stop must be at most {MAX_STOPS} non-empty strings, got {stops!r}")
+    return stops
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _shown_up_to(text: str, stops: list[str]) -> int:
+    """How much of text is safe to show: hold back a trailing partial character (byte-level
+    tokenizers decode an incomplete UTF-8 sequence as U+FFFD) and any tail that could be
+    the start of a stop string."""
+    end = len(text)
+    while end > 0 and len(text) - end < 4 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = max((n for s in stops for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
+    return end - hold
+
+
+def mix_distributions(lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """log(λ p_kNN + (1-λ) p_LM) over the vocabulary (..., V); λ = 0 returns lm_lp itself."""
+    if knn_lp is None or lam == 0.0:
+        return lm_lp
+    if lam == 1.0:
+        return knn_lp
+    return torch.logaddexp(math.log(lam) + knn_lp, math.log1p(-lam) + lm_lp)
+
+
+class Decoder:
+    """One sequence stepped through the model with its KV cache: `feed` new tokens, then
+    read the next-token distributions at the last position."""
+
+    def __init__(self, lm, r: Retrieval | None):
+        self.lm, self.r = lm, r
+        self.cache = None
+        self.logits: torch.Tensor | None = None  # (V,) at the last position
+        self.key: np.ndarray | None = None  # (1, d) float32 at the last position
+        self.dists = self.ids = None  # (1, k) neighbours of the last key
+
+    @torch.inference_mode()
+    def feed(self, ids: list[int]) -> None:
+        x = torch.tensor([ids], device=self.lm.device)  # (1, t)
+        kps = [self.r.ds.key_point] if self.r else []
+        with self.lm._capture(kps) as captured:
+            out = self.lm.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1]  # (V,)
+        if self.r is not None:
+            key = captured[self.r.ds.key_point]
+            self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
+
+    def distribution(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mix, lm, knn) log-probs (V,) after the tokens fed so far."""
+        if self.r is not None:
+            self.dists, self.ids = self.r.searcher.search(self.key, self.r.k)  # (1, k)
+        return next_distributions(self.logits, self.r, self.dists, self.ids)
+
+
+@torch.inference_mode()
+def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
+                       ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(mix, lm, knn) log-probs (V,) from the LM's logits (V,) at one position and that
+    position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM)."""
+    lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
+    if r is None:
+        return lm_lp, lm_lp, None
+    vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
+    knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature)[0]  # (V,)
+    if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
+        return lm_lp, lm_lp, knn_lp
+    return mix_distributions(lm_lp, knn_lp, r.lam), lm_lp, knn_lp
+
+
+class SequenceState:
+    """One generation's progress: samples each next token from the distributions it is
+    given, tracks the text and stop strings, and says what to feed next (None: done).
+    `KNNLM.run` steps one of these alone; `BatchGenerator` steps several together."""
+
+    def __init__(self, knnlm: KNNLM, req: GenerationRequest):
+        self.knnlm, self.req = knnlm, req
+        self.gen = torch.Generator()
+        if req.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(req.seed)
+        self.eos = knnlm.lm.tokenizer.eos_token_id
+        self.out: list[int] = []
+        self.shown, self.text = 0, ""
+
+    def advance(self, mix: torch.Tensor, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None,
+                dists: np.ndarray | None, ids: np.ndarray | None) -> tuple[list[StreamEvent], int | None]:
+        """Pick the next token; the events to deliver, and the token to feed (None: finished,
+        the last event carries the finish reason)."""
+        req, knnlm = self.req, self.knnlm
+        tok = sample(mix, req.temperature, req.top_k, req.top_p, self.gen)
+        if tok == self.eos and not req.ignore_eos:
+            return [self._end("stop")], None
+        r = req.r
+        nb = knnlm.neighbors_of(r, dists[0], ids[0], req.neighbors) if r and req.neighbors else []
+        score = TokenScore(tok, knnlm.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
+                           None if knn_lp is None else float(knn_lp[tok]), nb, knnlm.top_tokens(mix, req.top_logprobs))
+        self.out.append(tok)
+        text = knnlm.lm.decode(self.out)
+        cut = _find_stop(text, req.stops)
+        if cut is not None:
+            self.text = text[:cut]
+            event = StreamEvent(self.text[self.shown:], score)
+            self.shown = len(self.text)
+            return [event, self._end("stop")], None
+        self.text = text
+        end = _shown_up_to(text, req.stops)
+        event = StreamEvent(text[self.shown:end], score)
+        self.shown = max(self.shown, end)
+        if len(self.out) == req.max_new_tokens:
+            return [event, self._end("length")], None
+        return [event], tok
+
+    def _end(self, finish: str) -> StreamEvent:
+        return StreamEvent(self.text[self.shown:], None, finish)

@@ -163,8 +163,12 @@ class Datastore:
     def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(document, token offset of the value token) of each entry id."""
         ids = np.asarray(ids, dtype=np.int64)
-        doc = np.searchsorted(self.docs[:, 2], ids, side="right") - 1
+        doc = self.document_of(ids)
         return doc, ids - self.docs[doc, 2] + 1
+
+    def document_of(self, ids: np.ndarray) -> np.ndarray:
+        """Document of each entry id (ids >= 0)."""
+        return np.searchsorted(self.docs[:, 2], np.asarray(ids, dtype=np.int64), side="right") - 1
 
     def context(self, entry: int, before: int = 16, after: int = 4) -> tuple[list[int], int, list[int]]:
         """Token ids before the entry's value, the value, and tokens after it (same document)."""

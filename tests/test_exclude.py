@@ -31,7 +31,7 @@ def test_plain_search_finds_the_copy_excluded_search_never_the_own_document(twin
     d, i = s.search(q, 4)
     # itself and its twin at distance 0 (a document's first key, after BOS alone, ties with every document's)
     assert (twins.document_of(i[:, :2]) == own[:, None]).any(1).mean() > 0.9
-    d, i = s.search(q, 8, exclude_docs=own)
+    d, i = s.search(q, 8, exclude=np.arange(twins.count))
     assert (i >= 0).all()
     assert not (twins.document_of(i) == own[:, None]).any()
     twin = own ^ 1  # the copy is found instead: distance 0 (same text, same key)
@@ -44,7 +44,7 @@ def test_excluded_search_equals_brute_force_without_the_document(twins):
     keys = np.asarray(twins.keys, dtype=np.float32)
     own = twins.document_of(np.arange(twins.count))
     k = 5
-    d, i = s.search(keys, k, exclude_docs=own)
+    d, i = s.search(keys, k, exclude=np.arange(twins.count))
     for row in range(0, twins.count, 7):
         allowed = np.nonzero(own != own[row])[0]
         ref = ((keys[allowed] - keys[row]) ** 2).sum(1)
@@ -52,8 +52,8 @@ def test_excluded_search_equals_brute_force_without_the_document(twins):
 
 
 def test_exclusion_refetches_until_enough_neighbours_remain():
-    """10 entries in docs [0,0,0,0,0,0,1,1,2,2]; a query of doc 0 first fetches 2k = 4, all
-    its own, then 16 (capped at 10) and keeps the k = 2 nearest others."""
+    """10 entries in docs [0,0,0,0,0,0,1,1,2,2]; a query of entry 0 first fetches 2k = 4, all
+    of its own document, then 16 (capped at 10) and keeps the k = 2 nearest others."""
     docs = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
     pts = np.arange(10, dtype=np.float32)[:, None]  # entry j sits at x = j
     calls = []
@@ -64,8 +64,25 @@ def test_exclusion_refetches_until_enough_neighbours_remain():
         order = np.argsort(dist, axis=1, kind="stable")[:, :n]
         return np.take_along_axis(dist, order, 1), order
 
-    d, i = search_excluding(search, lambda ids: docs[ids], np.array([[0.0]]), 2, np.array([0]), 10)
+    def doc_of(ids):
+        return docs[ids]
+
+    d, i = search_excluding(search, doc_of, np.array([[0.0]]), 2, np.array([0]), 10)
     assert i.tolist() == [[6, 7]] and d.tolist() == [[36.0, 49.0]]
     assert calls == [4, 10]
-    d, i = search_excluding(search, lambda ids: docs[ids], np.array([[0.0]]), 2, np.array([-1]), 10)
-    assert i.tolist() == [[0, 1]]  # -1 excludes nothing
+    d, i = search_excluding(search, doc_of, np.array([[0.0]]), 2, np.array([-1]), 10)
+    assert i.tolist() == [[0, 1]]  # -1 leaves nothing out
+
+
+def test_inside_a_long_document_only_the_neighbourhood_is_left_out():
+    """One document of 10 entries, radius 3: entry 5 loses entries 3..7 and keeps 2 and 8."""
+    pts = np.arange(10, dtype=np.float32)[:, None]
+
+    def search(q, n):
+        dist = (pts[None, :, 0] - q[:, None, 0]) ** 2
+        order = np.argsort(dist, axis=1, kind="stable")[:, :n]
+        return np.take_along_axis(dist, order, 1), order
+
+    d, i = search_excluding(search, lambda ids: np.zeros_like(ids), np.array([[5.0]]), 2, np.array([5]), 10,
+                            radius=3)
+    assert sorted(i[0].tolist()) == [2, 8] and d[0].tolist() == [9.0, 9.0]

@@ -178,35 +178,43 @@ class Searcher:
         return {"index": self.name, "factory": self.info["factory"], "nprobe": self.nprobe, "rerank": self.rerank}
 
     def search(self, queries: np.ndarray, k: int,
-               exclude_docs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """dists (m, k) float32 squared L2, ascending, and ids (m, k) int64 (row numbers).
 
         Missing neighbours (an IVF probe found fewer than k) have id -1 and distance inf.
-        `exclude_docs` (m,): for each query, a document whose entries are left out
-        (leave-own-document-out; -1 leaves nothing out), see `search_excluding`.
+        `exclude` (m,): each query's own entry id (-1: none); the entries of its document
+        within EXCLUDE_RADIUS of it are left out (leave-own-document-out, see `search_excluding`).
         """
         if k > self.ds.count:
             raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
-        if exclude_docs is not None:
-            return search_excluding(self.search, self.ds.document_of, queries, k, exclude_docs, self.ds.count)
+        if exclude is not None:
+            return search_excluding(self.search, self.ds.document_of, queries, k, exclude, self.ds.count)
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, d)
         dists, ids = (self._refine or self.index).search(q, k)
         return np.where(ids < 0, np.inf, dists).astype(np.float32), ids
 
 
-def search_excluding(search, document_of, queries: np.ndarray, k: int, exclude_docs: np.ndarray, count: int,
-                     first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest entries of each query that do not belong to its excluded document.
+# Leave-own-document-out: a whole document up to this many entries (a jsonl article); inside a
+# longer document (a .txt file is one stream) the entries within this distance of the query.
+EXCLUDE_RADIUS = 2048
 
-    search(queries, k) -> (dists, ids) is any backend's plain search; document_of(ids)
-    maps entry ids (>= 0) to document ids.  Each query over-fetches (2k at first), drops
-    its own document's entries and keeps the k nearest left; a query that still has
-    fewer than k asks again for four times as many, until the whole datastore was seen.
-    So the result equals a search over the datastore without that document, whatever
-    the backend.  Rows that run out (the datastore holds little else) end in -1 / inf.
+
+def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.ndarray, count: int,
+                     radius: int = EXCLUDE_RADIUS, first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest entries of each query, leaving out its own neighbourhood.
+
+    search(queries, n) -> (dists, ids) is any backend's plain search (global ids);
+    document_of(ids) maps entry ids (>= 0) to document ids; own (m,) is each query's
+    own entry id (-1: leave nothing out).  Left out: entries of the same document less
+    than `radius` entries from `own` -- so, for documents up to `radius` entries, the
+    whole document.  Each query over-fetches (2k at first), drops what is left out and
+    keeps the k nearest left; a query still short of k asks again for four times as
+    many, up to the whole datastore, so the result equals a search over the datastore
+    without those entries, whatever the backend.  Rows that run out end in -1 / inf.
     """
     queries = np.asarray(queries)
-    exclude_docs = np.asarray(exclude_docs, dtype=np.int64)  # (m,)
+    own = np.asarray(own, dtype=np.int64)  # (m,)
+    own_doc = np.where(own >= 0, document_of(np.maximum(own, 0)), -1)  # (m,)
     m = len(queries)
     out_d = np.full((m, k), np.inf, dtype=np.float32)
     out_i = np.full((m, k), -1, dtype=np.int64)
@@ -214,12 +222,12 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, exclude_d
     fetch = min(count, first or 2 * k)
     while len(todo):
         d, i = search(queries[todo], fetch)  # (t, fetch)
-        own = np.zeros(i.shape, dtype=bool)
         real = i >= 0
-        own[real] = document_of(i[real]) == np.repeat(exclude_docs[todo], real.sum(1))
-        keep = real & ~own
-        rank = np.cumsum(keep, axis=1)  # the j-th kept neighbour has rank j
-        done = (rank[:, -1] >= k) | (fetch >= count)
+        near = np.zeros(i.shape, dtype=bool)
+        rows = np.nonzero(real)[0]
+        near[real] = (document_of(i[real]) == own_doc[todo][rows]) & (np.abs(i[real] - own[todo][rows]) < radius)
+        keep = real & ~near
+        done = (keep.sum(1) >= k) | (fetch >= count)
         for row in np.nonzero(done)[0]:
             sel = np.nonzero(keep[row])[0][:k]
             out_d[todo[row], : len(sel)], out_i[todo[row], : len(sel)] = d[row, sel], i[row, sel]

@@ -484,7 +484,7 @@ def count_forward_batches(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("where", ["forward", "progress"])
 def test_interrupted_build_resumes_to_the_same_datastore(where, corpus, llama_dir, tmp_path, capsys, monkeypatch):
-    argv = [corpus, *model_args(llama_dir), *WINDOWS, "--index", "Flat"]
+    argv = [corpus, *model_args(llama_dir), *WINDOWS, "--index", "Flat", "--no-tune"]  # count the build's batches
     succeeds(capsys, ["build", "-o", tmp_path / "ref", *argv])
 
     out, partial = tmp_path / "ds", tmp_path / "ds.partial"

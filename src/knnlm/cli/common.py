@@ -43,22 +43,23 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
-    from knnlm.run.evaluate import (
-        DEFAULT_CACHE_SIZE,
-        DEFAULT_CACHE_THETA,
-        DEFAULT_K,
-        DEFAULT_LAMBDA,
-        DEFAULT_TEMPERATURE,
-    )
+    from knnlm.run.evaluate import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
 
-    g = p.add_argument_group("retrieval")
+    g = p.add_argument_group("retrieval (k, lambda and T default to the datastore's tuned settings; see `knnlm info`)")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
     g.add_argument("--index", default=None, help="index name inside the datastore (default: its only index)")
-    g.add_argument("-k", "--k", type=int, default=DEFAULT_K, help="neighbours retrieved")
     if lam:
-        g.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
-                       help="weight of p_kNN in the interpolation")
-        g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
+        g.add_argument("-k", "--k", type=int, default=None,
+                       help="neighbours retrieved (default: the datastore's tuned k, else 1024)")
+        g.add_argument("--lambda", dest="lam", type=float, default=None,
+                       help="weight of p_kNN in the interpolation (default: the datastore's tuned lambda, else 0.25)")
+        g.add_argument("--temperature", type=float, default=None,
+                       help="kNN softmax temperature (default: the datastore's tuned T, else 1)")
+        g.add_argument("--paper-defaults", action="store_true",
+                       help="use the paper's k=1024, lambda=0.25, T=1 instead of the datastore's tuned settings")
+    else:
+        g.add_argument("-k", "--k", type=int, default=None,
+                       help="neighbours retrieved (default: 1024, or the datastore's size if smaller)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
     g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
     if cache:

@@ -32,10 +32,10 @@ def cmd_generate(args) -> None:
     lm = load_lm(args, args.datastore)
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                lam=args.lam, knn_temperature=args.temperature)
+                lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
-                   k=args.k)  # None: 1024, or the datastore's size if smaller; a larger -k is an error
+                   k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
     t0 = time.perf_counter()
     if args.json:
         g = knn.generate(prompt, args.max_new_tokens, **options)
@@ -71,7 +71,6 @@ def _render_neighbors(tokens) -> str:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from knnlm.run.evaluate import DEFAULT_K
     from knnlm.run.generate import KNNLM
     from knnlm.serve.server import create_app
 
@@ -87,7 +86,8 @@ def cmd_serve(args) -> None:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
     lm = load_lm(args, next(iter(datastores.values()), None))
-    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k or DEFAULT_K, knn_temperature=args.knn_temperature,
+    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
+                paper_defaults=args.paper_defaults,
                 nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
                 default=None if args.default_datastore in (None, "none") else args.default_datastore)
@@ -103,8 +103,6 @@ def cmd_serve(args) -> None:
 
 def register(add, add_model_args, add_knn_args) -> None:
     """Add `generate` and `serve` to the knnlm parser (see knnlm.cli.build_parser)."""
-    from knnlm.run.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
-
     sp = add("generate", cmd_generate, "generate text with the kNN-LM, streaming tokens as they come",
              "  knnlm generate 'The history of the' -d ds-wiki\n"
              "  echo 'The history of the' | knnlm generate -d ds-wiki --lambda 0.5 -k 64\n"
@@ -146,10 +144,13 @@ def register(add, add_model_args, add_knn_args) -> None:
     sp.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     sp.add_argument("--served-model-name", default=None, help="model id in the API (default: --model's)")
     r = sp.add_argument_group("retrieval defaults (each request may override them)")
-    r.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="weight of p_kNN")
-    r.add_argument("-k", "--k", type=int, default=None,
-                   help=f"neighbours (default: {DEFAULT_K}, or the datastore's size if smaller)")
-    r.add_argument("--knn-temperature", type=float, default=DEFAULT_TEMPERATURE, help="kNN softmax temperature")
+    r.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="weight of p_kNN (default: each datastore's tuned lambda, else 0.25)")
+    r.add_argument("-k", "--k", type=int, default=None, help="neighbours (default: each datastore's tuned k, else 1024)")
+    r.add_argument("--knn-temperature", type=float, default=None,
+                   help="kNN softmax temperature (default: each datastore's tuned T, else 1)")
+    r.add_argument("--paper-defaults", action="store_true",
+                   help="the paper's k=1024, lambda=0.25, T=1 instead of each datastore's tuned settings")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
     add_model_args(sp)

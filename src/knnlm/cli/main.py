@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from knnlm.cli.common import (
@@ -22,6 +23,7 @@ from knnlm.cli.common import (
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
+SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's defaults", "explicit": "as given"}
 
 
 # ---- subcommands ---------------------------------------------------------------------
@@ -38,6 +40,14 @@ def cmd_build(args) -> None:
     if args.index != "none":
         idx = build_index(ds, args.index, progress=not args.quiet)
         print(f"index {idx}")
+        if not args.no_tune:
+            from knnlm.run.selftune import self_tune
+
+            t = self_tune(lm, ds, sample_tokens=args.tune_tokens, batch_tokens=args.batch_tokens,
+                          progress=not args.quiet)
+            print(f"tuned on {t['tokens']} positions of its own corpus (leave-own-document-out): k={t['k']} "
+                  f"lambda={t['lambda']} T={t['temperature']} (ppl {t['ppl_lm']:.3f} -> {t['ppl_knnlm']:.3f}); "
+                  "commands default to these")
 
 
 def cmd_index(args) -> None:
@@ -59,12 +69,13 @@ def cmd_eval(args) -> None:
                    temperature=args.temperature, window=args.window, stride=args.stride,
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,
                    rerank=False if args.no_rerank else None, progress=not args.quiet,
-                   cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size)
+                   cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
+                   paper_defaults=args.paper_defaults)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("settings", f"k={res['k']} lambda={res['lambda']} T={res['temperature']} "
-                                 f"index={res['factory']} rerank={res['rerank']}"))
+                                 f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
     if "ppl_cache" in res:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
@@ -89,17 +100,18 @@ def cmd_tune(args) -> None:
         check_settings(lam=lam)
     for t in temps:
         check_settings(temperature=t)
-    for k in ks or [args.k]:
+    for k in ks or [args.k or 1]:
         check_settings(k=k)
-    if ks and max(ks) > args.k:
+    if ks and args.k and max(ks) > args.k:
         raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
+    k = args.k or max([min(1024, ds.count)] + (ks or []))
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
-    s = score_plan(lm, plan, searcher, k=args.k, keep_neighbors=True, progress=not args.quiet)
+    s = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=not args.quiet)
     res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks)
-    res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=args.k, **searcher.settings(),
+    res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=k, **searcher.settings(),
                window=args.window, stride=args.stride)
     b = res["best"]
     print(table([("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}"),
@@ -107,24 +119,32 @@ def cmd_tune(args) -> None:
                   ("best", f"k={b['k']} lambda={b['lambda']} T={b['temperature']}")]))
     write_json(args.output, res)
     print(f"wrote {args.output} ({len(res['grid'])} settings)")
+    if args.save:
+        ds.record_settings({"k": int(b["k"]), "lambda": float(b["lambda"]), "temperature": float(b["temperature"]),
+                            "how": "knnlm tune on held-out text", "texts": [str(t) for t in args.text],
+                            "tokens": res["tokens"], "index": searcher.settings(), "ppl_lm": res["ppl_lm"],
+                            "ppl_knnlm": float(b["ppl"]),
+                            "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        print(f"saved in {ds.path / 'meta.json'}: commands now default to these settings")
 
 
 def cmd_explain(args) -> None:
     from knnlm.core.batching import plan_files
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import check_settings
+    from knnlm.core.settings import resolve
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.explain import explain, render
 
     check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
+    r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path))
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
-    s = score_plan(lm, plan, searcher, k=args.k, temperature=args.temperature, keep_neighbors=True,
+    s = score_plan(lm, plan, searcher, k=r.k, temperature=r.temperature, keep_neighbors=True,
                    progress=not args.quiet)
-    items = explain(lm, ds, s, lam=args.lam, temperature=args.temperature, top=args.top,
-                    neighbors=args.neighbors)
+    items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors)
     text = render(items)
     print(text)
     if args.output:
@@ -157,6 +177,14 @@ def cmd_info(args) -> None:
         ("indexes", ", ".join(list_indexes(ds)) or "none"),
         ("created", m["created"]),
     ]
+    t = ds.settings
+    if t is None:
+        rows.append(("settings", "none recorded: the paper's k=1024 lambda=0.25 T=1 "
+                                 "(`knnlm tune HELDOUT -d DS --save` records tuned ones)"))
+    else:
+        rows.append(("settings", f"k={t['k']} lambda={t['lambda']} T={t['temperature']}, {t.get('how', 'tuned')} "
+                                 f"({t.get('tokens', '?')} tokens: ppl {t.get('ppl_lm', float('nan')):.3f} -> "
+                                 f"{t.get('ppl_knnlm', float('nan')):.3f})"))
     if args.verify:
         rows.append(("checksums", "ok"))
     print(table(rows))
@@ -177,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="kNN-LM: make a pretrained causal LM better without training, by letting it remember.",
         epilog="examples:\n"
                "  knnlm demo                                   # everything, on the built-in defaults\n"
-               "  knnlm build corpus.txt -o ds                 # datastore + index\n"
+               "  knnlm build corpus.txt -o ds                 # datastore + index + its own tuned settings\n"
                "  knnlm eval test.txt -d ds                    # perplexity with and without it\n"
                "run `knnlm COMMAND --help` for each command's options and examples.",
     )
@@ -196,12 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm build wiki.valid.raw -o ds-wiki\n"
              "  knnlm build docs.jsonl more.jsonl -o ds-docs --model gpt2 --dtype float32\n"
              "  knnlm build corpus.txt -o ds --key-point final --index none\n"
+             "  knnlm build corpus.txt -o ds --no-tune       # keep the paper's k, lambda, T as defaults\n"
              "  (.txt = one stream; .jsonl = one document per line, field 'text'; an interrupted\n"
              "   build resumes when the same command runs again)")
     sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("-o", "--output", required=True, help="datastore directory to create")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
     sp.add_argument("--index", default="auto", help="index to build after: auto, Flat, a FAISS factory string, none")
+    sp.add_argument("--no-tune", action="store_true",
+                    help="skip tuning k, lambda and T on the datastore's own corpus (leave-own-document-out)")
+    sp.add_argument("--tune-tokens", type=int, default=16384, help="positions of the corpus the tuning reads")
     add_model_args(sp, with_key_point=True)
     add_window_args(sp)
 
@@ -218,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("eval", cmd_eval, "perplexity of the LM and the kNN-LM on a text",
              "  knnlm eval wiki.test.raw                    # base LM only\n"
-             "  knnlm eval wiki.test.raw -d ds-wiki -o result.json\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki -o result.json   # k, lambda, T: the datastore's tuned ones\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --paper-defaults # k=1024, lambda=0.25, T=1\n"
              "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
@@ -229,12 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("tune", cmd_tune, "sweep lambda, temperature and k from one retrieval",
              "  knnlm tune heldout.txt -d ds-wiki -o tune.json\n"
-             "  knnlm tune heldout.txt -d ds --lambdas 0.1,0.25,0.5 --temperatures 1,2 --ks 8,64,1024")
+             "  knnlm tune heldout.txt -d ds --lambdas 0.1,0.25,0.5 --temperatures 1,2 --ks 8,64,1024\n"
+             "  knnlm tune heldout.txt -d ds --save          # later commands default to the best setting")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files (a tuning split, not the test set)")
     sp.add_argument("-o", "--output", default="tune.json", help="JSON with the whole grid and the best setting")
     sp.add_argument("--lambdas", help="comma-separated (default: 0, 0.05, ..., 1)")
     sp.add_argument("--temperatures", help="comma-separated (default: 0.25 ... 16)")
     sp.add_argument("--ks", help="comma-separated, each <= -k (default: powers of two up to -k)")
+    sp.add_argument("--save", action="store_true",
+                    help="record the best setting in the datastore: commands then default to it")
     add_knn_args(sp, lam=False)
     add_model_args(sp)
     add_window_args(sp)

@@ -35,6 +35,7 @@ import numpy as np
 from knnlm import __version__
 from knnlm.core.batching import plan_files
 from knnlm.core.corpus import corpus_record, file_sha256
+from knnlm.core.settings import recorded
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
@@ -152,6 +153,16 @@ class Datastore:
                 f"datastore {self.path} holds keys from key point {mine['key_point']!r}, "
                 f"not {identity['key_point']!r}"
             )
+
+    @property
+    def settings(self) -> dict | None:
+        """Retrieval settings tuned on this datastore's corpus (k, lambda, temperature, how), or None."""
+        return recorded(self.meta)
+
+    def record_settings(self, settings: dict) -> None:
+        """Write tuned settings into meta.json (atomically); commands default to them."""
+        self.meta["settings"] = settings
+        _write_json_atomic(self.path / "meta.json", self.meta)
 
     def verify(self) -> None:
         """Recompute each file's sha256 against meta.json."""

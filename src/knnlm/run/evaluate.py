@@ -22,13 +22,13 @@ from knnlm.core.scoring import (
     mix_cache,
     perplexity,
 )
+from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_K = 1024
-DEFAULT_LAMBDA = 0.25
-DEFAULT_TEMPERATURE = 1.0
+DEFAULT_K = PAPER["k"]  # score_plan's k and T when called directly; commands resolve theirs (core.settings)
+DEFAULT_TEMPERATURE = PAPER["temperature"]
 # Continuous cache (Grave et al., 2017): keys are final hidden states, as in their paper.
 CACHE_KEY_POINT = "final"
 DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
@@ -62,6 +62,7 @@ def score_plan(
     cache_theta: float | None = None,
     cache_size: int = DEFAULT_CACHE_SIZE,
     keep_cache_keys: bool = False,
+    exclude: np.ndarray | None = None,
 ) -> Scores:
     """One forward pass per batch: LM log-probs of every target and, with a searcher, the
     k nearest datastore entries of every query key.
@@ -69,6 +70,8 @@ def score_plan(
     With `cache_theta` (or `keep_cache_keys`) the same pass also reads the final hidden
     state of every position, the continuous cache's key: `Scores.cache` is then
     log p_cache(target) over the `cache_size` previous positions of the same document.
+    `exclude` (n,): each target's own datastore entry, left out of its search with its
+    neighbourhood (leave-own-document-out, `Searcher.search`); for text from the datastore's corpus.
     """
     import torch
     from tqdm.auto import tqdm
@@ -109,7 +112,7 @@ def score_plan(
         t_lm += t1 - t0
         if searcher is not None:
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
-            d, i = searcher.search(q, k)
+            d, i = searcher.search(q, k, exclude=None if exclude is None else exclude[sel])
             v = searcher.ds.vals[np.maximum(i, 0)]
             knn_lp[sel] = knn_target_logprobs(d, v, targets[sel], temperature)
             if keep_neighbors:
@@ -142,9 +145,9 @@ def evaluate(
     texts: Sequence[str | Path],
     datastore: str | Path | None = None,
     index: str | None = None,
-    k: int = DEFAULT_K,
-    lam: float = DEFAULT_LAMBDA,
-    temperature: float = DEFAULT_TEMPERATURE,
+    k: int | None = None,
+    lam: float | None = None,
+    temperature: float | None = None,
     window: int = 1024,
     stride: int = 512,
     batch_tokens: int = 4096,
@@ -154,8 +157,12 @@ def evaluate(
     cache_lambda: float | None = None,
     cache_theta: float = DEFAULT_CACHE_THETA,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    paper_defaults: bool = False,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
+
+    k, lam and temperature left None come from the datastore's tuned settings
+    (`knnlm.core.settings.resolve`; the paper's with `paper_defaults`).
 
     With `cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
@@ -169,10 +176,13 @@ def evaluate(
     searcher = None
     if datastore is not None:
         ds = open_for_model(lm, datastore)
+        chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path))
+        k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
         searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
     plan = plan_files(lm, texts, window, stride, batch_tokens)
     t0 = time.perf_counter()
-    s = score_plan(lm, plan, searcher, k=k, temperature=temperature, progress=progress,
+    s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
+                   progress=progress,
                    cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size)
     total = time.perf_counter() - t0
     result = {
@@ -192,6 +202,7 @@ def evaluate(
             k=k,
             **{"lambda": lam},
             temperature=temperature,
+            settings_source=chosen.source,
             datastore=str(searcher.ds.path),
             datastore_id=searcher.ds.id,
             datastore_entries=searcher.ds.count,

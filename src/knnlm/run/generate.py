@@ -29,6 +29,7 @@ from transformers import LogitsProcessor
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, interpolate, knn_distribution, knn_target_logprobs, perplexity
+from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
 from knnlm.run.decode import (
     Decoder,
@@ -43,7 +44,6 @@ from knnlm.run.decode import (
     parse_stops,
     settings_of,
 )
-from knnlm.run.evaluate import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
 from knnlm.run.explain import neighbor_weights
 
 LOG = logging.getLogger(__name__)
@@ -112,13 +112,15 @@ class KNNLM:
     (the server gives the model to a single worker thread)."""
 
     def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None,
-                 lam: float = DEFAULT_LAMBDA, k: int = DEFAULT_K, knn_temperature: float = DEFAULT_TEMPERATURE,
+                 lam: float | None = None, k: int | None = None, knn_temperature: float | None = None,
                  index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
-                 context: int = 24):
+                 context: int = 24, paper_defaults: bool = False):
         check_settings(lam=lam, temperature=knn_temperature, k=k)
         self.lm = lm
         self.searchers: dict[str, Searcher] = {}
-        self.lam, self.k, self.knn_temperature = lam, k, knn_temperature  # defaults of every call
+        # defaults of every call; None: each datastore's tuned setting (the paper's with paper_defaults)
+        self.lam, self.k, self.knn_temperature = lam, k, knn_temperature
+        self.paper_defaults = paper_defaults
         self.context = context  # tokens of a neighbour's document shown before it
         self._disabled = False
         for name, path in (datastores or {}).items():
@@ -177,12 +179,12 @@ class KNNLM:
         if name not in self.searchers:
             raise KnnlmError(f"unknown datastore {name!r} (loaded: {self._names()})")
         s = self.searchers[name]
-        if k is None:
-            k = min(self.k, s.ds.count)  # the default k shrinks to a small datastore
-        if k > s.ds.count:
-            raise KnnlmError(f"k={k} is larger than datastore {name!r} ({s.ds.count} entries)")
-        return Retrieval(name, s, self.lam if lam is None else lam, k,
-                          self.knn_temperature if knn_temperature is None else knn_temperature)
+        r = resolve(s.ds.meta, s.ds.count, self.k if k is None else k, self.lam if lam is None else lam,
+                    self.knn_temperature if knn_temperature is None else knn_temperature,
+                    paper=self.paper_defaults, name=name)
+        if r.k > s.ds.count:
+            raise KnnlmError(f"k={r.k} is larger than datastore {name!r} ({s.ds.count} entries)")
+        return Retrieval(name, s, r.lam, r.k, r.temperature)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""

@@ -1,0 +1,64 @@
+"""Retrieval settings (k, λ, T): which ones a call uses.
+
+A datastore carries settings tuned on its own corpus (`meta.json` "settings", written by
+`knnlm build` or `knnlm tune --save`).  Every command resolves its settings the same way:
+
+    explicit option  >  --paper-defaults  >  the datastore's recorded settings  >  the paper's
+
+The paper's λ = 0.25, T = 1 fit a datastore made of the LM's own training data; on other
+text they can make perplexity worse than the LM alone, hence the datastore's own first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from knnlm.core.scoring import check_settings
+
+LOG = logging.getLogger(__name__)
+
+PAPER = {"k": 1024, "lambda": 0.25, "temperature": 1.0}  # Khandelwal et al. 2020, in-domain
+_hinted: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    k: int
+    lam: float
+    temperature: float
+    source: str  # where the settings not given explicitly came from: "datastore", "paper" or "explicit"
+
+    def as_dict(self) -> dict:
+        return {"k": self.k, "lambda": self.lam, "temperature": self.temperature, "settings_source": self.source}
+
+
+def recorded(meta: dict) -> dict | None:
+    """The datastore's tuned settings, or None (built before knnlm recorded them, or --no-tune)."""
+    s = meta.get("settings")
+    if not isinstance(s, dict) or not all(isinstance(s.get(f), (int, float)) for f in ("k", "lambda", "temperature")):
+        return None
+    return s
+
+
+def resolve(meta: dict | None, count: int | None = None, k: int | None = None, lam: float | None = None,
+            temperature: float | None = None, paper: bool = False, name: str = "") -> Resolved:
+    """The settings a call uses (see the module doc).  `count` (the datastore's size) caps
+    a k that was not given explicitly; an explicit k above it is the caller's error to report."""
+    check_settings(lam=lam, temperature=temperature, k=k)
+    given = {"k": k, "lambda": lam, "temperature": temperature}
+    base, source = PAPER, "paper"
+    if not paper and meta is not None:
+        rec = recorded(meta)
+        if rec is not None:
+            base, source = rec, "datastore"
+        elif name not in _hinted and None in given.values():
+            _hinted.add(name)
+            LOG.warning("datastore %s has no tuned settings: using the paper's (k=1024, lambda=0.25, T=1); "
+                        "`knnlm tune HELDOUT.txt -d %s --save` records better ones", name, name)
+    if None not in given.values():
+        source = "explicit"
+    out = {f: given[f] if given[f] is not None else base[f] for f in given}
+    if k is None and count is not None:
+        out["k"] = min(int(out["k"]), count)  # the default k shrinks to a small datastore
+    return Resolved(int(out["k"]), float(out["lambda"]), float(out["temperature"]), source)

@@ -1,0 +1,93 @@
+"""Settings a datastore tunes for itself, on its own corpus, with leave-own-document-out.
+
+`knnlm build` ends here (unless --no-tune): pieces of the datastore's own documents are
+read by the LM as if they were new text, each position retrieves its neighbours with its
+own document left out (`Searcher.search(..., exclude=)`: the same document within 2048
+tokens, i.e. a whole article, or a neighbourhood in a long .txt stream), so the sweep sees
+what unseen text of the same kind sees.  λ, T and k are swept from that one retrieval
+(`knnlm.run.tune.sweep`) and recorded in meta.json; commands default to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from knnlm.core.batching import Plan, make_plan
+from knnlm.core.corpus import Document
+from knnlm.core.index import EXCLUDE_RADIUS, Searcher
+from knnlm.run.evaluate import score_plan
+from knnlm.run.tune import sweep
+
+LOG = logging.getLogger(__name__)
+
+SAMPLE_TOKENS = 16384  # positions tuned on (fewer if the datastore is smaller)
+PIECE = 1024  # longest piece of a document read at once
+
+
+def sample_pieces(docs: np.ndarray, tokens: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """Random pieces (document, first token, end token) of the corpus, whole documents up to
+    PIECE + 1 tokens, cut into such pieces beyond, until they predict `tokens` targets;
+    in corpus order.  docs: the datastore's (D, 3) table (token start, token count, first entry).
+
+    A document of 5 tokens and one of 2050 give pieces (0, 0, 5), (1, 0, 1025), (1, 1024, 2049),
+    (1, 2048, 2050): each token after the first is a target in exactly one piece.
+    """
+    pieces = [(d, s, min(s + PIECE + 1, int(n))) for d, (_, n, _) in enumerate(docs) for s in range(0, int(n) - 1, PIECE)]
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    pick, total = [], 0
+    for i in order:
+        if total >= tokens:
+            break
+        pick.append(pieces[i])
+        total += pieces[i][2] - pieces[i][1] - 1
+    return sorted(pick)
+
+
+def piece_plan(ds, pieces: list[tuple[int, int, int]], batch_tokens: int = 4096) -> tuple[Plan, np.ndarray]:
+    """The pieces as a text to read (windows as the datastore's), and each target's own
+    datastore entry (n,): the entry whose value is that very token of the corpus."""
+    prefix = ds.meta.get("prefix_token_id")
+    seqs, own = [], []
+    for d, s, e in pieces:
+        start, first = int(ds.docs[d, 0]), int(ds.docs[d, 2])
+        ids = np.asarray(ds.tokens[start + s : start + e], dtype=np.int64)
+        if s > 0 and prefix is not None:  # a piece from inside a document starts afresh, like new text
+            ids = np.concatenate([[prefix], ids])
+            own.append(np.arange(first + s - 1, first + e - 1))  # entry p - 1 predicts token p
+        else:
+            own.append(np.arange(first + s, first + e - 1))
+        seqs.append(ids)
+    plan = make_plan(lambda key: seqs[int(key)], [Document("sample", i, "", str(i)) for i in range(len(seqs))],
+                     int(ds.meta["window"]), int(ds.meta["stride"]), batch_tokens)
+    own = np.concatenate(own)
+    assert len(own) == plan.count, (len(own), plan.count)
+    return plan, own
+
+
+def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAMPLE_TOKENS, k: int = 1024,
+              batch_tokens: int = 4096, seed: int = 0, progress: bool = True, record: bool = True) -> dict:
+    """Tune λ, T and k on the datastore's own corpus with leave-own-document-out retrieval;
+    returns the settings (and, with `record`, writes them into the datastore's meta.json)."""
+    t0 = time.perf_counter()
+    searcher = searcher or Searcher(ds)
+    k = min(k, ds.count)
+    pieces = sample_pieces(ds.docs, sample_tokens, seed)
+    plan, own = piece_plan(ds, pieces, batch_tokens)
+    scores = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=progress, exclude=own)
+    res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
+    best = res["best"]
+    settings = {
+        "k": int(best["k"]), "lambda": float(best["lambda"]), "temperature": float(best["temperature"]),
+        "how": "leave-own-document-out on the datastore's corpus",
+        "tokens": int(plan.count), "pieces": len(pieces), "exclude_radius": EXCLUDE_RADIUS, "seed": seed,
+        "index": searcher.settings(), "ppl_lm": res["ppl_lm"], "ppl_knnlm": float(best["ppl"]),
+        "seconds": round(time.perf_counter() - t0, 1), "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    LOG.info("tuned on %d positions of %s: k=%d lambda=%.2f T=%g (ppl %.3f -> %.3f)", plan.count, ds.path,
+             settings["k"], settings["lambda"], settings["temperature"], res["ppl_lm"], best["ppl"])
+    if record:
+        ds.record_settings(settings)
+    return settings

@@ -460,14 +460,14 @@ def interrupt_at(monkeypatch, where: str, batch: int, exc=KeyboardInterrupt) -> 
 
         monkeypatch.setattr(knnlm.core.batching.Plan, "batch_input", batch_input)
     else:
-        original = knnlm.core.datastore._write_json_atomic
+        original = knnlm.core.datastore.write_json_atomic
 
         def write(path, obj):
             if path.name == "progress.json" and obj["batches_done"] == batch + 1:
                 raise exc()
             return original(path, obj)
 
-        monkeypatch.setattr(knnlm.core.datastore, "_write_json_atomic", write)
+        monkeypatch.setattr(knnlm.core.datastore, "write_json_atomic", write)
 
 
 def count_forward_batches(monkeypatch) -> list[int]:

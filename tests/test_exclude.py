@@ -86,3 +86,18 @@ def test_inside_a_long_document_only_the_neighbourhood_is_left_out():
     d, i = search_excluding(search, lambda ids: np.zeros_like(ids), np.array([[5.0]]), 2, np.array([5]), 10,
                             radius=3)
     assert sorted(i[0].tolist()) == [2, 8] and d[0].tolist() == [9.0, 9.0]
+
+
+def test_exclusion_stops_asking_a_backend_that_has_no_more():
+    """An IVF-like backend that sees only 3 entries (0, 1, 2; the rest -1) however many are
+    asked: one call, then the row ends in -1 / inf instead of asking for ever more."""
+    calls = []
+
+    def search(q, k):
+        calls.append(k)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        ids[:, :3] = [0, 1, 2]
+        return np.where(ids >= 0, 1.0, np.inf).astype(np.float32), ids
+
+    d, i = search_excluding(search, lambda e: np.asarray(e) // 2, np.zeros((1, 1)), 2, np.array([0]), 1000)
+    assert calls == [4] and i.tolist() == [[2, -1]] and d[0, 1] == np.inf

@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnlm.cli.generate import register
 
     register(add, add_model_args, add_knn_args)
+    from knnlm.cli.memory import register as register_memory
+
+    register_memory(sub, add_model_args)
     return p
 
 

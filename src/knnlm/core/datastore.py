@@ -162,7 +162,7 @@ class Datastore:
     def record_settings(self, settings: dict) -> None:
         """Write tuned settings into meta.json (atomically); commands default to them."""
         self.meta["settings"] = settings
-        _write_json_atomic(self.path / "meta.json", self.meta)
+        write_json_atomic(self.path / "meta.json", self.meta)
 
     def verify(self) -> None:
         """Recompute each file's sha256 against meta.json."""
@@ -190,7 +190,7 @@ class Datastore:
 
 
 # ---- building ------------------------------------------------------------------------
-def _write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -284,7 +284,7 @@ def build_datastore(
                 n += c1 - c0
             for mm in keys.values():
                 mm.flush()
-            _write_json_atomic(progress_file, {"signature": signature, "batches_done": bi + 1})
+            write_json_atomic(progress_file, {"signature": signature, "batches_done": bi + 1})
             bar.update(n)
             if on_batch is not None:
                 on_batch(bi)
@@ -312,9 +312,9 @@ def build_datastore(
             "corpora": records,
             "sha256": {name: file_sha256(p / name) for name in _FILES},
         }
-        _write_json_atomic(p / "meta.json", meta)
+        write_json_atomic(p / "meta.json", meta)
         (p / "progress.json").unlink(missing_ok=True)
-        _publish(p, o)
+        publish(p, o)
     return outs
 
 
@@ -329,7 +329,7 @@ def _partial_intact(p: Path, count: int, dim: int) -> bool:
     return keys.shape == (count, dim) and keys.dtype == KEY_DTYPE
 
 
-def _publish(partial: Path, final: Path) -> None:
+def publish(partial: Path, final: Path) -> None:
     """Move a finished build into place; an old datastore is removed only after."""
     old = final.with_name(final.name + ".old")
     if final.exists():

@@ -209,7 +209,8 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
     than `radius` entries from `own` -- so, for documents up to `radius` entries, the
     whole document.  Each query over-fetches (2k at first), drops what is left out and
     keeps the k nearest left; a query still short of k asks again for four times as
-    many, up to the whole datastore, so the result equals a search over the datastore
+    many, up to the whole datastore or until the backend returns fewer than asked (an
+    IVF index sees only its probed lists), so the result equals a search over the datastore
     without those entries, whatever the backend.  Rows that run out end in -1 / inf.
     """
     queries = np.asarray(queries)
@@ -227,7 +228,8 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
         rows = np.nonzero(real)[0]
         near[real] = (document_of(i[real]) == own_doc[todo][rows]) & (np.abs(i[real] - own[todo][rows]) < radius)
         keep = real & ~near
-        done = (keep.sum(1) >= k) | (fetch >= count)
+        exhausted = ~real.all(axis=1)  # the backend found fewer than asked (IVF probes): more would not help
+        done = (keep.sum(1) >= k) | (fetch >= count) | exhausted
         for row in np.nonzero(done)[0]:
             sel = np.nonzero(keep[row])[0][:k]
             out_d[todo[row], : len(sel)], out_i[todo[row], : len(sel)] = d[row, sel], i[row, sel]

@@ -72,13 +72,16 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from knnlm.run.generate import KNNLM
+    from knnlm.serve.auth import api_keys, check_exposure
     from knnlm.serve.server import create_app
 
-    for opt in ("max_queue", "max_batch", "max_tokens"):  # before the model loads
+    for opt in ("max_queue", "max_batch", "max_tokens", "max_body_bytes", "max_prompt_chars"):  # before the model loads
         if getattr(args, opt) < 1:
             raise KnnlmError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
     if not 0 < args.port < 65536:
         raise KnnlmError(f"--port must be in 1..65535, got {args.port}")
+    keys = api_keys(args.api_key)
+    warning = check_exposure(args.host, keys, args.insecure)
     datastores = dict(args.datastore or [])
     if len(datastores) != len(args.datastore or []):
         raise KnnlmError("each --datastore NAME must be different")
@@ -94,15 +97,20 @@ def cmd_serve(args) -> None:
     if args.default_datastore == "none":
         knn.default = None
     app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name,
-                     max_batch=args.max_batch)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        LOG.warning("listening on %s: anyone who can reach it can use the model", args.host)
+                     max_batch=args.max_batch, api_keys=keys, max_body_bytes=args.max_body_bytes,
+                     max_prompt_chars=args.max_prompt_chars)
+    if warning:
+        LOG.warning(warning)
+    if keys:
+        LOG.info("%d API key(s): /v1/* requests need 'Authorization: Bearer KEY'", len(keys))
     LOG.info("http://%s:%d/docs for the API", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
 def register(add, add_model_args, add_knn_args) -> None:
     """Add `generate` and `serve` to the knnlm parser (see knnlm.cli.build_parser)."""
+    from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS
+
     sp = add("generate", cmd_generate, "generate text with the kNN-LM, streaming tokens as they come",
              "  knnlm generate 'The history of the' -d ds-wiki\n"
              "  echo 'The history of the' | knnlm generate -d ds-wiki --lambda 0.5 -k 64\n"
@@ -131,18 +139,33 @@ def register(add, add_model_args, add_knn_args) -> None:
              "  curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
              "       -d '{\"prompt\": \"The history of\", \"max_tokens\": 20, \"datastore\": \"wiki\", \"lambda\": 0.25}'\n"
              "  curl -s localhost:8000/v1/score -H 'content-type: application/json' -d '{\"text\": \"Some text.\"}'\n"
+             "  KNNLM_API_KEY=s3cret knnlm serve -d wiki=ds-wiki --host 0.0.0.0   # clients send "
+             "'Authorization: Bearer s3cret'\n"
+             "  knnlm serve -d wiki=ds-wiki --default-datastore none   # the base LM unless a request names 'wiki'\n"
+             "  lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,"
+             "tokenizer_backend=huggingface,tokenizer=MODEL_DIR --tasks TASK   # see docs/lm-eval.md\n"
              "  (API docs at http://127.0.0.1:8000/docs; the model is the first datastore's unless --model)")
     sp.add_argument("--datastore", "-d", type=_datastore_spec, action="append", metavar="NAME=PATH",
                     help="a datastore served under NAME (repeatable; all built with the same model)")
     sp.add_argument("--default-datastore", default=None,
                     help="datastore of requests that name none (default: the first; 'none': the base LM)")
-    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; other than loopback (e.g. 0.0.0.0) it needs --api-key or --insecure")
     sp.add_argument("--port", type=int, default=8000, help="port")
     sp.add_argument("--max-queue", type=int, default=16, help="requests waiting before new ones get 503")
     sp.add_argument("--max-batch", type=int, default=8,
                     help="completions generated together, one forward step for all (1: one at a time)")
     sp.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     sp.add_argument("--served-model-name", default=None, help="model id in the API (default: --model's)")
+    a = sp.add_argument_group("access")
+    a.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="every /v1/* request must send 'Authorization: Bearer KEY' (repeatable; also the "
+                        "KNNLM_API_KEY variable, comma-separated); /health stays open")
+    a.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    a.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413, unread")
+    a.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   help="longer prompts get 400 before tokenizing")
     r = sp.add_argument_group("retrieval defaults (each request may override them)")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="weight of p_kNN (default: each datastore's tuned lambda, else 0.25)")

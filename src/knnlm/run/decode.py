@@ -103,6 +103,7 @@ class GenerationRequest:
     ignore_eos: bool
     neighbors: int
     top_logprobs: int
+    report_eos: bool = False  # the EOS that ends the generation is reported as a last token (text "")
 
     @property
     def settings(self) -> dict:
@@ -247,12 +248,15 @@ class SequenceState:
         the last event carries the finish reason)."""
         req, knnlm = self.req, self.knnlm
         tok = sample(mix, req.temperature, req.top_k, req.top_p, self.gen)
-        if tok == self.eos and not req.ignore_eos:
+        eos = tok == self.eos and not req.ignore_eos
+        if eos and not req.report_eos:
             return [self._end("stop")], None
         r = req.r
         nb = knnlm.neighbors_of(r, dists[0], ids[0], req.neighbors) if r and req.neighbors else []
-        score = TokenScore(tok, knnlm.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
+        score = TokenScore(tok, "" if eos else knnlm.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
                            None if knn_lp is None else float(knn_lp[tok]), nb, knnlm.top_tokens(mix, req.top_logprobs))
+        if eos:
+            return [StreamEvent("", score), self._end("stop")], None
         self.out.append(tok)
         text = knnlm.lm.decode(self.out)
         cut = _find_stop(text, req.stops)

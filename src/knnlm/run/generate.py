@@ -191,6 +191,9 @@ class KNNLM:
         ids = self.lm.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise KnnlmError("empty prompt (and the tokenizer has no BOS/EOS token to start from)")
+        bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
+        if bad:
+            raise KnnlmError(f"token id {bad[0]} is outside the vocabulary (0 to {self.lm.vocab_size - 1})")
         return ids
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
@@ -203,14 +206,17 @@ class KNNLM:
     # ---- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-              knn_temperature: float | None = None, neighbors: int = 0) -> TextScore:
+              knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
         list of ids is scored from its second id on.  `neighbors` > 0 attaches that many
-        nearest neighbours (with their kNN weight) to each token.
+        nearest neighbours (with their kNN weight) to each token; `top_logprobs` > 0 the
+        most likely tokens at each position under the mixture (`TokenScore.top`).
         """
         r = self.retrieval(datastore, lam, k, knn_temperature)
+        if neighbors < 0 or top_logprobs < 0:
+            raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         ids = self.prompt_ids(text)
         self.check_length(len(ids), 0)
         if len(ids) < 2:
@@ -218,20 +224,38 @@ class KNNLM:
         kps = [r.ds.key_point] if r else []
         keys, logits = self.lm.forward(torch.tensor([ids]), kps, logits=True)  # logits (1, T, V)
         targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
-        lm_lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(1, targets[:, None])[:, 0]  # (T-1,)
-        lm_lp = lm_lp.cpu().numpy().astype(np.float64)
-        knn_lp, mix = None, lm_lp
+        lm_all = torch.log_softmax(logits[0, :-1].float(), -1)  # (T-1, V)
+        lm_lp = lm_all.gather(1, targets[:, None])[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
+        knn_lp, mix, dists, nids = None, lm_lp, None, None
         if r is not None:
             q = keys[r.ds.key_point][0, :-1].float().cpu().numpy()  # (T-1, d)
             dists, nids = r.searcher.search(q, r.k)  # (T-1, k)
             knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature)
             mix = interpolate(lm_lp, knn_lp, r.lam)
+        tops = self._top_rows(lm_all, r, dists, nids, top_logprobs) if top_logprobs else [{} for _ in mix]
         tokens = []
         for i, t in enumerate(ids[1:]):
             nb = self.neighbors_of(r, dists[i], nids[i], neighbors) if r is not None and neighbors else []
-            tokens.append(TokenScore(t, self.lm.decode([t]), float(mix[i]), float(lm_lp[i]),
-                                     None if knn_lp is None else float(knn_lp[i]), nb))
+            text_i, top = self.lm.decode([t]), tops[i]
+            if text_i in top and abs(top[text_i] - mix[i]) < 1e-4:
+                top[text_i] = float(mix[i])  # the token's own value, exactly (a greedy token is the top one)
+            tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
+                                     None if knn_lp is None else float(knn_lp[i]), nb, top))
         return TextScore(ids, tokens, settings_of(r))
+
+    def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
+                  nids: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:
+        """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM and the
+        rows' neighbours (m, k); (chunk, V) of p_kNN at a time."""
+        out = []
+        for i in range(0, lm_all.shape[0], chunk):
+            mix = lm_all[i : i + chunk].cpu()  # (c, V)
+            if r is not None:
+                vals = r.ds.vals[np.maximum(nids[i : i + chunk], 0)]  # (c, k)
+                mix = mix_distributions(mix, knn_distribution(dists[i : i + chunk], vals, mix.shape[-1],
+                                                              r.temperature), r.lam)
+            out += [self.top_tokens(row, n) for row in mix]
+        return out
 
     def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, lam: float | None = None,
                                 k: int | None = None, knn_temperature: float | None = None,
@@ -271,8 +295,10 @@ class KNNLM:
                 top_k: int | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
                 seed: int | None = None, ignore_eos: bool = False, neighbors: int = 0, top_logprobs: int = 0,
                 datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                knn_temperature: float | None = None) -> GenerationRequest:
-        """Check a generation request and tokenize its prompt; `run` generates it."""
+                knn_temperature: float | None = None, report_eos: bool = False) -> GenerationRequest:
+        """Check a generation request and tokenize its prompt; `run` generates it.
+        `report_eos`: the end-of-text token that ends a generation is its last token (with
+        text ""), as OpenAI-compatible servers list it among the logprobs."""
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
@@ -281,7 +307,7 @@ class KNNLM:
         ids = self.prompt_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
         return GenerationRequest(ids, r, max_new_tokens, temperature, top_k, top_p, stops, seed, ignore_eos,
-                                 neighbors, top_logprobs)
+                                 neighbors, top_logprobs, report_eos)
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""

@@ -10,39 +10,49 @@ alone, in turn.  Requests wait in a bounded queue and get 503 (with Retry-After)
 is full, so an overloaded server answers at once instead of hanging.  A streaming request
 whose client goes away is cancelled at the next token.  Errors have OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON, a
-value out of range, too many tokens), 404 for an unknown datastore or model.
+value out of range, too many tokens), 401 without a right API key, 404 for an unknown
+datastore or model, 413 for a body over the limit (knnlm.serve.auth).  The request and
+response shapes (prompt forms, echo, logprobs) live in knnlm.serve.openai.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import queue
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
 
 from knnlm import __version__
 from knnlm.errors import KnnlmError
 from knnlm.run.batch import BatchGenerator
-from knnlm.run.decode import GenerationRequest, StreamEvent, TokenScore
+from knnlm.run.decode import GenerationRequest, StreamEvent, settings_of
 from knnlm.run.generate import DEFAULT, KNNLM
+from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, Guard
+from knnlm.serve.openai import (
+    CompletionRequest,
+    Echo,
+    HTTPError,
+    KnnFields,
+    ScoreRequest,
+    choice_json,
+    completion_json,
+    error_response,
+    num,
+    prompts_of,
+    sse,
+    sse_chunk,
+    token_json,
+)
 
 LOG = logging.getLogger(__name__)
-
-MAX_PROMPT_CHARS = 200_000  # a bound on the tokenizer's work for one request
-MAX_NEIGHBORS = 32
-MAX_LOGPROBS = 5  # as OpenAI's completions API
-
 
 # ---- the worker ----------------------------------------------------------------------
 class QueueFull(Exception):
@@ -125,6 +135,11 @@ class Worker:
         return self.jobs.qsize()
 
     @property
+    def free(self) -> int:
+        """Places left in the queue (only the event loop's thread submits: it may count on them)."""
+        return self.max_queue - self.jobs.qsize()
+
+    @property
     def running(self) -> int:
         return len(self.batch)
 
@@ -192,77 +207,22 @@ class Worker:
         self.served += 1
 
 
-# ---- requests ------------------------------------------------------------------------
-class KnnFields(BaseModel):
-    """The knnlm fields every endpoint takes; omitted ones take the server's defaults."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); may be omitted")
-    datastore: str | None = Field(
-        default=None,
-        description="datastore name (GET /v1/models lists them); omitted: the server's default; "
-        "null: the base LM alone",
-    )
-    lambda_: float | None = Field(default=None, alias="lambda", ge=0.0, le=1.0,
-                                  description="weight of p_kNN: p = λ p_kNN + (1-λ) p_LM")
-    k: int | None = Field(default=None, ge=1, le=4096, description="neighbours retrieved per token")
-    knn_temperature: float | None = Field(default=None, gt=0.0, description="temperature of the kNN softmax")
-    return_neighbors: int = Field(default=0, ge=0, le=MAX_NEIGHBORS,
-                                  description="per token, this many nearest neighbours with their source text")
-
-
-class CompletionRequest(KnnFields):
-    """OpenAI's completions request (n = 1, no echo) plus the knnlm fields."""
-
-    prompt: str | list[str] = Field(description="a string, or a list of one string")
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1, description="knnlm extension: sample among the top k tokens")
-    n: Literal[1] = 1
-    stream: bool = False
-    stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before them")
-    seed: int | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
-    user: str | None = None
-
-
-class ScoreRequest(KnnFields):
-    """A text to score: log p of each of its tokens under the LM, p_kNN and the mixture."""
-
-    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "server_overloaded"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-def _num(x: float | None) -> float | None:
-    """JSON has no infinity: log p = -inf (no neighbour predicts the token) becomes null."""
-    return x if x is not None and math.isfinite(x) else None
-
-
 # ---- the app -------------------------------------------------------------------------
 def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_name: str | None = None,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, api_keys: list[str] | tuple[str, ...] = (),
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> FastAPI:
     """The FastAPI app; the model worker starts and stops with the app's lifespan.
 
     max_queue: requests waiting for the model beyond which new ones get 503;
     max_tokens: the most tokens one completion may ask for;
-    max_batch: completions generated together (1: one at a time).
+    max_batch: completions generated together (1: one at a time);
+    api_keys: if any, every /v1/* request needs `Authorization: Bearer <one of them>`;
+    max_body_bytes: larger request bodies get 413 unread (None: no limit);
+    max_prompt_chars: longer prompts (or texts to score) get 400 before tokenizing.
     """
+    if max_prompt_chars < 1:
+        raise KnnlmError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
     worker = Worker(knnlm, max_queue, max_batch)
     name = model_name or knnlm.lm.name
 
@@ -275,6 +235,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
 
     app = FastAPI(title="knnlm", version=__version__, lifespan=lifespan,
                   description="kNN-LM (Khandelwal et al. 2020) behind an OpenAI-compatible completions API.")
+    app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
     app.state.worker = worker
     app.state.knnlm = knnlm
 
@@ -283,18 +244,21 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         errs = exc.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}",
-                          code="json_invalid")
+            return error_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}",
+                                  code="json_invalid")
         parts = []
-        for e in errs:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        for e in errs[:8]:  # a prompt in no valid form fails every form of the union: say it once
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body" and not isinstance(x, int)
+                           and not str(x).startswith(("list[", "str")))
+            part = f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+            if part not in parts:
+                parts.append(part)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        return _error(400, "invalid request: " + "; ".join(parts), param=loc[0] if loc else None)
+        return error_response(400, "invalid request: " + "; ".join(parts), param=loc[0] if loc else None)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     def settings(req: KnnFields) -> dict:
         """The request's retrieval settings as KNNLM keyword arguments; unknown names are 404."""
@@ -305,18 +269,37 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         if ds is not DEFAULT and ds is not None and ds not in knnlm.searchers:
             raise HTTPError(404, f"unknown datastore {ds!r} (loaded: {', '.join(knnlm.searchers) or 'none'})",
                             "datastore", "datastore_not_found")
-        return {"datastore": ds, "lam": req.lambda_, "k": req.k}
+        return {"datastore": ds, "lam": req.lambda_, "k": req.k, "knn_temperature": req.knn_temperature}
+
+    def check_prompt(p: str | list[int]) -> None:
+        """Limits checked before any tokenizing or model work: a string's length in
+        characters; a list of ids' length (the model's context) and range (the vocabulary)."""
+        if isinstance(p, str):
+            if len(p) > max_prompt_chars:
+                raise HTTPError(400, f"prompt is longer than {max_prompt_chars} characters", "prompt")
+            return
+        limit = knnlm.lm.max_positions
+        if limit and len(p) > limit:
+            raise HTTPError(400, f"too many tokens: the prompt has {len(p)}, but {name} reads at most {limit}",
+                            "prompt", "too_many_tokens")
+        try:
+            knnlm.prompt_ids(p)
+        except KnnlmError as e:
+            raise HTTPError(400, str(e), "prompt", "invalid_token_id") from None
 
     async def submit(work: Callable[[], Iterator[Any]] | None = None,
                      generation: Callable[[], tuple[dict, GenerationRequest]] | None = None) -> Job:
         try:
             return worker.submit(work, generation)
         except QueueFull:
-            raise HTTPError(503, f"the server is busy ({worker.max_queue} requests waiting); retry later",
-                            code="queue_full", headers={"Retry-After": "1"}) from None
+            raise busy() from None
+
+    def busy() -> HTTPError:
+        return HTTPError(503, f"the server is busy ({worker.max_queue} requests waiting); retry later",
+                         code="queue_full", headers={"Retry-After": "1"})
 
     async def first_item(job: Job):
-        """The job's first result; a KnnlmError becomes a 400."""
+        """The job's next result; a KnnlmError becomes a 400."""
         try:
             item = await job.out.get()
         except asyncio.CancelledError:
@@ -349,49 +332,125 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
 
     @app.post("/v1/completions", summary="OpenAI-compatible completion, with the knnlm fields")
     async def completions(req: CompletionRequest):
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise HTTPError(400, f"prompt must be a string or a list of one string, got {len(prompt)}", "prompt")
-            prompt = prompt[0]
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise HTTPError(400, f"prompt is longer than {MAX_PROMPT_CHARS} characters", "prompt")
+        prompts = prompts_of(req.prompt)
+        if len(prompts) > worker.max_queue:
+            raise HTTPError(400, f"too many prompts: {len(prompts)}, this server takes at most {worker.max_queue} "
+                            "a request", "prompt")
+        for p in prompts:
+            check_prompt(p)
         if req.max_tokens > max_tokens:
             raise HTTPError(400, f"too many tokens: max_tokens is {req.max_tokens}, this server allows {max_tokens}",
                             "max_tokens", "too_many_tokens")
+        if req.stream and (req.echo or len(prompts) > 1 or req.max_tokens == 0):
+            what = "echo" if req.echo else "several prompts" if len(prompts) > 1 else "max_tokens 0"
+            raise HTTPError(400, f"stream is not supported with {what}: send \"stream\": false",
+                            "echo" if req.echo else "stream")
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stop) > 4 or not all(stop):
             raise HTTPError(400, "stop must be at most 4 non-empty strings", "stop")
-        options = dict(settings(req), knn_temperature=req.knn_temperature, temperature=req.temperature,
-                       top_k=req.top_k, top_p=req.top_p, stop=stop, seed=req.seed,
-                       neighbors=req.return_neighbors, top_logprobs=req.logprobs or 0)
+        retrieval = settings(req)
+        options = dict(retrieval, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, stop=stop,
+                       seed=req.seed, neighbors=req.return_neighbors, top_logprobs=req.logprobs or 0,
+                       report_eos=req.echo)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name}
-        detail = req.return_neighbors > 0 or req.logprobs is not None
+        scores = req.echo and (req.logprobs is not None or req.return_neighbors > 0)
 
-        def generation():
-            prepared = knnlm.prepare(prompt, req.max_tokens, **options)  # checks everything first
-            return {"prompt_tokens": len(prepared.ids), "settings": prepared.settings}, prepared
+        def prompt_info(p: str | list[int]) -> tuple[int, Echo | None, dict]:
+            """On the model's thread: the prompt's length, its echo (scored when asked), the settings."""
+            ids = knnlm.prompt_ids(p)
+            knnlm.check_length(len(ids), req.max_tokens)
+            r = knnlm.retrieval(retrieval["datastore"], retrieval["lam"], retrieval["k"],
+                                retrieval["knn_temperature"])
+            if not req.echo:
+                return len(ids), None, settings_of(r)
+            tokens = []
+            if scores and len(ids) > 1:
+                tokens = knnlm.score(ids, **retrieval, neighbors=req.return_neighbors,
+                                     top_logprobs=req.logprobs or 0).tokens  # the mixture /v1/score gives
+            prefix = isinstance(p, str) and ids[0] == knnlm.lm.prefix_token_id
+            return len(ids), Echo(p if isinstance(p, str) else knnlm.lm.decode(ids), knnlm.lm.decode(ids[:1]),
+                                  tokens, prefix), settings_of(r)
 
-        job = await submit(generation=generation)
-        info = await first_item(job)  # the request is valid (or a 400 was raised)
-        if req.stream:
-            return StreamingResponse(_sse(job, meta, info, detail, req.logprobs), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        events = [await first_item(job)]
-        while events[-1].finish_reason is None:
-            events.append(await first_item(job))
-        return _completion(meta, info, events, detail, req.logprobs)
+        def generation(p):
+            def prepare():
+                prepared = knnlm.prepare(p, req.max_tokens, **options)  # checks everything first
+                return {"prompt_tokens": len(prepared.ids), "settings": prepared.settings}, prepared
+            return prepare
+
+        generating = req.max_tokens > 0
+        info_job = req.echo or not generating
+        if worker.free < info_job + generating * len(prompts):
+            raise busy()
+        jobs: list[Job] = []
+        try:
+            if info_job:
+                jobs.append(await submit(lambda: (prompt_info(p) for p in prompts)))
+                infos = [await first_item(jobs[0]) for _ in prompts]
+            gen_jobs = [await submit(generation=generation(p)) for p in prompts] if generating else []
+            jobs += gen_jobs
+            starts = [await first_item(job) for job in gen_jobs]  # each request is valid (or a 400 was raised)
+            if req.stream:
+                return StreamingResponse(_stream(gen_jobs[0], meta, starts[0], req.logprobs,
+                                                 req.return_neighbors > 0 or req.logprobs is not None),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            outs = []
+            for job in gen_jobs:
+                events = [await first_item(job)]
+                while events[-1].finish_reason is None:
+                    events.append(await first_item(job))
+                outs.append(events)
+        except BaseException:
+            for job in jobs:
+                job.cancelled.set()
+            raise
+        choices, n_prompt, n_out = [], 0, 0
+        for i in range(len(prompts)):
+            n_ids, echo, used = infos[i] if info_job else (starts[i]["prompt_tokens"], None, starts[i]["settings"])
+            events = outs[i] if generating else []
+            choices.append(choice_json(i, echo, events, used, req.logprobs, req.return_neighbors > 0,
+                                       None if events else "length"))
+            n_prompt += n_ids
+            n_out += sum(e.token is not None for e in events)
+        return completion_json(meta, choices, n_prompt, n_out)
 
     @app.post("/v1/score", summary="per-token log-probs of a text under the LM, p_kNN and the mixture")
     async def score(req: ScoreRequest):
-        kw = dict(settings(req), knn_temperature=req.knn_temperature, neighbors=req.return_neighbors)
+        if len(req.text) > max_prompt_chars:
+            raise HTTPError(400, f"text is longer than {max_prompt_chars} characters", "text")
+        kw = dict(settings(req), neighbors=req.return_neighbors)
         job = await submit(lambda: iter([knnlm.score(req.text, **kw)]))
         s = await first_item(job)
-        return {"object": "score", "model": name, **s.settings, "ppl": _num(s.ppl), "ppl_lm": _num(s.ppl_lm),
-                "tokens": [_token(t, req.return_neighbors > 0) for t in s.tokens],
+        return {"object": "score", "model": name, **s.settings, "ppl": num(s.ppl), "ppl_lm": num(s.ppl_lm),
+                "tokens": [token_json(t, req.return_neighbors > 0) for t in s.tokens],
                 "usage": {"prompt_tokens": len(s.ids), "total_tokens": len(s.ids)}}
 
     return app
+
+
+async def _stream(job: Job, meta: dict, info: dict, logprobs: int | None, detail: bool):
+    """Server-sent events: one chunk per token (OpenAI's shape), a last one with the
+    finish reason and usage, then `data: [DONE]`."""
+    n, offset = 0, 0
+    try:
+        while True:
+            item = await job.out.get()
+            if item is _End:
+                break
+            if isinstance(item, Exception):
+                LOG.error("streaming request failed", exc_info=item)
+                yield sse({"error": {"message": str(item), "type": "server_error"}})
+                break
+            chunk = sse_chunk(meta, item, offset, logprobs, detail)
+            if item.token is not None:
+                n += 1
+                offset += len(item.token.text)
+            if item.finish_reason is not None:
+                chunk["usage"] = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": n,
+                                  "total_tokens": info["prompt_tokens"] + n}
+            yield sse(chunk)
+        yield sse("[DONE]")
+    finally:
+        job.cancelled.set()  # the client went away, or we are done: nothing more to compute
 
 
 @contextmanager
@@ -414,66 +473,3 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
     finally:
         server.should_exit = True
         thread.join(timeout=60)
-
-
-def _token(t: TokenScore, neighbors: bool) -> dict:
-    out = {"token": t.text, "id": t.id, "logprob": _num(t.logprob), "logprob_lm": _num(t.logprob_lm),
-           "logprob_knn": _num(t.logprob_knn)}
-    if neighbors:
-        out["neighbors"] = [{k: _num(v) if isinstance(v, float) else v for k, v in vars(n).items()}
-                            for n in t.neighbors]
-    return out
-
-
-def _logprobs(tokens: list[TokenScore], offset: int = 0, top: int | None = None) -> dict:
-    """OpenAI's completion `logprobs` object for these tokens."""
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t.text)
-    return {"tokens": [t.text for t in tokens], "token_logprobs": [_num(t.logprob) for t in tokens],
-            "top_logprobs": [{k: _num(v) for k, v in t.top.items()} for t in tokens] if top else None,
-            "text_offset": offsets}
-
-
-def _completion(meta: dict, info: dict, events: list[StreamEvent], detail: bool, logprobs: int | None) -> dict:
-    tokens = [e.token for e in events if e.token is not None]
-    choice = {"text": "".join(e.text for e in events), "index": 0,
-              "logprobs": _logprobs(tokens, 0, logprobs) if logprobs is not None else None,
-              "finish_reason": events[-1].finish_reason,
-              "knnlm": {**info["settings"], **({"tokens": [_token(t, True) for t in tokens]} if detail else {})}}
-    n_prompt = info["prompt_tokens"]
-    return {**meta, "object": "text_completion", "choices": [choice],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(tokens),
-                      "total_tokens": n_prompt + len(tokens)}}
-
-
-async def _sse(job: Job, meta: dict, info: dict, detail: bool, logprobs: int | None):
-    """Server-sent events: one chunk per token (OpenAI's shape), a last one with the
-    finish reason and usage, then `data: [DONE]`."""
-    n, offset = 0, 0
-    try:
-        while True:
-            item = await job.out.get()
-            if item is _End:
-                break
-            if isinstance(item, Exception):
-                LOG.error("streaming request failed", exc_info=item)
-                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
-                break
-            choice = {"text": item.text, "index": 0, "logprobs": None, "finish_reason": item.finish_reason}
-            if item.token is not None:
-                n += 1
-                if logprobs is not None:
-                    choice["logprobs"] = _logprobs([item.token], offset, logprobs)
-                offset += len(item.token.text)
-                if detail:
-                    choice["knnlm"] = {"token": _token(item.token, True)}
-            chunk = {**meta, "object": "text_completion", "choices": [choice]}
-            if item.finish_reason is not None:
-                chunk["usage"] = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": n,
-                                  "total_tokens": info["prompt_tokens"] + n}
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # the client went away, or we are done: nothing more to compute

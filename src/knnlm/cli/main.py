@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm demo\n"
              "  knnlm demo --workdir /tmp/knnlm-demo --articles 800")
     sp.add_argument("--workdir", default="knnlm-demo", help="where datastore and results go")
-    sp.add_argument("--articles", type=int, default=400, help="articles in the datastore")
-    sp.add_argument("--heldout", type=int, default=40, help="held-out articles (half to tune, half to test)")
+    sp.add_argument("--articles", type=int, default=300, help="articles in each datastore")
+    sp.add_argument("--heldout", type=int, default=20, help="held-out test articles of each language")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
     from knnlm.cli.generate import register

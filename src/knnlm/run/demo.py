@@ -93,12 +93,19 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
     return row, items, ds
 
 
-def _continuations(lm, ds, prompt: str, tokens: int) -> dict:
-    """The prompt continued greedily by the LM alone and by the kNN-LM (the datastore's settings)."""
+def _continuations(lm, ds, text: str, prompt_tokens: int, tokens: int) -> dict:
+    """The first `prompt_tokens` tokens of a text the datastore holds, continued greedily by
+    the LM alone and by the kNN-LM (the datastore's settings), beside the text's own
+    continuation and the probability each gives the text's next token."""
     from knnlm.run.generate import KNNLM
 
+    ids = lm.encode(text)
+    prompt, truth = ids[:prompt_tokens], ids[prompt_tokens : prompt_tokens + tokens]
     knn = KNNLM(lm, {"datastore": ds.path})
-    out = {"prompt": prompt, "max_new_tokens": tokens, "settings": knn.retrieval().settings()}
+    nxt = knn.next_token_distribution(prompt)
+    out = {"prompt": lm.decode(prompt[1:] if prompt[0] == lm.prefix_token_id else prompt), "max_new_tokens": tokens,
+           "settings": knn.retrieval().settings(), "truth": lm.decode(truth), "next_token": lm.decode(truth[:1]),
+           "p_next_lm": float(nxt.lm[truth[0]].exp()), "p_next_knnlm": float(nxt.mix[truth[0]].exp())}
     with knn.disabled():
         out["lm"] = knn.generate(prompt, tokens, stop=["\n"]).text
     out["knnlm"] = knn.generate(prompt, tokens, stop=["\n"]).text
@@ -118,10 +125,9 @@ def run_demo(workdir: str | Path, articles: int = 300, heldout: int = 20, dtype:
         row, items, ds = _domain(lm, lang, label, work, articles, heldout, tune_tokens, progress)
         rows.append(row)
         explained[lang], stores[lang] = items, ds
-    # a prompt from an article the Spanish datastore holds: what remembering it changes
+    # the start of an article the Spanish datastore holds: what remembering it changes
     first = json.loads((work / "es-es" / "corpus" / "datastore.jsonl").read_text("utf-8").splitlines()[0])
-    prompt = " ".join(first["text"].split()[:8])
-    gen = _continuations(lm, stores["es-es"], prompt, gen_tokens)
+    gen = _continuations(lm, stores["es-es"], first["text"], 12, gen_tokens)
     summary = {"model": lm.name, "model_dtype": dtype, "domains": rows, "generation": gen}
     (work / "demo.json").write_text(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     md = "\n".join(f"## {r['domain']}\n\n" + render(explained[r["lang"]]) for r in rows)
@@ -157,6 +163,8 @@ def report(summary: dict, explained: dict) -> str:
                 nctx = n["context"].replace("\n", " ")[-50:]
                 lines.append(f"      {n['weight']:.2f}  {n['title'][:24]:<24} …{nctx}[{n['value']}]")
     g = summary["generation"]
-    lines += ["", f"the same prompt, continued greedily (its article is in the Spanish datastore):",
-              f"  prompt     {g['prompt']}", f"  LM alone   …{g['lm']}", f"  kNN-LM     …{g['knnlm']}"]
+    lines += ["", "the start of an article the Spanish datastore holds, continued greedily with and without it:",
+              f"  prompt       {g['prompt']}", f"  the article  …{g['truth']}",
+              f"  LM alone     …{g['lm']}", f"  kNN-LM       …{g['knnlm']}",
+              f"  p(next token {g['next_token']!r}): LM alone {g['p_next_lm']:.3f}, kNN-LM {g['p_next_knnlm']:.3f}"]
     return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Do the defaults help?  The settings a datastore tunes for itself (leave-own-document-out on
+its own corpus, at build time) against the LM alone, the paper's defaults and the optimum
+tuned on the test text itself (an oracle no user has), on three cases (issue 11):
+
+1. WikiText-2: the WikiText-2 benchmark's datastore (wiki.valid.raw minus held-out articles,
+   IVF-PQ + re-ranking), tested on all of wiki.test.raw;
+2. the demo's data: each demo datastore (Spanish and English Wikipedia leads) on its held-out
+   articles;
+3. a domain that does not match: the demo's English-leads datastore tested on WikiText-2 test.
+
+    python benchmarks/bench_defaults.py --wikitext-datastore benchmarks/cache/wikitext2/ds-bfloat16 \
+        --demo-dir knnlm-demo
+
+Needs: the WikiText-2 datastore (`python benchmarks/bench_wikitext.py --phases quality` builds it)
+and the demo's datastores (`knnlm demo` builds them); `wiki.test.raw` (sha256 173c87a5...) in
+--data.  The test set's query keys and LM log-probs are cached beside the WikiText-2 datastore
+(queries-test.npz), so a second run only searches.  Writes benchmarks/results/defaults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.core.batching import plan_files
+from knnlm.core.corpus import file_sha256
+from knnlm.core.datastore import Datastore
+from knnlm.core.index import Searcher, list_indexes
+from knnlm.core.model import LM, target_logprobs
+from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+from knnlm.core.settings import PAPER
+from knnlm.errors import KnnlmError
+from knnlm.run.selftune import self_tune
+from knnlm.run.tune import sweep
+
+HERE = Path(__file__).resolve().parent
+TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+LOG = logging.getLogger("bench")
+
+
+def query_cache(lm, text: Path, out: Path, batch_tokens: int = 4096) -> dict:
+    """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
+    the target and each document's first position; computed once, then read from `out`."""
+    import torch
+
+    if not out.exists():
+        plan = plan_files(lm, [text], 1024, 512, batch_tokens)
+        targets = plan.targets().astype(np.int64)
+        keys = np.empty((plan.count, lm.dim()), np.float16)
+        lp = np.empty(plan.count, np.float32)
+        for b in range(len(plan.batches)):
+            windows = list(plan.scored(b))
+            first = min(c0 for _, c0, _, _ in windows)
+            feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
+            for row, c0, c1, t in windows:
+                keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
+                lp[t : t + c1 - c0] = target_logprobs(logits[row, c0 - first : c1 - first],
+                                                      torch.from_numpy(targets[t : t + c1 - c0])).numpy()
+        tmp = out.with_name(out.stem + ".tmp.npz")
+        np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2])
+        tmp.rename(out)
+    z = np.load(out)
+    return {name: z[name] for name in z.files}
+
+
+def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chunk: int = 8192) -> dict:
+    """Perplexities on the cached queries: LM, the datastore's own settings, the paper's, the test optimum."""
+    ds = searcher.ds
+    k_max = min(k_max, ds.count)
+    n = len(q["targets"])
+    dists = np.empty((n, k_max), np.float32)
+    vals = np.empty((n, k_max), np.int32)
+    t0 = time.perf_counter()
+    for i in range(0, n, chunk):
+        d, ids = searcher.search(np.asarray(q["keys"][i : i + chunk], np.float32), k_max)
+        dists[i : i + chunk], vals[i : i + chunk] = d, ds.vals[np.maximum(ids, 0)]
+    search_s = time.perf_counter() - t0
+    lm_lp, t = q["lm"].astype(np.float64), q["targets"]
+
+    def ppl(k, lam, temp):
+        return perplexity(interpolate(lm_lp, knn_target_logprobs(dists[:, :k], vals[:, :k], t, temp), lam))
+
+    oracle = sweep(lm_lp, dists, vals, t)["best"]
+    k_own = min(int(settings["k"]), k_max)
+    return {"tokens": int(n), "ppl_lm": perplexity(lm_lp),
+            "ppl_own": ppl(k_own, settings["lambda"], settings["temperature"]),
+            "own": {"k": k_own, "lambda": settings["lambda"], "temperature": settings["temperature"]},
+            "ppl_paper": ppl(k_max, PAPER["lambda"], PAPER["temperature"]),
+            "ppl_oracle": oracle["ppl"], "oracle": {f: oracle[f] for f in ("k", "lambda", "temperature")},
+            "search_seconds": round(search_s, 1), "index": searcher.settings()}
+
+
+def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int) -> dict:
+    """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
+    here) when it has none, as `knnlm build` would."""
+    return ds.settings or self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
+
+
+def run(args) -> dict:
+    data = Path(args.data) / "wikitext-2-raw" / "wiki.test.raw"
+    if not data.exists():
+        raise KnnlmError(f"{data} not found: pass --data (the folder holding wikitext-2-raw/)")
+    if file_sha256(data) != TEST_SHA256:
+        raise KnnlmError(f"{data} is not WikiText-2 raw test (sha256 differs from {TEST_SHA256[:12]}...)")
+    wt_path, demo = Path(args.wikitext_datastore), Path(args.demo_dir)
+    if not (wt_path / "meta.json").exists():
+        raise KnnlmError(f"no datastore at {wt_path}: run `python benchmarks/bench_wikitext.py --phases quality` first")
+    demo_stores = {lang: sorted((demo / lang).glob("datastore-*")) for lang in ("es-es", "en-us")}
+    if not all(demo_stores.values()):
+        raise KnnlmError(f"no demo datastores in {demo}: run `knnlm demo --workdir {demo}` first")
+    lm = LM.load(args.model, dtype=args.dtype, device="cpu")
+    res = {"model": args.model, "dtype": args.dtype, "tune_tokens": args.tune_tokens}
+
+    wt = Datastore(wt_path)
+    wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
+    queries = query_cache(lm, data, wt_path.parent / "queries-test.npz")
+    t0 = time.perf_counter()
+    s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
+    res["wikitext2"] = {"datastore": str(wt_path), "entries": wt.count, "settings": s,
+                        "tune_seconds": round(time.perf_counter() - t0, 1), **compare(queries, wt_searcher, s)}
+    LOG.info("wikitext2: %s", res["wikitext2"])
+
+    for lang, label in (("es-es", "demo: Spanish leads"), ("en-us", "demo: English leads")):
+        ds = Datastore(demo_stores[lang][-1])
+        searcher = Searcher(ds)
+        test = demo / lang / "corpus" / "test.jsonl"
+        q = query_cache(lm, test, demo / lang / "queries-test.npz")
+        s = own_settings(lm, ds, searcher, args.tune_tokens)
+        res[lang] = {"case": label, "datastore": str(ds.path), "entries": ds.count, "settings": s,
+                     **compare(q, searcher, s)}
+        LOG.info("%s: %s", lang, res[lang])
+    ds = Datastore(demo_stores["en-us"][-1])
+    searcher = Searcher(ds)
+    s = own_settings(lm, ds, searcher, args.tune_tokens)
+    sub = {f: v[: args.mismatch_tokens] for f, v in queries.items() if f != "doc_first"}
+    res["mismatch"] = {"case": "demo English-leads datastore on WikiText-2 test", "datastore": str(ds.path),
+                       "entries": ds.count, "settings": s, **compare(sub, searcher, s)}
+    LOG.info("mismatch: %s", res["mismatch"])
+    return res
+
+
+def render(res: dict, command: str) -> str:
+    rows = [("WikiText-2 datastore → wiki.test.raw", res["wikitext2"]), ("Spanish leads → held-out leads", res["es-es"]),
+            ("English leads → held-out leads", res["en-us"]), ("English leads → WikiText-2 test (mismatch)",
+                                                               res["mismatch"])]
+    out = ["# Do the defaults help? (issue 11)", "",
+           "Each datastore's own settings were tuned on its own corpus with leave-own-document-out retrieval",
+           "(what `knnlm build` records and every command defaults to); the oracle is the best setting on the",
+           "test text itself (no user has it). Model: " + f"{res['model']} ({res['dtype']}), 2 CPU cores.", "",
+           "Command:", "", "    " + command, "",
+           "| case | entries | test tokens | LM | own settings (k, λ, T) | kNN-LM, own | vs LM | paper's (1024, 0.25, 1) "
+           "| oracle (k, λ, T) | kNN-LM, oracle |", "|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+    for name, r in rows:
+        o, b = r["own"], r["oracle"]
+        out.append(f"| {name} | {r['entries']} | {r['tokens']} | {r['ppl_lm']:.3f} | {o['k']}, {o['lambda']:.2f}, "
+                   f"{o['temperature']:g} | {r['ppl_own']:.3f} | {100 * (r['ppl_own'] / r['ppl_lm'] - 1):+.2f}% | "
+                   f"{r['ppl_paper']:.3f} ({100 * (r['ppl_paper'] / r['ppl_lm'] - 1):+.1f}%) | "
+                   f"{b['k']}, {b['lambda']:.2f}, {b['temperature']:g} | {r['ppl_oracle']:.3f} |")
+    out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) took "
+            f"{res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wikitext-datastore", default=str(HERE / "cache" / "wikitext2" / "ds-bfloat16"))
+    ap.add_argument("--index", default="ivf2048-pq64", help="index of the WikiText-2 datastore (if it has it)")
+    ap.add_argument("--demo-dir", default="knnlm-demo", help="the demo's --workdir")
+    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"),
+                    help="folder holding wikitext-2-raw/wiki.test.raw")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tune-tokens", type=int, default=16384, help="as `knnlm build --tune-tokens`")
+    ap.add_argument("--mismatch-tokens", type=int, default=60000, help="WikiText-2 test positions for case 3")
+    ap.add_argument("--out", default=str(HERE / "results" / "defaults"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        res = run(args)
+    except KnnlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    command = "python " + " ".join(["benchmarks/bench_defaults.py"] + sys.argv[1:])
+    res["command"] = command
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    out.with_suffix(".md").write_text(render(res, command))
+    print(render(res, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,6 +72,32 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                        help="most recent positions of the document in the cache")
 
 
+def add_fewer_searches_args(p: argparse.ArgumentParser) -> None:
+    """RetoMaton pointers and adaptive retrieval (knnlm.retrieval): fewer searches per token."""
+    g = p.add_argument_group("fewer searches (off unless given)")
+    g.add_argument("--pointers", type=int, default=None, metavar="THRESHOLD",
+                   help="RetoMaton: follow the last step's neighbours whose value was the token produced to their "
+                        "next entries; search only when fewer than THRESHOLD remain")
+    g.add_argument("--pointer-every", type=int, default=0, metavar="N",
+                   help="with --pointers, search at least once every N tokens (0: only for want of pointers)")
+    g.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
+                   help="adaptive retrieval: skip the search where the LM is confident (max p_LM >= THRESHOLD, or "
+                        "entropy <= THRESHOLD nats with --adaptive-signal entropy); p_LM alone there")
+    g.add_argument("--adaptive-signal", choices=["max_prob", "entropy"], default="max_prob",
+                   help="the LM's confidence measure for --adaptive")
+
+
+def fewer_searches(args) -> dict:
+    """pointers= and adaptive= keyword arguments from add_fewer_searches_args' options."""
+    from knnlm.retrieval.adaptive import Adaptive
+    from knnlm.retrieval.pointers import Pointers
+
+    if args.pointers is None and args.pointer_every:
+        raise KnnlmError("--pointer-every needs --pointers THRESHOLD")
+    return {"pointers": Pointers(args.pointers, args.pointer_every) if args.pointers is not None else None,
+            "adaptive": Adaptive(args.adaptive_signal, args.adaptive) if args.adaptive is not None else None}
+
+
 def load_lm(args, datastore: str | None = None, key_point: str | None = None):
     from knnlm.core.datastore import Datastore
     from knnlm.core.model import DEFAULT_MODEL, LM

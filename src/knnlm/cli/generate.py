@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from knnlm.cli.common import load_lm
+from knnlm.cli.common import fewer_searches, load_lm
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -26,13 +26,15 @@ def _datastore_spec(spec: str) -> tuple[str, str]:
 def cmd_generate(args) -> None:
     from knnlm.run.generate import KNNLM
 
+    fewer = fewer_searches(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.prompt is None and prompt.endswith("\n"):
         prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
     lm = load_lm(args, args.datastore)
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults)
+                lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
+                **fewer)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
                    k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
@@ -78,6 +80,7 @@ def cmd_serve(args) -> None:
     for opt in ("max_queue", "max_batch", "max_tokens", "max_body_bytes", "max_prompt_chars"):  # before the model loads
         if getattr(args, opt) < 1:
             raise KnnlmError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    fewer = fewer_searches(args)
     if not 0 < args.port < 65536:
         raise KnnlmError(f"--port must be in 1..65535, got {args.port}")
     keys = api_keys(args.api_key)
@@ -93,7 +96,7 @@ def cmd_serve(args) -> None:
                 paper_defaults=args.paper_defaults,
                 nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
-                default=None if args.default_datastore in (None, "none") else args.default_datastore)
+                default=None if args.default_datastore in (None, "none") else args.default_datastore, **fewer)
     if args.default_datastore == "none":
         knn.default = None
     app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name,
@@ -107,7 +110,7 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
-def register(add, add_model_args, add_knn_args) -> None:
+def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None:
     """Add `generate` and `serve` to the knnlm parser (see knnlm.cli.build_parser)."""
     from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS
 
@@ -131,6 +134,7 @@ def register(add, add_model_args, add_knn_args) -> None:
     g.add_argument("--neighbors", type=int, default=0, help="after the text, each token's N nearest memories")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, scores) at the end")
     add_knn_args(sp)
+    add_fewer_searches_args(sp)
     add_model_args(sp)
 
     sp = add("serve", cmd_serve, "HTTP server: OpenAI-compatible /v1/completions with datastores, /v1/score",
@@ -176,4 +180,5 @@ def register(add, add_model_args, add_knn_args) -> None:
                    help="the paper's k=1024, lambda=0.25, T=1 instead of each datastore's tuned settings")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    add_fewer_searches_args(sp)
     add_model_args(sp)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from knnlm.cli.common import (
     Formatter,
+    add_fewer_searches_args,
     add_knn_args,
     add_model_args,
     add_window_args,
+    fewer_searches,
     load_lm,
     numbers,
     table,
@@ -64,18 +66,21 @@ def cmd_index(args) -> None:
 def cmd_eval(args) -> None:
     from knnlm.run.evaluate import evaluate
 
+    fewer = fewer_searches(args)  # checked before the model loads
     lm = load_lm(args, args.datastore)
     res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
                    temperature=args.temperature, window=args.window, stride=args.stride,
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,
                    rerank=False if args.no_rerank else None, progress=not args.quiet,
                    cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
-                   paper_defaults=args.paper_defaults)
+                   paper_defaults=args.paper_defaults, **fewer)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("settings", f"k={res['k']} lambda={res['lambda']} T={res['temperature']} "
                                  f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
+        if res["search_rate"] < 1 or fewer["pointers"] or fewer["adaptive"]:
+            rows.append(("searches", f"{100 * res['search_rate']:.1f}% of tokens"))
     if "ppl_cache" in res:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
@@ -253,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval wiki.test.raw -d ds-wiki -o result.json   # k, lambda, T: the datastore's tuned ones\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --paper-defaults # k=1024, lambda=0.25, T=1\n"
              "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
-             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000")
+             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --pointers 64          # RetoMaton: fewer searches\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("-o", "--output", help="write the result as JSON")
     add_knn_args(sp, cache=True)
+    add_fewer_searches_args(sp)
     add_model_args(sp)
     add_window_args(sp)
 
@@ -302,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
     from knnlm.cli.generate import register
 
-    register(add, add_model_args, add_knn_args)
+    register(add, add_model_args, add_knn_args, add_fewer_searches_args)
     from knnlm.cli.memory import register as register_memory
 
     register_memory(sub, add_model_args)

@@ -193,6 +193,19 @@ class Searcher:
         dists, ids = (self._refine or self.index).search(q, k)
         return np.where(ids < 0, np.inf, dists).astype(np.float32), ids
 
+    def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact squared L2 distances (m, c) float32 from each query (m, d) to the entries
+        ids (m, c) (their stored float16 keys); inf where an id is -1."""
+        q = np.asarray(queries, dtype=np.float32)  # (m, d)
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(ids.shape, np.inf, dtype=np.float32)
+        for row in range(len(ids)):
+            real = np.nonzero(ids[row] >= 0)[0]
+            if len(real):
+                diff = np.asarray(self.ds.keys[ids[row, real]], dtype=np.float32) - q[row]  # (c, d)
+                out[row, real] = np.einsum("cd,cd->c", diff, diff)
+        return out
+
 
 # Leave-own-document-out: a whole document up to this many entries (a jsonl article); inside a
 # longer document (a .txt file is one stream) the entries within this distance of the query.

@@ -89,7 +89,7 @@ class BatchGenerator:
             raise KnnlmError(f"tag {tag!r} is already in the batch")
         seq, dec = SequenceState(self.knnlm, req), Decoder(self.lm, req.r)
         dec.feed(req.ids)
-        events, token = seq.advance(*dec.distribution(), dec.dists, dec.ids)
+        events, token = seq.advance(*dec.distribution(seq.pointers), dec.dists, dec.ids)
         if token is not None:
             self._join(dec.cache, len(req.ids))
             self.rows.append(_Row(tag, seq, token))
@@ -117,12 +117,12 @@ class BatchGenerator:
         groups: dict[tuple, list[int]] = defaultdict(list)  # one search per (datastore, k)
         for i, row in enumerate(rows):
             r = row.seq.req.r
-            if r is not None:
+            if r is not None and not r.skips(logits[i]):  # adaptive retrieval may skip a confident row
                 groups[(id(r.searcher), r.k)].append(i)
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for idx in groups.values():
-            r = rows[idx[0]].seq.req.r
-            dists, ids = r.searcher.search(keys[r.ds.key_point][idx], r.k)  # (n, k)
+            r = rows[idx[0]].seq.req.r  # rows that still have enough pointers are not searched
+            dists, ids = r.retrieve(keys[r.ds.key_point][idx], [rows[i].seq.pointers for i in idx])  # (n, k)
             found.update({i: (dists[j : j + 1], ids[j : j + 1]) for j, i in enumerate(idx)})
 
         results, keep = {}, []

@@ -17,6 +17,8 @@ from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import knn_distribution
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.adaptive import Adaptive, confidence
+from knnlm.retrieval.pointers import Pointers, PointerState, lookup
 
 if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
     from knnlm.run.generate import KNNLM
@@ -75,13 +77,33 @@ class Retrieval:
     lam: float
     k: int
     temperature: float
+    pointers: Pointers | None = None  # RetoMaton: follow the last step's neighbours, search when too few
+    adaptive: Adaptive | None = None  # skip the search where the LM is confident
 
     @property
     def ds(self) -> Datastore:
         return self.searcher.ds
 
     def settings(self) -> dict:
-        return {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
+        out = {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
+        if self.pointers is not None:
+            out.update(self.pointers.settings())
+        if self.adaptive is not None and self.adaptive.threshold is not None:
+            out.update(self.adaptive.settings())
+        return out
+
+    def skips(self, logits: torch.Tensor) -> bool:
+        """Whether adaptive retrieval skips the search at a position with these LM logits (V,)."""
+        if self.adaptive is None or self.adaptive.threshold is None:
+            return False
+        max_lp, ent = confidence(logits)
+        return bool(self.adaptive.skip(max_lp.cpu().numpy()[None], ent.cpu().numpy()[None])[0])
+
+    def retrieve(self, queries: np.ndarray, states: Seq[PointerState | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours (m, k) of several positions: searched together, except rows whose
+        pointer state still has enough candidates (ranked by exact distance instead)."""
+        d, i, _ = lookup(lambda rows, q, k: self.searcher.search(q, k), self.searcher.exact, queries, states, self.k)
+        return d, i
 
 
 def settings_of(r: Retrieval | None) -> dict:
@@ -204,10 +226,13 @@ class Decoder:
             key = captured[self.r.ds.key_point]
             self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
 
-    def distribution(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(mix, lm, knn) log-probs (V,) after the tokens fed so far."""
-        if self.r is not None:
-            self.dists, self.ids = self.r.searcher.search(self.key, self.r.k)  # (1, k)
+    def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor | None]:
+        """(mix, lm, knn) log-probs (V,) after the tokens fed so far; `state`: the sequence's
+        pointers (RetoMaton), if any.  A step adaptive retrieval skips has knn None."""
+        self.dists = self.ids = None
+        if self.r is not None and not self.r.skips(self.logits):
+            self.dists, self.ids = self.r.retrieve(self.key, [state])  # (1, k)
         return next_distributions(self.logits, self.r, self.dists, self.ids)
 
 
@@ -215,9 +240,10 @@ class Decoder:
 def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                        ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(mix, lm, knn) log-probs (V,) from the LM's logits (V,) at one position and that
-    position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM)."""
+    position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM;
+    dists None: no retrieval at this position, p_LM alone)."""
     lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
-    if r is None:
+    if r is None or dists is None:
         return lm_lp, lm_lp, None
     vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
     knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature)[0]  # (V,)
@@ -241,6 +267,8 @@ class SequenceState:
         self.eos = knnlm.lm.tokenizer.eos_token_id
         self.out: list[int] = []
         self.shown, self.text = 0, ""
+        r = req.r
+        self.pointers = PointerState(r.pointers) if r is not None and r.pointers is not None else None
 
     def advance(self, mix: torch.Tensor, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None,
                 dists: np.ndarray | None, ids: np.ndarray | None) -> tuple[list[StreamEvent], int | None]:
@@ -252,7 +280,12 @@ class SequenceState:
         if eos and not req.report_eos:
             return [self._end("stop")], None
         r = req.r
-        nb = knnlm.neighbors_of(r, dists[0], ids[0], req.neighbors) if r and req.neighbors else []
+        if self.pointers is not None:  # the neighbours whose value is the chosen token lead to the next step
+            if ids is None:
+                self.pointers.clear()
+            else:
+                self.pointers.follow(ids[0], r.ds.vals[np.maximum(ids[0], 0)], tok, r.ds.docs)
+        nb = knnlm.neighbors_of(r, dists[0], ids[0], req.neighbors) if r and req.neighbors and ids is not None else []
         score = TokenScore(tok, "" if eos else knnlm.lm.decode([tok]), float(mix[tok]), float(lm_lp[tok]),
                            None if knn_lp is None else float(knn_lp[tok]), nb, knnlm.top_tokens(mix, req.top_logprobs))
         if eos:

@@ -17,13 +17,14 @@ from knnlm.core.model import target_logprobs
 from knnlm.core.scoring import (
     cache_target_logprobs,
     check_settings,
-    interpolate,
     knn_target_logprobs,
     mix_cache,
     perplexity,
 )
 from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.adaptive import Adaptive, confidence, mix_where_searched
+from knnlm.retrieval.pointers import Pointers, simulate
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Scores:
     vals: np.ndarray | None = None  # (n, k) the neighbours' tokens
     cache: np.ndarray | None = None  # (n,) log p_cache(target); NaN where the cache is empty
     cache_keys: np.ndarray | None = None  # (n, d) float32 final hidden states, when kept
+    searched: np.ndarray | None = None  # (n,) bool: positions that searched (all of them without pointers/adaptive)
     seconds: dict = field(default_factory=dict)
 
 
@@ -63,6 +65,8 @@ def score_plan(
     cache_size: int = DEFAULT_CACHE_SIZE,
     keep_cache_keys: bool = False,
     exclude: np.ndarray | None = None,
+    pointers: Pointers | None = None,
+    adaptive: Adaptive | None = None,
 ) -> Scores:
     """One forward pass per batch: LM log-probs of every target and, with a searcher, the
     k nearest datastore entries of every query key.
@@ -72,6 +76,11 @@ def score_plan(
     log p_cache(target) over the `cache_size` previous positions of the same document.
     `exclude` (n,): each target's own datastore entry, left out of its search with its
     neighbourhood (leave-own-document-out, `Searcher.search`); for text from the datastore's corpus.
+
+    With `pointers` (RetoMaton) or `adaptive` retrieval, the query keys are kept and the
+    retrieval is replayed left to right per document after the pass (`simulate`: exact,
+    since keys do not depend on retrieval); `Scores.knn` is NaN where a position skipped
+    retrieval and `Scores.searched` says which positions searched.
     """
     import torch
     from tqdm.auto import tqdm
@@ -83,6 +92,12 @@ def score_plan(
     knn_lp = np.empty(n, dtype=np.float64) if searcher else None
     if searcher is not None and k > searcher.ds.count:
         raise KnnlmError(f"k={k} is larger than the datastore ({searcher.ds.count} entries)")
+    replay = searcher is not None and (pointers is not None or adaptive is not None)
+    if replay and (keep_neighbors or exclude is not None):
+        raise KnnlmError("pointers and adaptive retrieval keep no neighbours and exclude no entries")
+    if replay:
+        all_q = None  # (n, d) float32 query keys, allocated at the first batch
+        skip = np.zeros(n, dtype=bool)
     if keep_neighbors and searcher is not None:
         dists = np.empty((n, k), dtype=np.float32)
         ids = np.empty((n, k), dtype=np.int64)
@@ -110,7 +125,15 @@ def score_plan(
         lm_lp[sel] = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device)).cpu().numpy()
         t1 = time.perf_counter()
         t_lm += t1 - t0
-        if searcher is not None:
+        if replay:
+            q = torch.cat(qs).float().cpu().numpy()  # (m, d)
+            if all_q is None:
+                all_q = np.empty((n, q.shape[1]), dtype=np.float32)
+            all_q[sel] = q
+            if adaptive is not None and adaptive.threshold is not None:
+                max_lp, ent = confidence(torch.cat(rows))  # (m,) each: the LM's confidence, before any search
+                skip[sel] = adaptive.skip(max_lp.cpu().numpy(), ent.cpu().numpy())
+        elif searcher is not None:
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
             d, i = searcher.search(q, k, exclude=None if exclude is None else exclude[sel])
             v = searcher.ds.vals[np.maximum(i, 0)]
@@ -120,7 +143,17 @@ def score_plan(
             t_search += time.perf_counter() - t1
         bar.update(len(sel))
     bar.close()
-    out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search})
+    searched = None
+    if replay:
+        t1 = time.perf_counter()
+        run = simulate(all_q, targets, plan.docs[:, 2], searcher.ds.vals, searcher.ds.docs,
+                       lambda pos, q, kk: searcher.search(q, kk), searcher.exact, k, pointers, (temperature,),
+                       skip=skip if skip.any() else None, progress=progress)
+        knn_lp, searched = run.knn[:, 0], run.searched
+        t_search += time.perf_counter() - t1
+    elif searcher is not None:
+        searched = np.ones(n, dtype=bool)
+    out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search}, searched=searched)
     if keep_neighbors and searcher is not None:
         out.dists, out.ids = dists, ids
         out.vals = searcher.ds.vals[np.maximum(ids, 0)]
@@ -158,6 +191,8 @@ def evaluate(
     cache_theta: float = DEFAULT_CACHE_THETA,
     cache_size: int = DEFAULT_CACHE_SIZE,
     paper_defaults: bool = False,
+    pointers: Pointers | None = None,
+    adaptive: Adaptive | None = None,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
 
@@ -166,7 +201,8 @@ def evaluate(
 
     With `cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
-    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.
+    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.  `pointers` (RetoMaton) and
+    `adaptive` retrieval search fewer positions; `search_rate` says what share searched.
     """
     check_settings(lam=lam, temperature=temperature, k=k)
     if cache_lambda is not None and not 0.0 <= cache_lambda <= 1.0:
@@ -183,7 +219,8 @@ def evaluate(
     t0 = time.perf_counter()
     s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
                    progress=progress,
-                   cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size)
+                   cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size,
+                   pointers=pointers, adaptive=adaptive)
     total = time.perf_counter() - t0
     result = {
         "tokens": int(plan.count),
@@ -198,7 +235,10 @@ def evaluate(
     }
     if searcher is not None:
         result.update(
-            ppl_knnlm=perplexity(interpolate(s.lm, s.knn, lam)),
+            ppl_knnlm=perplexity(mix_where_searched(s.lm, s.knn, lam)),
+            search_rate=float(s.searched.mean()),
+            **(pointers.settings() if pointers is not None else {}),
+            **(adaptive.settings() if adaptive is not None else {}),
             k=k,
             **{"lambda": lam},
             temperature=temperature,
@@ -212,7 +252,7 @@ def evaluate(
             seconds_knn=round(s.seconds["knn"], 3),
         )
     if cache_lambda is not None:
-        base = interpolate(s.lm, s.knn, lam) if searcher is not None else s.lm
+        base = mix_where_searched(s.lm, s.knn, lam) if searcher is not None else s.lm
         result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
                       cache_theta=cache_theta, cache_size=cache_size, cache_key_point=CACHE_KEY_POINT)
     return result

@@ -28,9 +28,11 @@ from transformers import LogitsProcessor
 
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
-from knnlm.core.scoring import check_settings, interpolate, knn_distribution, knn_target_logprobs, perplexity
+from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
 from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
+from knnlm.retrieval.pointers import Pointers, PointerState
 from knnlm.run.decode import (
     Decoder,
     GenerationRequest,
@@ -114,8 +116,10 @@ class KNNLM:
     def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None,
                  lam: float | None = None, k: int | None = None, knn_temperature: float | None = None,
                  index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
-                 context: int = 24, paper_defaults: bool = False):
+                 context: int = 24, paper_defaults: bool = False, pointers: Pointers | None = None,
+                 adaptive: Adaptive | None = None):
         check_settings(lam=lam, temperature=knn_temperature, k=k)
+        self.pointers, self.adaptive = _checked(pointers, adaptive)  # defaults of every call (None: off)
         self.lm = lm
         self.searchers: dict[str, Searcher] = {}
         # defaults of every call; None: each datastore's tuned setting (the paper's with paper_defaults)
@@ -170,9 +174,12 @@ class KNNLM:
             self._disabled = old
 
     def retrieval(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                  knn_temperature: float | None = None) -> Retrieval | None:
-        """Resolve a call's settings: None means the base LM (no datastore, or disabled)."""
+                  knn_temperature: float | None = None, pointers=DEFAULT, adaptive=DEFAULT) -> Retrieval | None:
+        """Resolve a call's settings: None means the base LM (no datastore, or disabled).
+        pointers / adaptive: DEFAULT takes the KNNLM's, None turns them off."""
         check_settings(lam=lam, temperature=knn_temperature, k=k)
+        pointers, adaptive = _checked(self.pointers if pointers is DEFAULT else pointers,
+                                      self.adaptive if adaptive is DEFAULT else adaptive)
         name = self.default if datastore is DEFAULT else datastore
         if name is None or self._disabled:
             return None
@@ -184,7 +191,7 @@ class KNNLM:
                     paper=self.paper_defaults, name=name)
         if r.k > s.ds.count:
             raise KnnlmError(f"k={r.k} is larger than datastore {name!r} ({s.ds.count} entries)")
-        return Retrieval(name, s, r.lam, r.k, r.temperature)
+        return Retrieval(name, s, r.lam, r.k, r.temperature, pointers, adaptive)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""
@@ -206,15 +213,17 @@ class KNNLM:
     # ---- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-              knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0) -> TextScore:
+              knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0, pointers=DEFAULT,
+              adaptive=DEFAULT) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
         list of ids is scored from its second id on.  `neighbors` > 0 attaches that many
         nearest neighbours (with their kNN weight) to each token; `top_logprobs` > 0 the
-        most likely tokens at each position under the mixture (`TokenScore.top`).
+        most likely tokens at each position under the mixture (`TokenScore.top`).  With
+        pointers or adaptive retrieval the tokens are looked up left to right, as generation would.
         """
-        r = self.retrieval(datastore, lam, k, knn_temperature)
+        r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         ids = self.prompt_ids(text)
@@ -229,18 +238,23 @@ class KNNLM:
         knn_lp, mix, dists, nids = None, lm_lp, None, None
         if r is not None:
             q = keys[r.ds.key_point][0, :-1].float().cpu().numpy()  # (T-1, d)
-            dists, nids = r.searcher.search(q, r.k)  # (T-1, k)
+            if r.pointers is None and r.adaptive is None:
+                dists, nids = r.searcher.search(q, r.k)  # (T-1, k)
+            else:
+                dists, nids = _left_to_right(r, q, logits[0, :-1], ids[1:])
             knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature)
-            mix = interpolate(lm_lp, knn_lp, r.lam)
+            knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
+            mix = mix_where_searched(lm_lp, knn_lp, r.lam)
         tops = self._top_rows(lm_all, r, dists, nids, top_logprobs) if top_logprobs else [{} for _ in mix]
         tokens = []
         for i, t in enumerate(ids[1:]):
-            nb = self.neighbors_of(r, dists[i], nids[i], neighbors) if r is not None and neighbors else []
+            found = r is not None and not np.isnan(dists[i, 0])
+            nb = self.neighbors_of(r, dists[i], nids[i], neighbors) if found and neighbors else []
             text_i, top = self.lm.decode([t]), tops[i]
             if text_i in top and abs(top[text_i] - mix[i]) < 1e-4:
                 top[text_i] = float(mix[i])  # the token's own value, exactly (a greedy token is the top one)
             tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
-                                     None if knn_lp is None else float(knn_lp[i]), nb, top))
+                                     None if knn_lp is None or not found else float(knn_lp[i]), nb, top))
         return TextScore(ids, tokens, settings_of(r))
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
@@ -252,8 +266,9 @@ class KNNLM:
             mix = lm_all[i : i + chunk].cpu()  # (c, V)
             if r is not None:
                 vals = r.ds.vals[np.maximum(nids[i : i + chunk], 0)]  # (c, k)
-                mix = mix_distributions(mix, knn_distribution(dists[i : i + chunk], vals, mix.shape[-1],
-                                                              r.temperature), r.lam)
+                knn = knn_distribution(dists[i : i + chunk], vals, mix.shape[-1], r.temperature)
+                skipped = torch.from_numpy(np.isnan(dists[i : i + chunk, 0]))  # adaptive retrieval: p_LM alone
+                mix = torch.where(skipped[:, None], mix, mix_distributions(mix, knn, r.lam))
             out += [self.top_tokens(row, n) for row in mix]
         return out
 
@@ -295,7 +310,8 @@ class KNNLM:
                 top_k: int | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
                 seed: int | None = None, ignore_eos: bool = False, neighbors: int = 0, top_logprobs: int = 0,
                 datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                knn_temperature: float | None = None, report_eos: bool = False) -> GenerationRequest:
+                knn_temperature: float | None = None, report_eos: bool = False, pointers=DEFAULT,
+                adaptive=DEFAULT) -> GenerationRequest:
         """Check a generation request and tokenize its prompt; `run` generates it.
         `report_eos`: the end-of-text token that ends a generation is its last token (with
         text ""), as OpenAI-compatible servers list it among the logprobs."""
@@ -303,7 +319,7 @@ class KNNLM:
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         stops = parse_stops(stop)
-        r = self.retrieval(datastore, lam, k, knn_temperature)
+        r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
         ids = self.prompt_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
         return GenerationRequest(ids, r, max_new_tokens, temperature, top_k, top_p, stops, seed, ignore_eos,
@@ -314,7 +330,7 @@ class KNNLM:
         seq, step = SequenceState(self, req), Decoder(self.lm, req.r)
         step.feed(req.ids)
         while True:
-            events, tok = seq.advance(*step.distribution(), step.dists, step.ids)
+            events, tok = seq.advance(*step.distribution(seq.pointers), step.dists, step.ids)
             yield from events
             if tok is None:
                 return
@@ -376,6 +392,33 @@ class KNNLM:
         for i, v in zip(ids.tolist(), lp.tolist()):  # tokens that decode alike (partial bytes): the likeliest
             top.setdefault(self.lm.decode([i]), v)
         return top
+
+
+def _checked(pointers, adaptive) -> tuple[Pointers | None, Adaptive | None]:
+    if pointers is not None and not isinstance(pointers, Pointers):
+        raise KnnlmError(f"pointers must be a knnlm.retrieval.pointers.Pointers or None, got {pointers!r}")
+    if adaptive is not None and not isinstance(adaptive, Adaptive):
+        raise KnnlmError(f"adaptive must be a knnlm.retrieval.adaptive.Adaptive or None, got {adaptive!r}")
+    return pointers, adaptive
+
+
+def _left_to_right(r: Retrieval, queries: np.ndarray, logits: torch.Tensor,
+                   targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours (T, k) of a text's positions looked up one after the other, with r's
+    pointers and adaptive retrieval; a skipped position's row is NaN / -1."""
+    n = len(queries)
+    dists = np.full((n, r.k), np.nan, dtype=np.float32)
+    nids = np.full((n, r.k), -1, dtype=np.int64)
+    state = PointerState(r.pointers) if r.pointers is not None else None
+    for t in range(n):
+        if r.skips(logits[t]):
+            if state is not None:
+                state.clear()
+            continue
+        dists[t : t + 1], nids[t : t + 1] = r.retrieve(queries[t : t + 1], [state])
+        if state is not None:
+            state.follow(nids[t], r.ds.vals[np.maximum(nids[t], 0)], int(targets[t]), r.ds.docs)
+    return dists, nids
 
 
 def _generation(req: GenerationRequest, events: list[StreamEvent]) -> Generation:

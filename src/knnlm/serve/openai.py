@@ -39,6 +39,14 @@ class KnnFields(BaseModel):
                                   description="weight of p_kNN: p = λ p_kNN + (1-λ) p_LM")
     k: int | None = Field(default=None, ge=1, le=4096, description="neighbours retrieved per token")
     knn_temperature: float | None = Field(default=None, gt=0.0, description="temperature of the kNN softmax")
+    pointer_threshold: int | None = Field(
+        default=None, ge=0, le=4096,
+        description="RetoMaton pointers: search only when fewer than this many of the last step's neighbours lead "
+                    "on (0: off; omitted: the server's default)")
+    adaptive_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="adaptive retrieval: skip the search where the LM's max probability is at least this "
+                    "(0: off; omitted: the server's default)")
     return_neighbors: int = Field(default=0, ge=0, le=MAX_NEIGHBORS,
                                   description="per token, this many nearest neighbours with their source text")
 

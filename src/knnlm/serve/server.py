@@ -32,6 +32,8 @@ from fastapi.responses import StreamingResponse
 
 from knnlm import __version__
 from knnlm.errors import KnnlmError
+from knnlm.retrieval.adaptive import Adaptive
+from knnlm.retrieval.pointers import Pointers
 from knnlm.run.batch import BatchGenerator
 from knnlm.run.decode import GenerationRequest, StreamEvent, settings_of
 from knnlm.run.generate import DEFAULT, KNNLM
@@ -269,7 +271,12 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         if ds is not DEFAULT and ds is not None and ds not in knnlm.searchers:
             raise HTTPError(404, f"unknown datastore {ds!r} (loaded: {', '.join(knnlm.searchers) or 'none'})",
                             "datastore", "datastore_not_found")
-        return {"datastore": ds, "lam": req.lambda_, "k": req.k, "knn_temperature": req.knn_temperature}
+        out = {"datastore": ds, "lam": req.lambda_, "k": req.k, "knn_temperature": req.knn_temperature}
+        if req.pointer_threshold is not None:
+            out["pointers"] = Pointers(req.pointer_threshold) if req.pointer_threshold > 0 else None
+        if req.adaptive_threshold is not None:
+            out["adaptive"] = Adaptive("max_prob", req.adaptive_threshold) if req.adaptive_threshold > 0 else None
+        return out
 
     def check_prompt(p: str | list[int]) -> None:
         """Limits checked before any tokenizing or model work: a string's length in

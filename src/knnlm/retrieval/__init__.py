@@ -1,0 +1,1 @@
+"""Fewer and cheaper searches: RetoMaton pointers, adaptive retrieval, smaller datastores, device search."""

@@ -47,7 +47,9 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
 
     g = p.add_argument_group("retrieval (k, lambda and T default to the datastore's tuned settings; see `knnlm info`)")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
-    g.add_argument("--index", default=None, help="index name inside the datastore (default: its only index)")
+    g.add_argument("--index", default=None,
+                   help="index name inside the datastore (default: its only index); 'torch': exact search, "
+                        "re-ranking and p_kNN in torch on the model's device (keys must fit there)")
     if lam:
         g.add_argument("-k", "--k", type=int, default=None,
                        help="neighbours retrieved (default: the datastore's tuned k, else 1024)")

@@ -24,6 +24,7 @@ from knnlm.core.scoring import (
 from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive, confidence, mix_where_searched
+from knnlm.retrieval.device import open_searcher
 from knnlm.retrieval.pointers import Pointers, simulate
 
 LOG = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ def score_plan(
             if adaptive is not None and adaptive.threshold is not None:
                 max_lp, ent = confidence(torch.cat(rows))  # (m,) each: the LM's confidence, before any search
                 skip[sel] = adaptive.skip(max_lp.cpu().numpy(), ent.cpu().numpy())
+        elif getattr(searcher, "on_device", False) and not keep_neighbors and exclude is None:
+            # search, re-rank and p_kNN on the model's device: only (m,) numbers come back
+            t_sel = torch.from_numpy(targets[sel])
+            knn_lp[sel] = searcher.target_logprobs(torch.cat(qs), t_sel, k, temperature).cpu().numpy()
+            t_search += time.perf_counter() - t1
         elif searcher is not None:
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
             d, i = searcher.search(q, k, exclude=None if exclude is None else exclude[sel])
@@ -214,7 +220,7 @@ def evaluate(
         ds = open_for_model(lm, datastore)
         chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path))
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
-        searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+        searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device))
     plan = plan_files(lm, texts, window, stride, batch_tokens)
     t0 = time.perf_counter()
     s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,

@@ -32,6 +32,7 @@ from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logp
 from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
+from knnlm.retrieval.device import open_searcher
 from knnlm.retrieval.pointers import Pointers, PointerState
 from knnlm.run.decode import (
     Decoder,
@@ -154,7 +155,7 @@ class KNNLM:
             raise KnnlmError(f"datastore name {name!r} is used twice")
         ds = Datastore(path)
         ds.check_compatible(self.lm.identity(ds.key_point))
-        self.searchers[name] = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+        self.searchers[name] = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(self.lm.device))
         LOG.info("datastore %s: %s (%d entries, key point %s)", name, ds.path, ds.count, ds.key_point)
 
     @property

@@ -1,0 +1,72 @@
+"""The kNN step in torch on the model's device (knnlm.retrieval.device): the same neighbours,
+distances and p_kNN as the CPU path (FAISS Flat + numpy).  Runs on CPU in CI; set
+KNNLM_TEST_DEVICE=cuda to run it on a GPU."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE
+
+from knnlm.core.index import Searcher
+from knnlm.core.scoring import knn_target_logprobs
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.device import DeviceSearcher, open_searcher
+from knnlm.run.evaluate import evaluate
+from knnlm.run.generate import KNNLM
+
+
+@pytest.fixture(scope="module")
+def queries(datastore):
+    rng = np.random.default_rng(0)
+    own = np.asarray(datastore.keys[::3], dtype=np.float32)  # keys of the datastore itself (distance 0)
+    noisy = own[:20] + rng.normal(0, 0.3, own[:20].shape).astype(np.float32)
+    return np.concatenate([own, noisy])
+
+
+@pytest.mark.parametrize("chunk", [65536, 7])  # one block, and a running top-k merged over many
+def test_device_neighbours_equal_the_cpu_paths(datastore, queries, chunk):
+    cpu = Searcher(datastore)  # Flat: exact
+    dev = DeviceSearcher(datastore, DEVICE, chunk=chunk)
+    for k in (1, 8, 40):
+        d0, i0 = cpu.search(queries, k)
+        d1, i1 = dev.search(queries, k)
+        np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-4)
+        same = (i1 == i0).mean()
+        # ties (equal keys: repeated text) may come in another order; everything else is identical
+        tie = np.isclose(np.take_along_axis(d0, np.argsort(i0, 1), 1), np.take_along_axis(d1, np.argsort(i1, 1), 1))
+        assert same > 0.9 and tie.mean() > 0.9
+        for row in range(len(queries)):  # the same set of neighbours up to ties at the k-th distance
+            kth = d0[row, -1]
+            assert set(i0[row][d0[row] < kth - 1e-4]) <= set(i1[row])
+    cand = np.asarray(cpu.search(queries, 5)[1])
+    np.testing.assert_allclose(dev.exact(queries, cand), cpu.exact(queries, cand), rtol=1e-5, atol=1e-5)
+
+
+def test_device_p_knn_equals_the_cpu_math(datastore, queries):
+    dev = DeviceSearcher(datastore, DEVICE)
+    targets = np.asarray(datastore.vals[::3].tolist() + datastore.vals[:20].tolist(), dtype=np.int64)
+    for t in (0.5, 2.0):
+        d, i = Searcher(datastore).search(queries, 8)
+        want = knn_target_logprobs(d, datastore.vals[np.maximum(i, 0)], targets, t)
+        got = dev.target_logprobs(torch.from_numpy(queries), torch.from_numpy(targets), 8, t).cpu().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_and_generation_on_the_device_path(lm, datastore, corpus):
+    kw = dict(k=8, lam=0.5, temperature=1.0, window=32, stride=16, progress=False)
+    cpu = evaluate(lm, [corpus], datastore.path, **kw)
+    dev = evaluate(lm, [corpus], datastore.path, index="torch", **kw)
+    assert dev["factory"].startswith("exact (torch")
+    assert abs(dev["ppl_knnlm"] - cpu["ppl_knnlm"]) / cpu["ppl_knnlm"] < 1e-5
+    a = KNNLM(lm, {"t": datastore.path}, k=8, lam=0.5)
+    b = KNNLM(lm, {"t": datastore.path}, k=8, lam=0.5, index="torch")
+    assert isinstance(b.searchers["t"], DeviceSearcher)
+    assert a.generate("the quick", 8, ignore_eos=True).ids == b.generate("the quick", 8, ignore_eos=True).ids
+
+
+def test_bad_use(datastore):
+    dev = open_searcher(datastore, "torch")
+    with pytest.raises(KnnlmError, match="larger than the datastore"):
+        dev.search(np.zeros((1, datastore.dim), np.float32), datastore.count + 1)
+    with pytest.raises(KnnlmError, match="d=3"):
+        dev.search(np.zeros((1, 3), np.float32), 2)

@@ -129,3 +129,19 @@ def test_an_eos_that_ends_a_generation_is_reported_when_asked(knn):
         assert nxt is None and events[-1].token is None and events[-1].finish_reason == "stop"
         reported = [e.token for e in events if e.token is not None]
         assert [(t.id, t.text, t.logprob) for t in reported] == ([(eos, "", 0.0)] if report else [])
+
+
+def test_echo_with_one_token_equals_generating_it(base, knn):
+    """echo + max_tokens 1 (lm-eval's request) picks the token from the scoring pass itself:
+    the same token and log-probs as generating it, with a datastore and without."""
+    for knn_fields, kw in [(KNN, KW), ({"datastore": None}, {"datastore": None})]:
+        for prompt in [TEXT, "Memory helps the model predict rare words such as"]:
+            r = complete(base, prompt=prompt, echo=True, max_tokens=1, temperature=0, logprobs=2, **knn_fields)
+            lp = r["choices"][0]["logprobs"]
+            g = knn.generate(prompt, 1, report_eos=True, top_logprobs=2, **kw)
+            n = len(knn.prompt_ids(prompt))
+            assert len(lp["tokens"]) == n + 1 and r["usage"]["completion_tokens"] == 1
+            assert lp["tokens"][n] == g.tokens[0].text and r["choices"][0]["text"] == prompt + g.text
+            assert lp["token_logprobs"][n] == pytest.approx(g.tokens[0].logprob, abs=1e-5)
+            assert lp["top_logprobs"][n] == pytest.approx(g.tokens[0].top, abs=1e-5)
+            assert lp["token_logprobs"][1:n] == pytest.approx([t.logprob for t in knn.score(prompt, **kw).tokens])

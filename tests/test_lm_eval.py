@@ -49,6 +49,18 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+ROLLING_TASK = """task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{context}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
 
 
 @pytest.fixture
@@ -60,6 +72,7 @@ def task_dir(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "tiny_cloze.yaml").write_text(MC_TASK.format(data=data))
     (tmp_path / "tiny_gen.yaml").write_text(GEN_TASK.format(data=data))
+    (tmp_path / "tiny_ppl.yaml").write_text(ROLLING_TASK.format(data=data))
     return tmp_path
 
 
@@ -75,7 +88,7 @@ def test_lm_eval_scores_through_the_server(lm, datastore, llama_dir, task_dir, m
             model="local-completions",
             model_args={"base_url": url + "/v1/completions", "model": "tiny", "tokenizer_backend": "huggingface",
                         "tokenizer": str(llama_dir), "batch_size": 2, "max_retries": 1},
-            tasks=["tiny_cloze", "tiny_gen"], task_manager=TaskManager(include_path=str(task_dir)),
+            tasks=["tiny_cloze", "tiny_gen", "tiny_ppl"], task_manager=TaskManager(include_path=str(task_dir)),
             log_samples=True, bootstrap_iters=0)
     samples = {s["doc_id"]: s for s in out["samples"]["tiny_cloze"]}
     assert sorted(samples) == [0, 1]
@@ -97,3 +110,7 @@ def test_lm_eval_scores_through_the_server(lm, datastore, llama_dir, task_dir, m
         want = knn.generate(ids, 4, stop=["."]).text
         assert s["resps"][0][0] == want
     assert not math.isnan(out["results"]["tiny_gen"]["exact_match,none"])
+    # perplexity (rolling windows): the text after lm-eval's prefix token, as KNNLM.score scores it
+    for s in out["samples"]["tiny_ppl"]:
+        ids = [tok.eos_token_id] + tok(DOCS[s["doc_id"]]["context"], add_special_tokens=False)["input_ids"]
+        assert s["resps"][0][0] == pytest.approx(sum(t.logprob for t in knn.score(ids).tokens), abs=1e-6)

@@ -94,7 +94,7 @@ def cmd_serve(args) -> None:
     lm = load_lm(args, next(iter(datastores.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
                 paper_defaults=args.paper_defaults,
-                nprobe=args.nprobe,
+                index=args.index, nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
                 default=None if args.default_datastore in (None, "none") else args.default_datastore, **fewer)
     if args.default_datastore == "none":
@@ -178,6 +178,7 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="kNN softmax temperature (default: each datastore's tuned T, else 1)")
     r.add_argument("--paper-defaults", action="store_true",
                    help="the paper's k=1024, lambda=0.25, T=1 instead of each datastore's tuned settings")
+    r.add_argument("--index", default=None, help="index name inside each datastore (default: its only index)")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
     add_fewer_searches_args(sp)

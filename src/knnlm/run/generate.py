@@ -44,6 +44,7 @@ from knnlm.run.decode import (
     TokenScore,
     check_sampling,
     mix_distributions,
+    next_distributions,
     parse_stops,
     settings_of,
 )
@@ -68,6 +69,7 @@ class TextScore:
     ids: list[int]
     tokens: list[TokenScore]
     settings: dict
+    following: tuple | None = field(default=None, repr=False)  # score(following=True): see there
 
     @property
     def ppl(self) -> float:
@@ -215,7 +217,7 @@ class KNNLM:
     @torch.inference_mode()
     def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
               knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0, pointers=DEFAULT,
-              adaptive=DEFAULT) -> TextScore:
+              adaptive=DEFAULT, following: bool = False) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
@@ -223,6 +225,9 @@ class KNNLM:
         nearest neighbours (with their kNN weight) to each token; `top_logprobs` > 0 the
         most likely tokens at each position under the mixture (`TokenScore.top`).  With
         pointers or adaptive retrieval the tokens are looked up left to right, as generation would.
+        `following=True` (plain retrieval only) also keeps the distributions of the token
+        after the text, from the same pass: `TextScore.following` = (mix, lm, knn, dists,
+        ids), what `SequenceState.advance` takes to pick a first generated token.
         """
         r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
         if neighbors < 0 or top_logprobs < 0:
@@ -236,11 +241,16 @@ class KNNLM:
         targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
         lm_all = torch.log_softmax(logits[0, :-1].float(), -1)  # (T-1, V)
         lm_lp = lm_all.gather(1, targets[:, None])[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
-        knn_lp, mix, dists, nids = None, lm_lp, None, None
+        knn_lp, mix, dists, nids, after = None, lm_lp, None, None, None
         if r is not None:
-            q = keys[r.ds.key_point][0, :-1].float().cpu().numpy()  # (T-1, d)
-            if r.pointers is None and r.adaptive is None:
-                dists, nids = r.searcher.search(q, r.k)  # (T-1, k)
+            plain = r.pointers is None and r.adaptive is None
+            if following and not plain:
+                raise KnnlmError("score(following=True) needs plain retrieval (no pointers, no adaptive)")
+            q = keys[r.ds.key_point][0, : None if following else -1].float().cpu().numpy()  # (T or T-1, d)
+            if plain:
+                dists, nids = r.searcher.search(q, r.k)  # (T or T-1, k)
+                if following:
+                    dists, nids, after = dists[:-1], nids[:-1], (dists[-1:], nids[-1:])  # (T-1, k); (1, k)
             else:
                 dists, nids = _left_to_right(r, q, logits[0, :-1], ids[1:])
             knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature)
@@ -256,7 +266,11 @@ class KNNLM:
                 top[text_i] = float(mix[i])  # the token's own value, exactly (a greedy token is the top one)
             tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
                                      None if knn_lp is None or not found else float(knn_lp[i]), nb, top))
-        return TextScore(ids, tokens, settings_of(r))
+        nxt = None
+        if following:
+            d, n = after if after is not None else (None, None)
+            nxt = (*next_distributions(logits[0, -1], r, d, n), d, n)
+        return TextScore(ids, tokens, settings_of(r), nxt)
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                   nids: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:

@@ -35,7 +35,7 @@ from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers
 from knnlm.run.batch import BatchGenerator
-from knnlm.run.decode import GenerationRequest, StreamEvent, settings_of
+from knnlm.run.decode import GenerationRequest, SequenceState, StreamEvent, settings_of
 from knnlm.run.generate import DEFAULT, KNNLM
 from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, Guard
 from knnlm.serve.openai import (
@@ -362,21 +362,26 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name}
         scores = req.echo and (req.logprobs is not None or req.return_neighbors > 0)
 
-        def prompt_info(p: str | list[int]) -> tuple[int, Echo | None, dict]:
-            """On the model's thread: the prompt's length, its echo (scored when asked), the settings."""
+        def prompt_info(p: str | list[int]) -> tuple[int, Echo | None, dict, list[StreamEvent] | None]:
+            """On the model's thread: the prompt's length, its echo (scored when asked), the
+            settings, and for echo with max_tokens 1 the generated token, picked from the
+            same forward pass (lm-evaluation-harness's request: one pass instead of two)."""
             ids = knnlm.prompt_ids(p)
             knnlm.check_length(len(ids), req.max_tokens)
-            r = knnlm.retrieval(retrieval["datastore"], retrieval["lam"], retrieval["k"],
-                                retrieval["knn_temperature"])
+            r = knnlm.retrieval(**retrieval)
             if not req.echo:
-                return len(ids), None, settings_of(r)
-            tokens = []
-            if scores and len(ids) > 1:
-                tokens = knnlm.score(ids, **retrieval, neighbors=req.return_neighbors,
-                                     top_logprobs=req.logprobs or 0).tokens  # the mixture /v1/score gives
+                return len(ids), None, settings_of(r), None
+            plain = r is None or (r.pointers is None and r.adaptive is None)  # else: the generation's own steps
+            tokens, events, one = [], None, req.max_tokens == 1 and len(ids) > 1 and plain
+            if (scores or one) and len(ids) > 1:
+                s = knnlm.score(ids, **retrieval, neighbors=req.return_neighbors, top_logprobs=req.logprobs or 0,
+                                following=one)  # the mixture /v1/score gives
+                tokens = s.tokens if scores else []
+                if one:
+                    events, _ = SequenceState(knnlm, knnlm.prepare(ids, 1, **options)).advance(*s.following)
             prefix = isinstance(p, str) and ids[0] == knnlm.lm.prefix_token_id
             return len(ids), Echo(p if isinstance(p, str) else knnlm.lm.decode(ids), knnlm.lm.decode(ids[:1]),
-                                  tokens, prefix), settings_of(r)
+                                  tokens, prefix), settings_of(r), events
 
         def generation(p):
             def prepare():
@@ -384,36 +389,39 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
                 return {"prompt_tokens": len(prepared.ids), "settings": prepared.settings}, prepared
             return prepare
 
-        generating = req.max_tokens > 0
-        info_job = req.echo or not generating
-        if worker.free < info_job + generating * len(prompts):
+        info_job = req.echo or req.max_tokens == 0
+        if worker.free < info_job + (req.max_tokens > 0) * len(prompts):
             raise busy()
         jobs: list[Job] = []
         try:
+            infos = [None] * len(prompts)
             if info_job:
                 jobs.append(await submit(lambda: (prompt_info(p) for p in prompts)))
                 infos = [await first_item(jobs[0]) for _ in prompts]
-            gen_jobs = [await submit(generation=generation(p)) for p in prompts] if generating else []
+            todo = [i for i, info in enumerate(infos) if req.max_tokens > 0 and (info is None or info[3] is None)]
+            gen_jobs = [await submit(generation=generation(prompts[i])) for i in todo]
             jobs += gen_jobs
             starts = [await first_item(job) for job in gen_jobs]  # each request is valid (or a 400 was raised)
             if req.stream:
                 return StreamingResponse(_stream(gen_jobs[0], meta, starts[0], req.logprobs,
                                                  req.return_neighbors > 0 or req.logprobs is not None),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            outs = []
-            for job in gen_jobs:
+            outs = {i: info[3] or [] for i, info in enumerate(infos) if info is not None}
+            for i, job, start in zip(todo, gen_jobs, starts):
                 events = [await first_item(job)]
                 while events[-1].finish_reason is None:
                     events.append(await first_item(job))
-                outs.append(events)
+                outs[i] = events
+                if infos[i] is None:
+                    infos[i] = (start["prompt_tokens"], None, start["settings"], None)
         except BaseException:
             for job in jobs:
                 job.cancelled.set()
             raise
         choices, n_prompt, n_out = [], 0, 0
         for i in range(len(prompts)):
-            n_ids, echo, used = infos[i] if info_job else (starts[i]["prompt_tokens"], None, starts[i]["settings"])
-            events = outs[i] if generating else []
+            n_ids, echo, used, _ = infos[i]
+            events = outs[i]
             choices.append(choice_json(i, echo, events, used, req.logprobs, req.return_neighbors > 0,
                                        None if events else "length"))
             n_prompt += n_ids

@@ -156,10 +156,10 @@ def confidence_of(args, split: str, limit: int | None) -> dict:
     return res
 
 
-def replay(q, vals, docs, dists, ids, exact, k, temperature, pointers=None, skip=None, n=None):
+def replay(q, vals, ds, dists, ids, exact, k, temperature, pointers=None, skip=None, n=None):
     """ppl-ready log p_kNN (n,) and the searched mask of one setting, over the first n positions."""
     n = n or len(q["targets"])
-    run = simulate(q["keys"][:n], q["targets"][:n], q["doc_first"][q["doc_first"] < n], vals, docs,
+    run = simulate(q["keys"][:n], q["targets"][:n], q["doc_first"][q["doc_first"] < n], vals, ds,
                    lambda pos, x, kk: (dists[pos], ids[pos].astype(np.int64)), exact, k, pointers, (temperature,),
                    skip=skip)
     return run.knn[:, 0], run.searched
@@ -187,7 +187,7 @@ def main() -> None:
     for sp in q:
         q[sp]["keys"] = q[sp]["keys"].astype(np.float32)
     nb = {sp: neighbours(args, s, sp, q[sp]) for sp in q}
-    vals, docs = np.asarray(ds.vals), np.asarray(ds.docs)
+    vals = np.asarray(ds.vals)
     res: dict = {"datastore": {"path": str(ds.path), "entries": ds.count, "dim": ds.dim, **s.settings()},
                  "k": args.k, "tokens": {sp: int(len(q[sp]["targets"])) for sp in q}}
 
@@ -212,7 +212,7 @@ def main() -> None:
                      "ppl_lm": perplexity(q[sp]["lm"])})
         for th in [int(x) for x in args.thresholds.split(",")]:
             t0 = time.perf_counter()
-            knn, searched = replay(q[sp], vals, docs, d, i, s.exact, args.k, temp, Pointers(th))
+            knn, searched = replay(q[sp], vals, ds, d, i, s.exact, args.k, temp, Pointers(th))
             rows.append({"split": sp, "method": "pointers", "setting": f"threshold {th}",
                          "search_rate": float(searched.mean()), "ppl": ppl(q[sp]["lm"], knn),
                          "seconds": round(time.perf_counter() - t0, 1)})
@@ -243,7 +243,7 @@ def main() -> None:
                         "setting": f"threshold {a.threshold:.4g}", "search_rate": float(1 - skip.mean()),
                         "ppl": ppl(lm_sub, knn)})
     for th in [int(x) for x in args.thresholds.split(",")]:
-        knn, searched = replay(q["test"], vals, docs, d, i, s.exact, args.k, temp, Pointers(th), n=m)
+        knn, searched = replay(q["test"], vals, ds, d, i, s.exact, args.k, temp, Pointers(th), n=m)
         sub.append({"split": f"test[:{m}]", "method": "pointers", "setting": f"threshold {th}",
                     "search_rate": float(searched.mean()), "ppl": ppl(lm_sub, knn)})
     res["rows"], res["subset_rows"] = rows, sub

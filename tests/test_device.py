@@ -68,5 +68,5 @@ def test_bad_use(datastore):
     dev = open_searcher(datastore, "torch")
     with pytest.raises(KnnlmError, match="larger than the datastore"):
         dev.search(np.zeros((1, datastore.dim), np.float32), datastore.count + 1)
-    with pytest.raises(KnnlmError, match="d=3"):
+    with pytest.raises(KnnlmError, match="3-d"):
         dev.search(np.zeros((1, 3), np.float32), 2)

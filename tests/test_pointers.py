@@ -72,7 +72,7 @@ def test_pointers_never_cross_a_documents_end(docs_ds):
         seen.append(cand)
         return s.exact(queries, cand)
 
-    run = simulate(q, ds.vals.astype(np.int64), ds.docs[:, 2], ds.vals, ds.docs, lambda p, x, k: s.search(x, k),
+    run = simulate(q, ds.vals.astype(np.int64), ds.docs[:, 2], ds.vals, ds, lambda p, x, k: s.search(x, k),
                    exact, 4, Pointers(threshold=1))
     assert not run.searched.all()  # pointers did replace searches
     cands = np.concatenate([c[c >= 0] for c in seen])

@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnlm.cli.generate import register
 
     register(add, add_model_args, add_knn_args, add_fewer_searches_args)
+    from knnlm.cli.reduce import register as register_reduce
+
+    register_reduce(add)
     from knnlm.cli.memory import register as register_memory
 
     register_memory(sub, add_model_args)

@@ -78,6 +78,13 @@ class Datastore:
             raise KnnlmError(f"docs.jsonl in {self.path} is truncated or corrupted: {e}") from None
         if len(self.doc_info) != len(self.docs):
             raise KnnlmError(f"docs.jsonl and docs.npy disagree in {self.path}")
+        # written by knnlm.retrieval.reduce: keys reduced to fewer dimensions (queries are
+        # transformed to match) and near-duplicate entries merged (each kept entry counts for several)
+        self.reduction = self.meta.get("reduction")
+        self.pruning = self.meta.get("pruning")
+        self.counts = self._load("counts.npy", (self.count,), np.int32) if self.pruning else None
+        self.origin = self._load("origin.npy", (self.count,), np.int64) if self.pruning else None
+        self._transform = None
 
     def _read_meta(self, meta_path: Path) -> dict:
         """meta.json, with every field the library reads present and well typed."""
@@ -170,16 +177,58 @@ class Datastore:
             if file_sha256(self.path / name) != digest:
                 raise KnnlmError(f"{name} in {self.path} does not match its checksum: the datastore is corrupted")
 
+    # ---- queries ---------------------------------------------------------------------
+    @property
+    def query_dim(self) -> int:
+        """The dimension of the queries this datastore takes: the model's keys (a reduced
+        datastore reduces them itself, `to_key_space`)."""
+        return int(self.reduction["from_dim"]) if self.reduction else self.dim
+
+    def to_key_space(self, queries: np.ndarray) -> np.ndarray:
+        """The model's query keys (m, query_dim) as float32 in the space of this datastore's
+        keys (m, dim): unchanged, or through the recorded reduction.  Queries of another
+        dimension (already reduced ones included) are refused."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.query_dim:
+            got = q.shape[-1] if q.ndim else 0
+            if self.reduction:
+                r = self.reduction
+                raise KnnlmError(
+                    f"datastore {self.path} holds keys reduced by {r['method']} from d={r['from_dim']} to "
+                    f"d={self.dim}; it takes the model's {r['from_dim']}-d keys (and reduces them itself), not "
+                    f"{got}-d queries" + (" that are already reduced" if got == self.dim else ""))
+            raise KnnlmError(f"datastore {self.path} holds un-reduced {self.dim}-d keys; these queries are {got}-d"
+                             + (" (reduced queries belong to a reduced datastore)" if got < self.dim else ""))
+        if not self.reduction:
+            return q
+        if self._transform is None:
+            with np.load(self.path / self.reduction["file"]) as z:
+                self._transform = (z["mean"].astype(np.float32), z["components"].astype(np.float32))
+        mean, comp = self._transform  # (from_dim,), (dim, from_dim)
+        return (q - mean) @ comp.T  # (m, dim)
+
+    def counts_of(self, ids: np.ndarray) -> np.ndarray | None:
+        """How many original entries each of these (merged) entries stands for; None when
+        the datastore was not pruned (every entry counts once)."""
+        if self.counts is None:
+            return None
+        return np.where(np.asarray(ids) >= 0, self.counts[np.maximum(ids, 0)], 1)
+
     # ---- provenance ------------------------------------------------------------------
+    def _original(self, ids: np.ndarray) -> np.ndarray:
+        """Entry ids in the original entry order (a pruned datastore keeps a subset)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids if self.origin is None else self.origin[ids]
+
     def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(document, token offset of the value token) of each entry id."""
-        ids = np.asarray(ids, dtype=np.int64)
-        doc = self.document_of(ids)
+        ids = self._original(ids)
+        doc = np.searchsorted(self.docs[:, 2], ids, side="right") - 1
         return doc, ids - self.docs[doc, 2] + 1
 
     def document_of(self, ids: np.ndarray) -> np.ndarray:
         """Document of each entry id (ids >= 0)."""
-        return np.searchsorted(self.docs[:, 2], np.asarray(ids, dtype=np.int64), side="right") - 1
+        return np.searchsorted(self.docs[:, 2], self._original(ids), side="right") - 1
 
     def context(self, entry: int, before: int = 16, after: int = 4) -> tuple[list[int], int, list[int]]:
         """Token ids before the entry's value, the value, and tokens after it (same document)."""

@@ -189,14 +189,14 @@ class Searcher:
             raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
         if exclude is not None:
             return search_excluding(self.search, self.ds.document_of, queries, k, exclude, self.ds.count)
-        q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, d)
+        q = np.ascontiguousarray(self.ds.to_key_space(queries))  # (m, d) float32; refuses another d
         dists, ids = (self._refine or self.index).search(q, k)
         return np.where(ids < 0, np.inf, dists).astype(np.float32), ids
 
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances (m, c) float32 from each query (m, d) to the entries
         ids (m, c) (their stored float16 keys); inf where an id is -1."""
-        q = np.asarray(queries, dtype=np.float32)  # (m, d)
+        q = self.ds.to_key_space(queries)  # (m, d) float32
         ids = np.asarray(ids, dtype=np.int64)
         out = np.full(ids.shape, np.inf, dtype=np.float32)
         for row in range(len(ids)):

@@ -23,14 +23,19 @@ def check_settings(lam: float | None = None, temperature: float | None = None, k
 
 
 def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0,
-                        chunk: int = 8192):
+                        chunk: int = 8192, counts: np.ndarray | None = None):
     """log p_kNN(target) for each row: softmax over -d/T, summed over neighbours whose
-    value is the target.  -inf where no neighbour has the target.  (m,)"""
+    value is the target.  -inf where no neighbour has the target.  (m,)
+    counts (m, k): how many entries each neighbour stands for (a pruned datastore merges
+    near-duplicates): its weight is count * exp(-d/T)."""
     if len(dists) > chunk:  # bounded float64 temporaries: (chunk, k) at a time
         return np.concatenate([knn_target_logprobs(dists[i : i + chunk], vals[i : i + chunk],
-                                                   targets[i : i + chunk], temperature, chunk)
+                                                   targets[i : i + chunk], temperature, chunk,
+                                                   None if counts is None else counts[i : i + chunk])
                                for i in range(0, len(dists), chunk)])
     logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, k)
+    if counts is not None:
+        logits = logits + np.log(np.asarray(counts, dtype=np.float64))
     top = logits.max(axis=1, keepdims=True)  # (m, 1)
     top = np.where(np.isfinite(top), top, 0.0)
     w = np.exp(logits - top)  # (m, k); an empty slot (d = inf) weighs 0
@@ -69,12 +74,16 @@ def interpolate(lm_logprobs, knn_logprobs, lam: float):
     return np.logaddexp(math.log(lam) + knn, math.log1p(-lam) + lm)
 
 
-def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0):
-    """Full p_kNN over the vocabulary as log-probs, (m, V): for generation only."""
+def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0, counts=None):
+    """Full p_kNN over the vocabulary as log-probs, (m, V): for generation only.  counts
+    (m, k) as in `knn_target_logprobs`."""
     import torch
 
     d = torch.as_tensor(np.asarray(dists, dtype=np.float32))
-    w = torch.softmax(-d / temperature, dim=1)  # (m, k)
+    logits = -d / temperature
+    if counts is not None:
+        logits = logits + torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float32)))
+    w = torch.softmax(logits, dim=1)  # (m, k)
     w = torch.nan_to_num(w, nan=0.0)
     p = torch.zeros(d.shape[0], vocab_size, dtype=torch.float32)
     p.scatter_add_(1, torch.as_tensor(np.asarray(vals, dtype=np.int64)), w)

@@ -44,6 +44,8 @@ class DeviceSearcher:
         self.vals = torch.from_numpy(np.asarray(ds.vals, dtype=np.int64)).to(self.device)  # (N,)
         self.rerank = True
         self.nprobe = None
+        self._transform = None
+        self._log_counts = None
 
     def settings(self) -> dict:
         return {"index": self.name, "factory": f"exact (torch, {self.device.type})", "nprobe": None, "rerank": True}
@@ -56,13 +58,27 @@ class DeviceSearcher:
 
         if k > self.ds.count:
             raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
-        if q.shape[-1] != self.ds.dim:
-            raise KnnlmError(f"queries have d={q.shape[-1]}, the datastore {self.ds.path} d={self.ds.dim}")
-        q = q.to(self.device).float()
+        q = self.to_key_space(q.to(self.device).float())
         out = [self._search_block(q[a : a + rows], k) for a in range(0, len(q), rows)]
         if not out:
             return torch.empty(0, k, device=self.device), torch.empty(0, k, dtype=torch.long, device=self.device)
         return torch.cat([d for d, _ in out]), torch.cat([i for _, i in out])
+
+    def to_key_space(self, q):
+        """`Datastore.to_key_space` for a torch tensor (m, query_dim) on the device."""
+        import torch
+
+        if q.ndim != 2 or q.shape[1] != self.ds.query_dim:
+            self.ds.to_key_space(np.zeros((1, q.shape[-1]), np.float32))  # raises the datastore's own error
+        if not self.ds.reduction:
+            return q
+        if self._transform is None:
+            eye = np.eye(self.ds.query_dim, dtype=np.float32)
+            mean = self.ds.to_key_space(np.zeros((1, self.ds.query_dim), np.float32))  # (1, dim) = -mean @ W.T
+            comp = self.ds.to_key_space(eye) - mean  # (query_dim, dim) = W.T
+            self._transform = (torch.from_numpy(mean).to(self.device), torch.from_numpy(comp).to(self.device))
+        mean, comp = self._transform
+        return q @ comp + mean
 
     def _search_block(self, q, k: int):
         import torch
@@ -104,6 +120,10 @@ class DeviceSearcher:
 
         d, i = self.search_torch(q, k)
         logits = -d.double() / temperature  # (m, k)
+        if self.ds.counts is not None:  # a merged entry weighs as many as it stands for
+            if self._log_counts is None:
+                self._log_counts = torch.from_numpy(np.log(np.asarray(self.ds.counts, np.float64))).to(self.device)
+            logits = logits + self._log_counts[i]
         hit = self.vals[i] == targets.to(self.device)[:, None]
         all_lse = torch.logsumexp(logits, 1)
         hit_lse = torch.logsumexp(torch.where(hit, logits, torch.full_like(logits, -float("inf"))), 1)
@@ -123,7 +143,7 @@ class DeviceSearcher:
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         import torch
 
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        q = torch.from_numpy(np.ascontiguousarray(self.ds.to_key_space(queries))).to(self.device)
         return self.exact_torch(q, torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)).cpu().numpy()
 
 

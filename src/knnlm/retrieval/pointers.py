@@ -48,6 +48,13 @@ class Pointers:
         return {"pointer_threshold": int(self.threshold), "pointer_every": int(self.every)}
 
 
+def check_pointers(ds, pointers: Pointers | None) -> None:
+    """Pointers need the datastore's entry order (entry + 1 is the next token's entry)."""
+    if pointers is not None and getattr(ds, "pruning", None):
+        raise KnnlmError(f"pointers need every entry of the datastore in order; {ds.path} was pruned "
+                         "(use its un-pruned source)")
+
+
 def entry_ends(docs: np.ndarray) -> np.ndarray:
     """One past each document's last entry (D,): first entry + token count - 1."""
     return np.asarray(docs[:, 2], dtype=np.int64) + np.asarray(docs[:, 1], dtype=np.int64) - 1
@@ -151,13 +158,14 @@ class Replay:
 
 
 def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, vals: np.ndarray,
-             docs: np.ndarray, search: Callable, exact: Callable, k: int, pointers: Pointers | None,
+             ds, search: Callable, exact: Callable, k: int, pointers: Pointers | None,
              temperatures: Sequence[float] = (1.0,), skip: np.ndarray | None = None,
              progress: bool = False) -> Replay:
     """Score every position of an evaluation as a left-to-right pass with pointers would.
 
     queries (n, d) query keys, targets (n,), doc_first (D,) first position of each
-    document (ascending, from 0); vals/docs the datastore's values and document table.
+    document (ascending, from 0); vals the datastore's values (an array in memory is
+    faster than its memmap) and ds the Datastore (its document table, merged counts).
     `search(positions, queries, k)` and `exact(queries, ids)` answer the lookups (so
     precomputed search results can stand in for the index).  The query keys do not depend
     on retrieval, so stepping all documents in lockstep (position j of every document
@@ -169,6 +177,8 @@ def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, va
 
     from knnlm.core.scoring import knn_target_logprobs
 
+    check_pointers(ds, pointers)
+    docs = np.asarray(ds.docs)
     n = len(targets)
     starts = np.asarray(doc_first, dtype=np.int64)
     lengths = np.diff(np.append(starts, n))  # (D,)
@@ -193,7 +203,7 @@ def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, va
             searched[p] = did
             v = vals[np.maximum(i, 0)]  # (b, k)
             for col, t in enumerate(temperatures):
-                knn[p, col] = knn_target_logprobs(d, v, targets[p], t)
+                knn[p, col] = knn_target_logprobs(d, v, targets[p], t, counts=ds.counts_of(i))
             for row, s in enumerate(st):
                 if s is not None:
                     s.follow(i[row], v[row], int(targets[p[row]]), docs)

@@ -246,7 +246,7 @@ def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndar
     if r is None or dists is None:
         return lm_lp, lm_lp, None
     vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
-    knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature)[0]  # (V,)
+    knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature, r.ds.counts_of(ids))[0]  # (V,)
     if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
         return lm_lp, lm_lp, knn_lp
     return mix_distributions(lm_lp, knn_lp, r.lam), lm_lp, knn_lp

@@ -143,7 +143,7 @@ def score_plan(
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
             d, i = searcher.search(q, k, exclude=None if exclude is None else exclude[sel])
             v = searcher.ds.vals[np.maximum(i, 0)]
-            knn_lp[sel] = knn_target_logprobs(d, v, targets[sel], temperature)
+            knn_lp[sel] = knn_target_logprobs(d, v, targets[sel], temperature, counts=searcher.ds.counts_of(i))
             if keep_neighbors:
                 dists[sel], ids[sel] = d, i
             t_search += time.perf_counter() - t1
@@ -152,7 +152,7 @@ def score_plan(
     searched = None
     if replay:
         t1 = time.perf_counter()
-        run = simulate(all_q, targets, plan.docs[:, 2], searcher.ds.vals, searcher.ds.docs,
+        run = simulate(all_q, targets, plan.docs[:, 2], searcher.ds.vals, searcher.ds,
                        lambda pos, q, kk: searcher.search(q, kk), searcher.exact, k, pointers, (temperature,),
                        skip=skip if skip.any() else None, progress=progress)
         knn_lp, searched = run.knn[:, 0], run.searched

@@ -33,7 +33,7 @@ from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
 from knnlm.retrieval.device import open_searcher
-from knnlm.retrieval.pointers import Pointers, PointerState
+from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
     Decoder,
     GenerationRequest,
@@ -189,6 +189,7 @@ class KNNLM:
         if name not in self.searchers:
             raise KnnlmError(f"unknown datastore {name!r} (loaded: {self._names()})")
         s = self.searchers[name]
+        check_pointers(s.ds, pointers)
         r = resolve(s.ds.meta, s.ds.count, self.k if k is None else k, self.lam if lam is None else lam,
                     self.knn_temperature if knn_temperature is None else knn_temperature,
                     paper=self.paper_defaults, name=name)
@@ -253,7 +254,8 @@ class KNNLM:
                     dists, nids, after = dists[:-1], nids[:-1], (dists[-1:], nids[-1:])  # (T-1, k); (1, k)
             else:
                 dists, nids = _left_to_right(r, q, logits[0, :-1], ids[1:])
-            knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature)
+            knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature,
+                                         counts=r.ds.counts_of(nids))
             knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
             mix = mix_where_searched(lm_lp, knn_lp, r.lam)
         tops = self._top_rows(lm_all, r, dists, nids, top_logprobs) if top_logprobs else [{} for _ in mix]
@@ -281,7 +283,8 @@ class KNNLM:
             mix = lm_all[i : i + chunk].cpu()  # (c, V)
             if r is not None:
                 vals = r.ds.vals[np.maximum(nids[i : i + chunk], 0)]  # (c, k)
-                knn = knn_distribution(dists[i : i + chunk], vals, mix.shape[-1], r.temperature)
+                knn = knn_distribution(dists[i : i + chunk], vals, mix.shape[-1], r.temperature,
+                                       r.ds.counts_of(nids[i : i + chunk]))
                 skipped = torch.from_numpy(np.isnan(dists[i : i + chunk, 0]))  # adaptive retrieval: p_LM alone
                 mix = torch.where(skipped[:, None], mix, mix_distributions(mix, knn, r.lam))
             out += [self.top_tokens(row, n) for row in mix]
@@ -462,5 +465,6 @@ class KNNLogitsProcessor(LogitsProcessor):
         key = self.captured[self.r.ds.key_point].reshape(b, -1, self.r.ds.dim)  # (B, t, d)
         dists, ids = self.r.searcher.search(key[:, -1].float().cpu().numpy(), self.r.k)  # (B, k)
         vals = self.r.ds.vals[np.maximum(ids, 0)]
-        knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature).to(lm_lp.device)  # (B, V)
+        knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature,
+                                  self.r.ds.counts_of(ids)).to(lm_lp.device)  # (B, V)
         return mix_distributions(lm_lp, knn_lp, self.r.lam)

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from knnlm.cli.common import fewer_searches, load_lm
+from knnlm.cli.memory import add_memory_args, memories
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -34,7 +35,7 @@ def cmd_generate(args) -> None:
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                 lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
-                **fewer)
+                memories=memories(args), memory_lambda=args.memory_lambda, **fewer)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
                    k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
@@ -92,13 +93,20 @@ def cmd_serve(args) -> None:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
     lm = load_lm(args, next(iter(datastores.values()), None))
+    mems = memories(args)
+    if args.default_memory and args.default_memory != "none" and args.default_memory not in mems:
+        raise KnnlmError(f"--default-memory {args.default_memory!r} is not one of the --memory names "
+                         f"({', '.join(mems) or 'none'})")
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
-                paper_defaults=args.paper_defaults,
+                paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
+                default_memory=None if args.default_memory in (None, "none") else args.default_memory,
                 index=args.index, nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
                 default=None if args.default_datastore in (None, "none") else args.default_datastore, **fewer)
     if args.default_datastore == "none":
         knn.default = None
+    if args.default_memory == "none":
+        knn.default_memory = None
     app = create_app(knn, max_queue=args.max_queue, max_tokens=args.max_tokens, model_name=args.served_model_name,
                      max_batch=args.max_batch, api_keys=keys, max_body_bytes=args.max_body_bytes,
                      max_prompt_chars=args.max_prompt_chars)
@@ -120,7 +128,8 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
              "  knnlm generate 'Once upon a time' --max-new-tokens 100 --sampling-temperature 0.8 --top-p 0.9 "
              "--seed 1\n"
              "  knnlm generate 'The history of the' -d ds-wiki --neighbors 3   # where each token came from\n"
-             "  knnlm generate $'Q: What is a fjord?\\nA:' --stop $'\\n' --json   # base LM (no -d), JSON out")
+             "  knnlm generate $'Q: What is a fjord?\\nA:' --stop $'\\n' --json   # base LM (no -d), JSON out\n"
+             "  knnlm generate 'The history of the' --memory mem-wiki --memory-lambda 0.3   # memory decoder")
     sp.add_argument("prompt", nargs="?", help="the prompt (default: read from standard input)")
     g = sp.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
@@ -135,10 +144,12 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, scores) at the end")
     add_knn_args(sp)
     add_fewer_searches_args(sp)
+    add_memory_args(sp)
     add_model_args(sp)
 
     sp = add("serve", cmd_serve, "HTTP server: OpenAI-compatible /v1/completions with datastores, /v1/score",
              "  knnlm serve --datastore wiki=ds-wiki\n"
+             "  knnlm serve --datastore wiki=ds-wiki --memory wiki-mem=mem-wiki   # requests add \"memory\": \"wiki-mem\"\n"
              "  knnlm serve --datastore wiki=ds-wiki --datastore law=ds-law --port 8001 --max-queue 32\n"
              "  curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
              "       -d '{\"prompt\": \"The history of\", \"max_tokens\": 20, \"datastore\": \"wiki\", \"lambda\": 0.25}'\n"
@@ -182,4 +193,5 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
     add_fewer_searches_args(sp)
+    add_memory_args(sp, serve=True)
     add_model_args(sp)

@@ -22,6 +22,7 @@ from knnlm.cli.common import (
     table,
     write_json,
 )
+from knnlm.cli.memory import add_memory_args
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -73,7 +74,8 @@ def cmd_eval(args) -> None:
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,
                    rerank=False if args.no_rerank else None, progress=not args.quiet,
                    cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
-                   paper_defaults=args.paper_defaults, **fewer)
+                   paper_defaults=args.paper_defaults, memory=args.memory, memory_lambda=args.memory_lambda,
+                   **fewer)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
@@ -84,6 +86,10 @@ def cmd_eval(args) -> None:
     if "ppl_cache" in res:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
         rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
+    for key, label in (("ppl_memory", "ppl LM + memory"), ("ppl_knnlm_memory", "ppl kNN-LM + memory")):
+        if key in res:
+            rows.append((label, f"{res[key]:.3f}  ({100 * (res[key] / res['ppl_lm'] - 1):+.2f}%)  "
+                                f"memory lambda={res['memory_lambda']}"))
     rows.append(("tokens/s", str(res["tokens_per_second"])))
     print(table(rows))
     if args.output:
@@ -98,6 +104,10 @@ def cmd_tune(args) -> None:
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
 
+    if args.memory:
+        from knnlm.cli.memory import cmd_tune_memory
+
+        return cmd_tune_memory(args)
     lambdas = numbers(args.lambdas, float, "--lambdas") or DEFAULT_LAMBDAS
     temps = numbers(args.temperatures, float, "--temperatures") or DEFAULT_TEMPERATURES
     ks = numbers(args.ks, int, "--ks")
@@ -141,6 +151,10 @@ def cmd_explain(args) -> None:
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.explain import explain, render
 
+    if args.memory:
+        from knnlm.cli.memory import cmd_explain_memory
+
+        return cmd_explain_memory(args)
     check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
@@ -260,18 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --pointers 64          # RetoMaton: fewer searches\n"
-             "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9")
+             "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9\n"
+             "  knnlm eval wiki.test.raw --memory mem-wiki --memory-lambda 0.3   # memory decoder, no search")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("-o", "--output", help="write the result as JSON")
     add_knn_args(sp, cache=True)
     add_fewer_searches_args(sp)
+    add_memory_args(sp)
     add_model_args(sp)
     add_window_args(sp)
 
     sp = add("tune", cmd_tune, "sweep lambda, temperature and k from one retrieval",
              "  knnlm tune heldout.txt -d ds-wiki -o tune.json\n"
              "  knnlm tune heldout.txt -d ds --lambdas 0.1,0.25,0.5 --temperatures 1,2 --ks 8,64,1024\n"
-             "  knnlm tune heldout.txt -d ds --save          # later commands default to the best setting")
+             "  knnlm tune heldout.txt -d ds --save          # later commands default to the best setting\n"
+             "  knnlm tune heldout.txt --memory mem-wiki [-d ds-wiki]   # the memory decoder's lambda")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files (a tuning split, not the test set)")
     sp.add_argument("-o", "--output", default="tune.json", help="JSON with the whole grid and the best setting")
     sp.add_argument("--lambdas", help="comma-separated (default: 0, 0.05, ..., 1)")
@@ -280,17 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save", action="store_true",
                     help="record the best setting in the datastore: commands then default to it")
     add_knn_args(sp, lam=False)
+    add_memory_args(sp)
     add_model_args(sp)
     add_window_args(sp)
 
     sp = add("explain", cmd_explain, "show the tokens where the datastore helped most, with their memories",
              "  knnlm explain article.txt -d ds-wiki\n"
-             "  knnlm explain article.txt -d ds --top 20 --neighbors 8 -o explain.md")
+             "  knnlm explain article.txt -d ds --top 20 --neighbors 8 -o explain.md\n"
+             "  knnlm explain article.txt --memory mem-wiki [-d ds-wiki]  # where the memory decoder disagrees most")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
     sp.add_argument("--top", type=int, default=10, help="tokens shown")
     sp.add_argument("--neighbors", type=int, default=5, help="neighbours shown per token")
     sp.add_argument("-o", "--output", help="write markdown here and JSON beside it")
     add_knn_args(sp)
+    add_memory_args(sp)
     add_model_args(sp)
     add_window_args(sp)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from knnlm.cli.common import Formatter, load_lm, table
+from knnlm.cli.common import Formatter, load_lm, numbers, table, write_json
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -115,3 +116,127 @@ def register(sub, add_model_args) -> None:
     sp.add_argument("--autocast", choices=["none", "bfloat16"], default="none", help="mixed precision")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing decoder")
     add_model_args(sp)
+
+
+# ---- --memory on eval, tune, explain, generate, serve ------------------------------------
+def add_memory_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA
+
+    g = p.add_argument_group("memory decoder (`knnlm memory train`): mixed on top, no search")
+    if serve:
+        g.add_argument("--memory", type=_spec, action="append", metavar="NAME=PATH",
+                       help="a memory decoder served under NAME (repeatable); requests pick one with \"memory\"")
+        g.add_argument("--default-memory", default=None,
+                       help="memory decoder of requests that name none (default: the first; 'none': none)")
+    else:
+        g.add_argument("--memory", default=None, help="memory decoder directory")
+    g.add_argument("--memory-lambda", type=float, default=None,
+                   help=f"weight of p_mem: p = l p_mem + (1-l) p_(kNN-)LM (default: {DEFAULT_MEMORY_LAMBDA})")
+
+
+def _spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def memories(args) -> dict:
+    """{name: path} of the --memory options of generate (one path) or serve (NAME=PATH)."""
+    from knnlm.memory.mix import check_memory_lambda
+
+    check_memory_lambda(args.memory_lambda)
+    if not args.memory:
+        return {}
+    if isinstance(args.memory, str):
+        return {Path(args.memory).name: args.memory}
+    out = dict(args.memory)
+    if len(out) != len(args.memory):
+        raise KnnlmError("each --memory NAME must be different")
+    return out
+
+
+def cmd_tune_memory(args) -> None:
+    """`knnlm tune --memory`: the memory lambda over the LM (and over the best kNN-LM with -d)."""
+    from knnlm.core.batching import plan_files
+    from knnlm.core.index import Searcher
+    from knnlm.core.scoring import interpolate, knn_target_logprobs
+    from knnlm.memory.decoder import MemoryDecoder
+    from knnlm.memory.mix import MEMORY_LAMBDAS, check_memory_lambda, sweep_memory
+    from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
+
+    lambdas = numbers(args.lambdas, float, "--lambdas")
+    for lam in lambdas or []:
+        check_memory_lambda(lam)
+    lm = load_lm(args, args.datastore)
+    searcher = None
+    if args.datastore:
+        ds = open_for_model(lm, args.datastore)
+        searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    mem = MemoryDecoder.load_for(lm, args.memory)
+    plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
+    k = args.k or (min(1024, searcher.ds.count) if searcher else 1)
+    s = score_plan(lm, plan, searcher, k=k, keep_neighbors=searcher is not None, progress=not args.quiet, memory=mem)
+    res = {"memory": str(mem.path), "texts": args.text, "model": lm.name, "tokens": int(plan.count),
+           "lm": sweep_memory(s.lm, s.memory, lambdas or MEMORY_LAMBDAS)}
+    rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['lm']['ppl_base']:.3f}"),
+            ("best ppl LM + memory", f"{res['lm']['best']['ppl']:.3f} (memory lambda={res['lm']['best']['lambda']})")]
+    if searcher is not None:
+        knn = sweep(s.lm, s.dists, s.vals, s.targets, lambdas or DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES)
+        b = knn["best"]
+        base = interpolate(s.lm, knn_target_logprobs(s.dists[:, : b["k"]], s.vals[:, : b["k"]], s.targets,
+                                                     b["temperature"]), b["lambda"])
+        res.update(knn=knn, knn_memory=sweep_memory(base, s.memory, lambdas or MEMORY_LAMBDAS))
+        rows += [("best ppl kNN-LM", f"{b['ppl']:.3f} (k={b['k']} lambda={b['lambda']} T={b['temperature']})"),
+                 ("best ppl kNN-LM + memory", f"{res['knn_memory']['best']['ppl']:.3f} "
+                                              f"(memory lambda={res['knn_memory']['best']['lambda']})")]
+    print(table(rows))
+    write_json(args.output, res)
+    print(f"wrote {args.output}")
+
+
+def cmd_explain_memory(args) -> None:
+    """`knnlm explain --memory`: the tokens where the decoder moved the LM's probability most."""
+    import numpy as np
+
+    from knnlm.core.batching import plan_files
+    from knnlm.core.index import Searcher
+    from knnlm.core.settings import resolve
+    from knnlm.memory.decoder import MemoryDecoder
+    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, disagreements
+    from knnlm.run.evaluate import open_for_model, score_plan
+
+    check_memory_lambda(args.memory_lambda)
+    lm = load_lm(args, args.datastore)
+    searcher, r = None, None
+    if args.datastore:
+        ds = open_for_model(lm, args.datastore)
+        r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults,
+                    name=str(ds.path))
+        searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    mem = MemoryDecoder.load_for(lm, args.memory)
+    plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
+    s = score_plan(lm, plan, searcher, k=r.k if r else 1, temperature=r.temperature if r else 1.0,
+                   progress=not args.quiet, memory=mem)
+    mlam = DEFAULT_MEMORY_LAMBDA if args.memory_lambda is None else args.memory_lambda
+    items = disagreements(s.lm, s.memory, s.knn, mlam, r.lam if r else 0.0, args.top)
+    lines = ["| context | token | p_LM | " + ("p_kNN-LM | " if searcher else "") + "p_mem | p_LM+mem |",
+             "|---|---|---:|" + ("---:|" if searcher else "") + "---:|---:|"]
+    for it in items:
+        i = it["position"]
+        doc = int(np.searchsorted(plan.docs[:, 2], i, side="right") - 1)
+        start, off = int(plan.docs[doc, 0]), i - int(plan.docs[doc, 2]) + 1  # the target is token `off` of `doc`
+        before = plan.tokens[start + max(1, off - 12) : start + off]
+        it.update(context=lm.decode(before), target=lm.decode([s.targets[i]]))
+        cells = [it["context"].replace("\n", "\\n").replace("|", "\\|")[-60:], repr(it["target"]),
+                 f"{it['p_lm']:.4f}"] + ([f"{it['p_knnlm']:.4f}"] if searcher else []) + [
+                 f"{it['p_mem']:.4f}", f"{it['p_mix']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_json(out.with_suffix(".json"), items)
+        print(f"wrote {out} and {out.with_suffix('.json')}")

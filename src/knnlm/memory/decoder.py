@@ -16,8 +16,10 @@ import copy
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from knnlm.core.datastore import publish, write_json_atomic
@@ -141,6 +143,13 @@ class MemoryDecoder:
         check_tokenizers(self.lm.tokenizer_fingerprint, f"{self.path} (trained for {self.meta['base_model']})",
                          lm.tokenizer_fingerprint, lm.name)
 
+    @classmethod
+    def load_for(cls, lm, path: str | Path) -> "MemoryDecoder":
+        """Load a decoder to run beside `lm`: its dtype and device, its tokenizer checked."""
+        mem = cls.load(path, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
+        mem.check_compatible(lm)
+        return mem
+
     @property
     def vocab_size(self) -> int:
         return self.lm.vocab_size
@@ -156,3 +165,37 @@ def align_vocab(logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return torch.nn.functional.pad(logprobs, (0, vocab_size - v), value=-float("inf"))
     cut = logprobs[..., :vocab_size]
     return cut - torch.logsumexp(cut, dim=-1, keepdim=True)
+
+
+@dataclass
+class MemoryUse:
+    """A call's memory decoder and its weight lam in p = lam p_mem + (1 - lam) p_base."""
+
+    name: str
+    decoder: MemoryDecoder
+    lam: float
+
+    def settings(self) -> dict:
+        return {"memory": self.name, "memory_lambda": self.lam}
+
+
+@torch.inference_mode()
+def window_target_logprobs(mem: MemoryDecoder, input_ids: torch.Tensor, windows: list, first: int,
+                           targets: np.ndarray) -> np.ndarray:
+    """log p_mem(target) for the scored columns of a batch of windows, as the LM's are read
+    in `score_plan`: windows are (row, first column, end column, _), logits from `first`."""
+    from knnlm.core.model import target_logprobs
+
+    _, logits = mem.lm.forward(input_ids, [], logits=True, logits_from=first)  # (B, T - first, V_mem)
+    rows = torch.cat([logits[row, c0 - first : c1 - first] for row, c0, c1, _ in windows])  # (m, V_mem)
+    t = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=rows.device)
+    return target_logprobs(rows, t).cpu().numpy()
+
+
+def step_logits(mem: MemoryDecoder, ids: torch.Tensor, cache=None, attention_mask=None, position_ids=None):
+    """One decoding step of the decoder with its KV cache: (logits at the last position
+    (B, V_mem), the new cache)."""
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
+    with torch.inference_mode():
+        out = mem.lm.model(input_ids=ids.to(mem.lm.device), past_key_values=cache, use_cache=True, **kw)
+    return out.logits[:, -1], out.past_key_values

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from knnlm.errors import KnnlmError
+from knnlm.memory.decoder import step_logits
 from knnlm.run.decode import Decoder, GenerationRequest, SequenceState, StreamEvent, next_distributions
 
 if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
@@ -57,6 +58,27 @@ def _pad_mask(m: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(m, (length - m.shape[-1], 0))
 
 
+def _pad_cache(cache, length: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = _pad_seq(layer.keys, length), _pad_seq(layer.values, length)
+
+
+def _stack_caches(mine, theirs, length: int):
+    """Both caches left-padded to `length`, theirs' rows after mine's (mine None: theirs)."""
+    _pad_cache(theirs, length)
+    if mine is None:
+        return theirs
+    _pad_cache(mine, length)
+    for a, b in zip(mine.layers, theirs.layers):
+        a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+    return mine
+
+
+def _select_cache(cache, rows: torch.Tensor, start: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
+
+
 class BatchGenerator:
     """Up to `max_batch` generations of one KNNLM, stepped together (see the module doc).
     Not thread-safe: one caller at a time, like KNNLM."""
@@ -69,6 +91,7 @@ class BatchGenerator:
         self.cache = None  # the rows' KV cache, left-padded to a common length
         self.mask: torch.Tensor | None = None  # (B, L) long: 1 where the cache holds a real token
         self.stackable: bool | None = None  # known after the first prefill
+        self.mem_caches: dict[str, Any] = {}  # per memory decoder: the KV cache of the rows that use it
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -87,11 +110,11 @@ class BatchGenerator:
             raise KnnlmError(f"the batch is full ({len(self.rows)} generations)")
         if tag in self.tags:
             raise KnnlmError(f"tag {tag!r} is already in the batch")
-        seq, dec = SequenceState(self.knnlm, req), Decoder(self.lm, req.r)
+        seq, dec = SequenceState(self.knnlm, req), Decoder(self.lm, req.r, req.m)
         dec.feed(req.ids)
         events, token = seq.advance(*dec.distribution(seq.pointers), dec.dists, dec.ids)
         if token is not None:
-            self._join(dec.cache, len(req.ids))
+            self._join(dec.cache, len(req.ids), req.m and req.m.name, dec.mem_cache)
             self.rows.append(_Row(tag, seq, token))
         return events
 
@@ -125,10 +148,19 @@ class BatchGenerator:
             dists, ids = r.retrieve(keys[r.ds.key_point][idx], [rows[i].seq.pointers for i in idx])  # (n, k)
             found.update({i: (dists[j : j + 1], ids[j : j + 1]) for j, i in enumerate(idx)})
 
+        mem_logits: dict[int, torch.Tensor] = {}  # one step of each memory decoder over the rows that use it
+        for name in self.mem_caches:
+            idx = [i for i, row in enumerate(rows) if row.seq.req.m is not None and row.seq.req.m.name == name]
+            sel = torch.tensor(idx, device=dev)
+            out_m, self.mem_caches[name] = step_logits(rows[idx[0]].seq.req.m.decoder, tokens[sel],
+                                                       self.mem_caches[name], mask[sel], positions[sel])
+            mem_logits.update(zip(idx, out_m))
+
         results, keep = {}, []
         for i, row in enumerate(rows):
             dists, ids = found.get(i, (None, None))
-            events, token = row.seq.advance(*next_distributions(logits[i], row.seq.req.r, dists, ids), dists, ids)
+            dist = next_distributions(logits[i], row.seq.req.r, dists, ids, row.seq.req.m, mem_logits.get(i))
+            events, token = row.seq.advance(*dist, dists, ids)
             results[row.tag] = events
             if token is not None:
                 row.token = token
@@ -141,22 +173,27 @@ class BatchGenerator:
         self._keep([i for i, row in enumerate(self.rows) if row.tag != tag])
 
     def clear(self) -> None:
-        self.rows, self.cache, self.mask = [], None, None
+        self.rows, self.cache, self.mask, self.mem_caches = [], None, None, {}
 
     # ---- the padded cache --------------------------------------------------------------
-    def _join(self, cache, n: int) -> None:
-        """Add a prefilled sequence's cache (batch 1, length n) to the batch's."""
+    def _join(self, cache, n: int, mem_name: str | None = None, mem_cache=None) -> None:
+        """Add a prefilled sequence's cache (batch 1, length n) to the batch's, and its
+        memory decoder's cache (same tokens, same padding) to that decoder's."""
         if self.stackable is None:
-            self.stackable = _stackable(cache)
+            self.stackable = _stackable(cache) and (mem_cache is None or _stackable(mem_cache))
         mask = torch.ones(1, n, dtype=torch.long, device=self.lm.device)
         if not self.rows:  # the batch's cache is this one
             self.cache, self.mask = cache, mask
+            if mem_name is not None:
+                self.mem_caches = {mem_name: mem_cache}
             return
         length = max(self.mask.shape[1], n)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_seq(mine.keys, length), _pad_seq(theirs.keys, length)])
-            mine.values = torch.cat([_pad_seq(mine.values, length), _pad_seq(theirs.values, length)])
+        self.cache = _stack_caches(self.cache, cache, length)
         self.mask = torch.cat([_pad_mask(self.mask, length), _pad_mask(mask, length)])
+        for name in self.mem_caches:
+            _pad_cache(self.mem_caches[name], length)
+        if mem_name is not None:
+            self.mem_caches[mem_name] = _stack_caches(self.mem_caches.get(mem_name), mem_cache, length)
 
     def _keep(self, idx: list[int]) -> None:
         """Keep these rows; trim the padding columns no remaining row needs."""
@@ -165,11 +202,16 @@ class BatchGenerator:
         if not idx:
             self.clear()
             return
-        self.rows = [self.rows[i] for i in idx]
         sel = torch.tensor(idx, device=self.lm.device)
         mask = self.mask[sel]
         start = int(torch.nonzero(mask.sum(0))[0])  # the first column a remaining row uses
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[sel, :, start:]
-            layer.values = layer.values[sel, :, start:]
+        _select_cache(self.cache, sel, start)
+        for name in list(self.mem_caches):  # the decoder's rows, in batch order: which of them stay
+            users = [i for i, row in enumerate(self.rows) if row.seq.req.m is not None and row.seq.req.m.name == name]
+            stay = [j for j, i in enumerate(users) if i in idx]
+            if stay:
+                _select_cache(self.mem_caches[name], torch.tensor(stay, device=self.lm.device), start)
+            else:
+                del self.mem_caches[name]
+        self.rows = [self.rows[i] for i in idx]
         self.mask = mask[:, start:]

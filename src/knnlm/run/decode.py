@@ -17,6 +17,8 @@ from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import knn_distribution
 from knnlm.errors import KnnlmError
+from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
+from knnlm.memory.mix import mix_memory_distribution
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup
 
@@ -55,6 +57,7 @@ class TokenScore:
     logprob_knn: float | None  # None without a datastore; -inf when no neighbour predicts it
     neighbors: list[Neighbor] = field(default_factory=list)
     top: dict[str, float] = field(default_factory=dict)  # the most likely tokens' log p_kNN-LM, when asked
+    logprob_memory: float | None = None  # log p_mem of a memory decoder, when one is mixed in (scoring)
 
 
 @dataclass
@@ -126,10 +129,11 @@ class GenerationRequest:
     neighbors: int
     top_logprobs: int
     report_eos: bool = False  # the EOS that ends the generation is reported as a last token (text "")
+    m: MemoryUse | None = None  # a memory decoder mixed on top
 
     @property
     def settings(self) -> dict:
-        return settings_of(self.r)
+        return {**settings_of(self.r), **(self.m.settings() if self.m else {})}
 
 
 def filter_logprobs(logprobs: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -207,8 +211,9 @@ class Decoder:
     """One sequence stepped through the model with its KV cache: `feed` new tokens, then
     read the next-token distributions at the last position."""
 
-    def __init__(self, lm, r: Retrieval | None):
-        self.lm, self.r = lm, r
+    def __init__(self, lm, r: Retrieval | None, m: MemoryUse | None = None):
+        self.lm, self.r, self.m = lm, r, m
+        self.mem_cache = self.mem_logits = None  # the memory decoder's own KV cache and last logits
         self.cache = None
         self.logits: torch.Tensor | None = None  # (V,) at the last position
         self.key: np.ndarray | None = None  # (1, d) float32 at the last position
@@ -225,6 +230,9 @@ class Decoder:
         if self.r is not None:
             key = captured[self.r.ds.key_point]
             self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
+        if self.m is not None:
+            logits, self.mem_cache = step_logits(self.m.decoder, x, self.mem_cache)
+            self.mem_logits = logits[0]  # (V_mem,)
 
     def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor | None]:
@@ -233,15 +241,25 @@ class Decoder:
         self.dists = self.ids = None
         if self.r is not None and not self.r.skips(self.logits):
             self.dists, self.ids = self.r.retrieve(self.key, [state])  # (1, k)
-        return next_distributions(self.logits, self.r, self.dists, self.ids)
+        return next_distributions(self.logits, self.r, self.dists, self.ids, self.m, self.mem_logits)
 
 
 @torch.inference_mode()
 def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
-                       ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       ids: np.ndarray | None, m: MemoryUse | None = None,
+                       mem_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(mix, lm, knn) log-probs (V,) from the LM's logits (V,) at one position and that
     position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM;
-    dists None: no retrieval at this position, p_LM alone)."""
+    dists None: no retrieval at this position, p_LM alone); with a memory decoder m and
+    its logits at the position, p_mem is mixed on top."""
+    mix, lm_lp, knn_lp = _knn_distributions(logits, r, dists, ids)
+    if m is not None:
+        mem_lp = align_vocab(torch.log_softmax(mem_logits.float(), -1).cpu(), lm_lp.shape[-1])  # (V,)
+        mix = mix_memory_distribution(mix, mem_lp, m.lam)
+    return mix, lm_lp, knn_lp
+
+
+def _knn_distributions(logits, r, dists, ids):
     lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
     if r is None or dists is None:
         return lm_lp, lm_lp, None

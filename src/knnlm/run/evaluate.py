@@ -51,6 +51,7 @@ class Scores:
     cache: np.ndarray | None = None  # (n,) log p_cache(target); NaN where the cache is empty
     cache_keys: np.ndarray | None = None  # (n, d) float32 final hidden states, when kept
     searched: np.ndarray | None = None  # (n,) bool: positions that searched (all of them without pointers/adaptive)
+    memory: np.ndarray | None = None  # (n,) log p_mem(target) of a memory decoder
     seconds: dict = field(default_factory=dict)
 
 
@@ -68,6 +69,7 @@ def score_plan(
     exclude: np.ndarray | None = None,
     pointers: Pointers | None = None,
     adaptive: Adaptive | None = None,
+    memory=None,
 ) -> Scores:
     """One forward pass per batch: LM log-probs of every target and, with a searcher, the
     k nearest datastore entries of every query key.
@@ -82,6 +84,8 @@ def score_plan(
     retrieval is replayed left to right per document after the pass (`simulate`: exact,
     since keys do not depend on retrieval); `Scores.knn` is NaN where a position skipped
     retrieval and `Scores.searched` says which positions searched.
+    With a `memory` decoder (knnlm.memory.decoder.MemoryDecoder) the same windows also give
+    `Scores.memory`, log p_mem(target).
     """
     import torch
     from tqdm.auto import tqdm
@@ -106,7 +110,8 @@ def score_plan(
     use_cache = cache_theta is not None or keep_cache_keys
     read = ([kp] if kp else []) + ([CACHE_KEY_POINT] if use_cache and kp != CACHE_KEY_POINT else [])
     ckeys = np.empty((n, lm.dim(CACHE_KEY_POINT)), dtype=np.float32) if use_cache else None
-    t_lm = t_search = 0.0
+    t_lm = t_search = t_mem = 0.0
+    mem_lp = np.empty(n, dtype=np.float32) if memory is not None else None
     bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress)
     for b in range(len(plan.batches)):
         t0 = time.perf_counter()
@@ -147,6 +152,12 @@ def score_plan(
             if keep_neighbors:
                 dists[sel], ids[sel] = d, i
             t_search += time.perf_counter() - t1
+        if memory is not None:
+            from knnlm.memory.decoder import window_target_logprobs
+
+            t2 = time.perf_counter()
+            mem_lp[sel] = window_target_logprobs(memory, plan.batch_input(b), windows, first, targets[sel])
+            t_mem += time.perf_counter() - t2
         bar.update(len(sel))
     bar.close()
     searched = None
@@ -159,7 +170,8 @@ def score_plan(
         t_search += time.perf_counter() - t1
     elif searcher is not None:
         searched = np.ones(n, dtype=bool)
-    out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search}, searched=searched)
+    out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search, "memory": t_mem},
+                 searched=searched, memory=mem_lp)
     if keep_neighbors and searcher is not None:
         out.dists, out.ids = dists, ids
         out.vals = searcher.ds.vals[np.maximum(ids, 0)]
@@ -199,6 +211,8 @@ def evaluate(
     paper_defaults: bool = False,
     pointers: Pointers | None = None,
     adaptive: Adaptive | None = None,
+    memory: str | Path | None = None,
+    memory_lambda: float | None = None,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
 
@@ -209,8 +223,16 @@ def evaluate(
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
     so cache_lambda = 0 gives the kNN-LM's perplexity exactly.  `pointers` (RetoMaton) and
     `adaptive` retrieval search fewer positions; `search_rate` says what share searched.
+    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.
+
+    With a `memory` decoder directory: `ppl_memory` of p = memory_lambda * p_mem +
+    (1 - memory_lambda) * p_LM, and with a datastore too `ppl_knnlm_memory` (the decoder
+    mixed on top of the kNN-LM); memory_lambda = 0 gives the LM's (kNN-LM's) exactly.
     """
+    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
+
     check_settings(lam=lam, temperature=temperature, k=k)
+    check_memory_lambda(memory_lambda)
     if cache_lambda is not None and not 0.0 <= cache_lambda <= 1.0:
         raise KnnlmError(f"cache lambda must be in [0, 1], got {cache_lambda}")
     if lm.max_positions and window > lm.max_positions:
@@ -221,12 +243,16 @@ def evaluate(
         chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path))
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
         searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device))
+    if memory is not None:
+        from knnlm.memory.decoder import MemoryDecoder
+
+        memory = MemoryDecoder.load_for(lm, memory)
     plan = plan_files(lm, texts, window, stride, batch_tokens)
     t0 = time.perf_counter()
     s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
                    progress=progress,
                    cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size,
-                   pointers=pointers, adaptive=adaptive)
+                   pointers=pointers, adaptive=adaptive, memory=memory)
     total = time.perf_counter() - t0
     result = {
         "tokens": int(plan.count),
@@ -261,4 +287,11 @@ def evaluate(
         base = mix_where_searched(s.lm, s.knn, lam) if searcher is not None else s.lm
         result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
                       cache_theta=cache_theta, cache_size=cache_size, cache_key_point=CACHE_KEY_POINT)
+    if memory is not None:
+        mlam = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
+        result.update(ppl_memory=perplexity(mix_memory(s.lm, s.memory, mlam)), memory=memory.name,
+                      memory_lambda=mlam, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
+                      seconds_memory=round(s.seconds["memory"], 3))
+        if searcher is not None:
+            result["ppl_knnlm_memory"] = perplexity(mix_memory(mix_where_searched(s.lm, s.knn, lam), s.memory, mlam))
     return result

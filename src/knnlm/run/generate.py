@@ -31,6 +31,8 @@ from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
 from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
+from knnlm.memory.decoder import MemoryDecoder, MemoryUse
+from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
 from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
 from knnlm.retrieval.device import open_searcher
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
@@ -120,8 +122,10 @@ class KNNLM:
                  lam: float | None = None, k: int | None = None, knn_temperature: float | None = None,
                  index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
                  context: int = 24, paper_defaults: bool = False, pointers: Pointers | None = None,
-                 adaptive: Adaptive | None = None):
+                 adaptive: Adaptive | None = None, memories: Mapping[str, str | Path] | None = None,
+                 memory_lambda: float | None = None, default_memory: str | None = None):
         check_settings(lam=lam, temperature=knn_temperature, k=k)
+        check_memory_lambda(memory_lambda)
         self.pointers, self.adaptive = _checked(pointers, adaptive)  # defaults of every call (None: off)
         self.lm = lm
         self.searchers: dict[str, Searcher] = {}
@@ -135,6 +139,15 @@ class KNNLM:
         if default is not None and default not in self.searchers:
             raise KnnlmError(f"default datastore {default!r} is not loaded (have: {self._names()})")
         self.default = default if default is not None else next(iter(self.searchers), None)
+        # memory decoders (knnlm.memory), by name like datastores; the default one mixes into every call
+        self.memories: dict[str, MemoryDecoder] = {}
+        self.memory_lambda = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
+        for name, path in (memories or {}).items():
+            self.add_memory(name, path)
+        if default_memory is not None and default_memory not in self.memories:
+            raise KnnlmError(f"default memory decoder {default_memory!r} is not loaded "
+                             f"(have: {', '.join(self.memories) or 'none'})")
+        self.default_memory = default_memory if default_memory is not None else next(iter(self.memories), None)
 
     @classmethod
     def load(cls, model: str | None = None, datastores: Mapping[str, str | Path] | None = None,
@@ -160,6 +173,22 @@ class KNNLM:
         self.searchers[name] = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(self.lm.device))
         LOG.info("datastore %s: %s (%d entries, key point %s)", name, ds.path, ds.count, ds.key_point)
 
+    def add_memory(self, name: str, path: str | Path) -> None:
+        """Load a memory decoder of this model's tokenizer under `name`."""
+        if not name or "=" in name or name in self.memories:
+            raise KnnlmError(f"invalid or repeated memory decoder name {name!r}")
+        self.memories[name] = MemoryDecoder.load_for(self.lm, path)
+
+    def memory_use(self, memory=DEFAULT, memory_lambda: float | None = None) -> MemoryUse | None:
+        """A call's memory decoder (None: none, or disabled) and its lambda."""
+        check_memory_lambda(memory_lambda)
+        name = self.default_memory if memory is DEFAULT else memory
+        if name is None or self._disabled:
+            return None
+        if name not in self.memories:
+            raise KnnlmError(f"unknown memory decoder {name!r} (loaded: {', '.join(self.memories) or 'none'})")
+        return MemoryUse(name, self.memories[name], self.memory_lambda if memory_lambda is None else memory_lambda)
+
     @property
     def datastores(self) -> dict[str, Datastore]:
         return {name: s.ds for name, s in self.searchers.items()}
@@ -169,7 +198,7 @@ class KNNLM:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator["KNNLM"]:
-        """Inside, every call uses the base LM alone, whatever datastore it names."""
+        """Inside, every call uses the base LM alone, whatever datastore or memory it names."""
         old, self._disabled = self._disabled, True
         try:
             yield self
@@ -218,7 +247,8 @@ class KNNLM:
     @torch.inference_mode()
     def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
               knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0, pointers=DEFAULT,
-              adaptive=DEFAULT, following: bool = False) -> TextScore:
+              adaptive=DEFAULT, following: bool = False, memory=DEFAULT,
+              memory_lambda: float | None = None) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
@@ -229,8 +259,10 @@ class KNNLM:
         `following=True` (plain retrieval only) also keeps the distributions of the token
         after the text, from the same pass: `TextScore.following` = (mix, lm, knn, dists,
         ids), what `SequenceState.advance` takes to pick a first generated token.
+        A memory decoder (`memory`, `memory_lambda`) is mixed on top of the (kNN-)LM.
         """
         r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
+        m = self.memory_use(memory, memory_lambda)
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         ids = self.prompt_ids(text)
@@ -258,6 +290,12 @@ class KNNLM:
                                          counts=r.ds.counts_of(nids))
             knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
             mix = mix_where_searched(lm_lp, knn_lp, r.lam)
+        mem_lp = mem_logits = None
+        if m is not None:
+            _, mem_logits = m.decoder.lm.forward(torch.tensor([ids]), [], logits=True)  # (1, T, V_mem)
+            mem_lp = torch.log_softmax(mem_logits[0, :-1].float(), -1).gather(1, targets[:, None].to(
+                mem_logits.device))[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
+            mix = mix_memory(mix, mem_lp, m.lam)
         tops = self._top_rows(lm_all, r, dists, nids, top_logprobs) if top_logprobs else [{} for _ in mix]
         tokens = []
         for i, t in enumerate(ids[1:]):
@@ -267,12 +305,13 @@ class KNNLM:
             if text_i in top and abs(top[text_i] - mix[i]) < 1e-4:
                 top[text_i] = float(mix[i])  # the token's own value, exactly (a greedy token is the top one)
             tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
-                                     None if knn_lp is None or not found else float(knn_lp[i]), nb, top))
+                                     None if knn_lp is None or not found else float(knn_lp[i]), nb, top,
+                                     logprob_memory=None if mem_lp is None else float(mem_lp[i])))
         nxt = None
         if following:
             d, n = after if after is not None else (None, None)
-            nxt = (*next_distributions(logits[0, -1], r, d, n), d, n)
-        return TextScore(ids, tokens, settings_of(r), nxt)
+            nxt = (*next_distributions(logits[0, -1], r, d, n, m, None if m is None else mem_logits[0, -1]), d, n)
+        return TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                   nids: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:
@@ -292,12 +331,13 @@ class KNNLM:
 
     def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, lam: float | None = None,
                                 k: int | None = None, knn_temperature: float | None = None,
-                                neighbors: int = 0) -> NextToken:
-        """p(next token | prefix) under the LM, p_kNN and their mixture."""
+                                neighbors: int = 0, memory=DEFAULT, memory_lambda: float | None = None) -> NextToken:
+        """p(next token | prefix) under the LM, p_kNN and their mixture (with a memory decoder's on top)."""
         r = self.retrieval(datastore, lam, k, knn_temperature)
+        m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prefix)
         self.check_length(len(ids), 1)
-        step = Decoder(self.lm, r)
+        step = Decoder(self.lm, r, m)
         step.feed(ids)
         mix, lm_lp, knn_lp = step.distribution()
         nb = self.neighbors_of(r, step.dists[0], step.ids[0], neighbors) if r is not None and neighbors else []
@@ -318,8 +358,8 @@ class KNNLM:
         softmax(log p_kNN-LM / temperature) after top_k / top_p filtering, from a generator
         seeded with `seed`, None: random), stop (strings; trimmed from the text),
         ignore_eos, neighbors (attached to each token), top_logprobs (the most likely
-        tokens at each step), and the retrieval settings datastore, lam, k,
-        knn_temperature.  Generation ends at EOS, at a stop string or after
+        tokens at each step), the retrieval settings datastore, lam, k,
+        knn_temperature, and a memory decoder (memory, memory_lambda).  Generation ends at EOS, at a stop string or after
         max_new_tokens.  Every setting is checked here, before the first token.
         """
         return self.run(self.prepare(prompt, max_new_tokens, **options))
@@ -329,7 +369,7 @@ class KNNLM:
                 seed: int | None = None, ignore_eos: bool = False, neighbors: int = 0, top_logprobs: int = 0,
                 datastore=DEFAULT, lam: float | None = None, k: int | None = None,
                 knn_temperature: float | None = None, report_eos: bool = False, pointers=DEFAULT,
-                adaptive=DEFAULT) -> GenerationRequest:
+                adaptive=DEFAULT, memory=DEFAULT, memory_lambda: float | None = None) -> GenerationRequest:
         """Check a generation request and tokenize its prompt; `run` generates it.
         `report_eos`: the end-of-text token that ends a generation is its last token (with
         text ""), as OpenAI-compatible servers list it among the logprobs."""
@@ -338,14 +378,15 @@ class KNNLM:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         stops = parse_stops(stop)
         r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
+        m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
         return GenerationRequest(ids, r, max_new_tokens, temperature, top_k, top_p, stops, seed, ignore_eos,
-                                 neighbors, top_logprobs, report_eos)
+                                 neighbors, top_logprobs, report_eos, m)
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""
-        seq, step = SequenceState(self, req), Decoder(self.lm, req.r)
+        seq, step = SequenceState(self, req), Decoder(self.lm, req.r, req.m)
         step.feed(req.ids)
         while True:
             events, tok = seq.advance(*step.distribution(seq.pointers), step.dists, step.ids)

@@ -49,6 +49,10 @@ class KnnFields(BaseModel):
                     "(0: off; omitted: the server's default)")
     return_neighbors: int = Field(default=0, ge=0, le=MAX_NEIGHBORS,
                                   description="per token, this many nearest neighbours with their source text")
+    memory: str | None = Field(default=None, description="memory decoder name (knnlm serve --memory); omitted: "
+                               "the server's default; null: none")
+    memory_lambda: float | None = Field(default=None, ge=0.0, le=1.0,
+                                        description="weight of p_mem, mixed on top: p = λm p_mem + (1-λm) p")
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]

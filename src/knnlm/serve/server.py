@@ -271,7 +271,12 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         if ds is not DEFAULT and ds is not None and ds not in knnlm.searchers:
             raise HTTPError(404, f"unknown datastore {ds!r} (loaded: {', '.join(knnlm.searchers) or 'none'})",
                             "datastore", "datastore_not_found")
-        out = {"datastore": ds, "lam": req.lambda_, "k": req.k, "knn_temperature": req.knn_temperature}
+        mem = req.memory if "memory" in req.model_fields_set else DEFAULT
+        if mem is not DEFAULT and mem is not None and mem not in knnlm.memories:
+            raise HTTPError(404, f"unknown memory decoder {mem!r} (loaded: {', '.join(knnlm.memories) or 'none'})",
+                            "memory", "memory_not_found")
+        out = {"datastore": ds, "lam": req.lambda_, "k": req.k, "knn_temperature": req.knn_temperature,
+               "memory": mem, "memory_lambda": req.memory_lambda}
         if req.pointer_threshold is not None:
             out["pointers"] = Pointers(req.pointer_threshold) if req.pointer_threshold > 0 else None
         if req.adaptive_threshold is not None:
@@ -368,7 +373,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
             same forward pass (lm-evaluation-harness's request: one pass instead of two)."""
             ids = knnlm.prompt_ids(p)
             knnlm.check_length(len(ids), req.max_tokens)
-            r = knnlm.retrieval(**retrieval)
+            r = knnlm.retrieval(**{key: v for key, v in retrieval.items() if not key.startswith("memory")})
             if not req.echo:
                 return len(ids), None, settings_of(r), None
             plain = r is None or (r.pointers is None and r.adaptive is None)  # else: the generation's own steps

@@ -236,3 +236,15 @@ def test_server_takes_pointers_per_request(knn, lm):
         assert r["choices"][0]["text"] == plain.text and "pointer_threshold" not in r["choices"][0]["knnlm"]
         r = httpx.post(f"{url}/v1/completions", json={**body, "pointer_threshold": -1}, timeout=60)
         assert r.status_code == 400
+
+
+def test_generate_command_takes_pointers(docs_ds, llama_dir, capsys):
+    import json
+
+    from knnlm.cli.main import main
+
+    assert main(["-q", "generate", "the quick", "-d", str(docs_ds.path), "-k", "4", "--max-new-tokens", "3",
+                 "--pointers", "2", "--pointer-every", "3", "--adaptive", "0.9", "--json", "--model", str(llama_dir),
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pointer_threshold"] == 2 and out["pointer_every"] == 3 and out["adaptive_threshold"] == 0.9

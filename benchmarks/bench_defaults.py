@@ -108,6 +108,11 @@ def run(args) -> dict:
         raise KnnlmError(f"{data} not found: pass --data (the folder holding wikitext-2-raw/)")
     if file_sha256(data) != TEST_SHA256:
         raise KnnlmError(f"{data} is not WikiText-2 raw test (sha256 differs from {TEST_SHA256[:12]}...)")
+    if args.test_text:  # a part of it: its first whole articles
+        part = Path(args.test_text)
+        if not part.exists() or not data.read_text(encoding="utf-8").startswith(part.read_text(encoding="utf-8")):
+            raise KnnlmError(f"--test-text {part} must be a beginning of {data}")
+        data = part
     wt_path, demo = Path(args.wikitext_datastore), Path(args.demo_dir)
     if not (wt_path / "meta.json").exists():
         raise KnnlmError(f"no datastore at {wt_path}: run `python benchmarks/bench_wikitext.py --phases quality` first")
@@ -119,7 +124,8 @@ def run(args) -> dict:
 
     wt = Datastore(wt_path)
     wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
-    queries = query_cache(lm, data, wt_path.parent / "queries-test.npz")
+    queries = query_cache(lm, data, wt_path.parent / f"queries-{data.stem}.npz")
+    res["wikitext2_test"] = {"file": str(data), "sha256": file_sha256(data)}
     t0 = time.perf_counter()
     s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
     res["wikitext2"] = {"datastore": str(wt_path), "entries": wt.count, "settings": s,
@@ -146,7 +152,7 @@ def run(args) -> dict:
 
 
 def render(res: dict, command: str) -> str:
-    rows = [("WikiText-2 datastore → wiki.test.raw", res["wikitext2"]), ("Spanish leads → held-out leads", res["es-es"]),
+    rows = [(f"WikiText-2 datastore → {Path(res['wikitext2_test']['file']).name}", res["wikitext2"]), ("Spanish leads → held-out leads", res["es-es"]),
             ("English leads → held-out leads", res["en-us"]), ("English leads → WikiText-2 test (mismatch)",
                                                                res["mismatch"])]
     out = ["# Do the defaults help? (issue 11)", "",
@@ -174,6 +180,8 @@ def main() -> int:
     ap.add_argument("--demo-dir", default="knnlm-demo", help="the demo's --workdir")
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"),
                     help="folder holding wikitext-2-raw/wiki.test.raw")
+    ap.add_argument("--test-text", default=None,
+                    help="the first whole articles of wiki.test.raw as a file, to test on less (default: all of it)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tune-tokens", type=int, default=16384, help="as `knnlm build --tune-tokens`")

@@ -34,3 +34,15 @@ def test_explain_shows_biggest_gains_with_their_memories(lm, datastore, corpus):
     assert it["context"] == lm.decode(ids[max(1, it["offset"] - 24): it["offset"]])
     md = render(items)
     assert md.count("### ") == 3 and "p_kNN" in md
+
+
+def test_explain_by_probability_ranks_the_probability_added(lm, datastore, corpus):
+    plan = plan_files(lm, [corpus], 32, 16, 128)
+    s = score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True, progress=False)
+    items = explain(lm, datastore, s, lam=0.5, temperature=1.0, top=5, neighbors=1, by="prob")
+    added = [it["p_knnlm"] - it["p_lm"] for it in items]
+    assert added == sorted(added, reverse=True)
+    mix = np.logaddexp(np.log(0.5) + s.knn, np.log(0.5) + s.lm)
+    doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(mix)), side="right") - 1
+    eligible = np.arange(len(mix)) - plan.docs[doc_of, 2] + 1 > 4
+    assert np.isclose(added[0], (np.exp(mix) - np.exp(s.lm))[eligible].max())

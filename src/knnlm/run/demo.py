@@ -89,7 +89,7 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
            "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(interpolate(s.lm, s.knn, own["lambda"])),
            "ppl_knnlm_paper_defaults": paper,
            "settings": {f: own[f] for f in ("k", "lambda", "temperature", "how", "tokens")}}
-    items = explain(lm, ds, s, lam=own["lambda"], temperature=own["temperature"], top=5, neighbors=3)
+    items = explain(lm, ds, s, lam=own["lambda"], temperature=own["temperature"], top=5, neighbors=3, by="prob")
     return row, items, ds
 
 
@@ -155,7 +155,8 @@ def report(summary: dict, explained: dict) -> str:
         items = explained[r["lang"]][:2]
         if not items:
             continue
-        lines += ["", f"where the datastore helped most ({r['domain']}): the token in [brackets], its memories"]
+        lines += ["", f"where the datastore added most probability ({r['domain']}): the token in [brackets], "
+                      "its nearest memories"]
         for it in items:
             ctx = it["context"].replace("\n", " ")[-60:]
             lines.append(f"  …{ctx}[{it['target']}]   p_LM {it['p_lm']:.3f} -> p_kNN-LM {it['p_knnlm']:.3f}")

@@ -19,15 +19,18 @@ def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
-            neighbors: int = 5, context: int = 24, min_context: int = 4) -> list[dict]:
-    """The `top` targets with the largest gain log p_kNN-LM - log p_LM, as dicts.
+            neighbors: int = 5, context: int = 24, min_context: int = 4, by: str = "log") -> list[dict]:
+    """The `top` targets with the largest gain log p_kNN-LM - log p_LM (`by="prob"`: the
+    largest p_kNN-LM - p_LM, the probability the datastore added), as dicts.
 
     Targets with fewer than `min_context` tokens of their document before them are
     skipped: a document's first words are predicted from the same empty context everywhere.
     """
     plan = scores.plan
     mix = interpolate(scores.lm, scores.knn, lam)
-    gain = mix - scores.lm
+    if by not in ("log", "prob"):
+        raise ValueError(f"by must be 'log' or 'prob', got {by!r}")
+    gain = mix - scores.lm if by == "log" else np.exp(mix) - np.exp(scores.lm)
     doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(gain)), side="right") - 1
     offset = np.arange(len(gain)) - plan.docs[doc_of, 2] + 1
     gain = np.where(offset > min_context, gain, -np.inf)

@@ -55,8 +55,9 @@ def lm_once(args, _cache={}):
 def text_of(args, split: str) -> Path:
     from bench_wikitext import DATA, split_valid
 
-    if split == "test":
-        return Path(args.data or DATA) / "wiki.test.raw"
+    if split == "test":  # the session's shared cache holds the first ~100k tokens of test (whole articles)
+        sub = Path(args.cache) / "test_100k.txt"
+        return sub if sub.exists() else Path(args.data or DATA) / "wiki.test.raw"
     return split_valid(lm_once(args), Path(args.cache), 25_000)[1]
 
 
@@ -265,6 +266,7 @@ def main() -> None:
         sub.append({"split": f"test[:{m}]", "method": "pointers", "setting": describe(ptr),
                     "search_rate": float(searched.mean()), "ppl": ppl(lm_sub, knn)})
     res["rows"], res["subset_rows"] = rows, sub
+    res["test_text"] = text_of(args, "test").name
     res["confidence_seconds"] = {sp: float(c["seconds"]) for sp, c in conf.items()}
     write(args, res, lam, temp)
 
@@ -306,6 +308,8 @@ def write(args, res: dict, lam: float, temp: float) -> None:
             "distances; it searches when fewer than the threshold remain. Adaptive thresholds are quantiles of "
             "the held-out signal (LM max probability or entropy). The replay is exact: query keys do not depend "
             "on retrieval.\n\n"
+            f"Splits: heldout = the {res['tokens']['heldout']} held-out valid positions; test = "
+            f"{res['tokens']['test']} positions of wiki.test.raw ({res['test_text']}).\n\n"
             f"## Pointers, all positions\n\n{table(res['rows'])}\n\n"
             f"- {best_at_half(res['rows'], 'heldout')}\n- {best_at_half(res['rows'], 'test')}\n\n"
             f"## Adaptive retrieval vs pointers on the first {res['subset_rows'][0]['split']} test positions\n\n"

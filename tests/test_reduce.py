@@ -128,3 +128,15 @@ def test_reduce_command(docs_ds, tmp_path, capsys):
     assert "d=8" in capsys.readouterr().out and Datastore(tmp_path / "r").reduction["dim"] == 8
     assert main(["-q", "reduce", str(docs_ds.path), "-o", str(tmp_path / "r2")]) == 1
     assert "exactly one of --pca" in capsys.readouterr().err
+
+
+def test_counts_weigh_the_sweep_as_they_weigh_p_knn():
+    """Neighbours at d = (0, 1, 1) with values (5, 6, 5) and counts (1, 3, 2), T = 1:
+    p(5) = (1 + 2/e) / (1 + 5/e) = 0.6070."""
+    from knnlm.core.scoring import knn_target_logprobs_all_k
+
+    d, v, c = np.array([[0.0, 1.0, 1.0]]), np.array([[5, 6, 5]]), np.array([[1, 3, 2]])
+    e = np.e
+    want = np.log((1 + 2 / e) / (1 + 5 / e))
+    assert knn_target_logprobs(d, v, np.array([5]), 1.0, counts=c)[0] == pytest.approx(want)
+    assert knn_target_logprobs_all_k(d, v, np.array([5]), 1.0, [3], counts=c)[0, 0] == pytest.approx(want)

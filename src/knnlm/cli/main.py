@@ -125,7 +125,7 @@ def cmd_tune(args) -> None:
     searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=not args.quiet)
-    res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks)
+    res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks, counts=ds.counts_of(s.ids))
     res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=k, **searcher.settings(),
                window=args.window, stride=args.stride)
     b = res["best"]

@@ -45,15 +45,18 @@ def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray
     return np.where(hit_w > 0, out, -np.inf)
 
 
-def knn_target_logprobs_all_k(dists, vals, targets, temperature: float, ks) -> np.ndarray:
+def knn_target_logprobs_all_k(dists, vals, targets, temperature: float, ks, counts=None) -> np.ndarray:
     """log p_kNN(target) using only the first k neighbours, for every k in `ks`.  (m, len(ks))
 
     One pass: the nearest neighbour has the largest logit, so the running sums of
-    exp(logit - first logit) neither overflow nor depend on k.
+    exp(logit - first logit) neither overflow nor depend on k.  counts (m, K): merged
+    entries' counts (a pruned datastore), each neighbour weighing count * exp(-d/T).
     """
     logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, K)
     first = logits[:, :1]
     w = np.exp(logits - np.where(np.isfinite(first), first, 0.0))
+    if counts is not None:
+        w = w * np.asarray(counts, dtype=np.float64)
     hit = vals == np.asarray(targets)[:, None]
     cols = np.asarray(ks) - 1
     all_w = np.cumsum(w, axis=1)[:, cols]  # (m, len(ks))

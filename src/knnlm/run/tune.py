@@ -16,7 +16,7 @@ def default_ks(k_max: int) -> list[int]:
 
 
 def sweep(lm_lp, dists, vals, targets, lambdas=DEFAULT_LAMBDAS, temperatures=DEFAULT_TEMPERATURES, ks=None,
-          chunk: int = 4096) -> dict:
+          chunk: int = 4096, counts=None) -> dict:
     """Perplexity for every (k, T, lambda) from one retrieval at k = dists.shape[1].
 
     Returns {"grid": [{k, temperature, lambda, ppl}...], "best": {...}, "ppl_lm": ...}.
@@ -30,7 +30,8 @@ def sweep(lm_lp, dists, vals, targets, lambdas=DEFAULT_LAMBDAS, temperatures=DEF
         knn = np.empty((n, len(ks)))
         for i in range(0, n, chunk):  # bounded memory: (chunk, K) at a time
             sl = slice(i, i + chunk)
-            knn[sl] = knn_target_logprobs_all_k(dists[sl], vals[sl], targets[sl], t, ks)
+            knn[sl] = knn_target_logprobs_all_k(dists[sl], vals[sl], targets[sl], t, ks,
+                                                None if counts is None else counts[sl])
         for j, k in enumerate(ks):
             for lam in lambdas:
                 grid.append({"k": int(k), "temperature": float(t), "lambda": float(lam),

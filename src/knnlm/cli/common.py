@@ -64,6 +64,10 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                        help="neighbours retrieved (default: 1024, or the datastore's size if smaller)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's)")
     g.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    g.add_argument("--search-actors", type=int, default=0,
+                   help="sharded datastore: search it with this many Ray actors (0: in this process)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: start a local Ray when Ray is used)")
     if cache:
         c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
         c.add_argument("--cache-lambda", type=float, default=None,
@@ -101,10 +105,10 @@ def fewer_searches(args) -> dict:
 
 
 def load_lm(args, datastore: str | None = None, key_point: str | None = None):
-    from knnlm.core.datastore import Datastore
     from knnlm.core.model import DEFAULT_MODEL, LM
+    from knnlm.scale import open_datastore
 
-    meta = Datastore(datastore).meta if datastore else {}
+    meta = open_datastore(datastore).meta if datastore else {}
     model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
     dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
     kp = key_point or meta.get("key_point") or "ffn_input"

@@ -30,11 +30,23 @@ SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's 
 
 
 # ---- subcommands ---------------------------------------------------------------------
+def searcher_from_args(args, ds):
+    from knnlm.scale import open_searcher
+
+    return open_searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
+                         backend="ray" if args.search_actors else "local", actors=args.search_actors or None,
+                         ray_address=args.ray_address)
+
+
 def cmd_build(args) -> None:
     from knnlm.core.datastore import Datastore, build_datastore
     from knnlm.core.index import build_index
 
     lm = load_lm(args, key_point=args.key_point)
+    if args.workers:
+        from knnlm.cli.scale import build_on_ray
+
+        return build_on_ray(args, lm)
     out = build_datastore(lm, args.corpus, args.output, window=args.window, stride=args.stride,
                           batch_tokens=args.batch_tokens, overwrite=args.overwrite,
                           progress=not args.quiet)[0]
@@ -54,12 +66,18 @@ def cmd_build(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from knnlm.core.datastore import Datastore
     from knnlm.core.index import build_index
+    from knnlm.scale import ShardedDatastore, open_datastore
+    from knnlm.scale.index import build_sharded_index
 
-    ds = Datastore(args.datastore)
-    path = build_index(ds, args.type, name=args.name, train_size=args.train_size, nprobe=args.nprobe,
-                       overwrite=args.overwrite, progress=not args.quiet)
+    ds = open_datastore(args.datastore)
+    if isinstance(ds, ShardedDatastore):
+        path = build_sharded_index(ds, args.type, name=args.name, train_size=args.train_size, nprobe=args.nprobe,
+                                   overwrite=args.overwrite, backend="ray" if args.workers else "local",
+                                   ray_address=args.ray_address, progress=not args.quiet)
+    else:
+        path = build_index(ds, args.type, name=args.name, train_size=args.train_size, nprobe=args.nprobe,
+                           overwrite=args.overwrite, progress=not args.quiet)
     info = json.loads((path / "index.json").read_text())
     print(f"index {path}: {info['factory']}, {info['ntotal']} keys, built in {info['build_seconds']} s")
 
@@ -75,6 +93,7 @@ def cmd_eval(args) -> None:
                    rerank=False if args.no_rerank else None, progress=not args.quiet,
                    cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
                    paper_defaults=args.paper_defaults, memory=args.memory, memory_lambda=args.memory_lambda,
+                   search_actors=args.search_actors, ray_address=args.ray_address,
                    **fewer)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
@@ -99,7 +118,6 @@ def cmd_eval(args) -> None:
 
 def cmd_tune(args) -> None:
     from knnlm.core.batching import plan_files
-    from knnlm.core.index import Searcher
     from knnlm.core.scoring import check_settings
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
@@ -122,7 +140,7 @@ def cmd_tune(args) -> None:
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     k = args.k or max([min(1024, ds.count)] + (ks or []))
-    searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=not args.quiet)
     res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks, counts=ds.counts_of(s.ids))
@@ -145,7 +163,6 @@ def cmd_tune(args) -> None:
 
 def cmd_explain(args) -> None:
     from knnlm.core.batching import plan_files
-    from knnlm.core.index import Searcher
     from knnlm.core.scoring import check_settings
     from knnlm.core.settings import resolve
     from knnlm.run.evaluate import open_for_model, score_plan
@@ -159,7 +176,7 @@ def cmd_explain(args) -> None:
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path))
-    searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+    searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, k=r.k, temperature=r.temperature, keep_neighbors=True,
                    progress=not args.quiet)
@@ -175,16 +192,20 @@ def cmd_explain(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from knnlm.core.datastore import Datastore
     from knnlm.core.index import list_indexes
+    from knnlm.scale import open_datastore
 
-    ds = Datastore(args.datastore)
+    ds = open_datastore(args.datastore)
     if args.verify:
         ds.verify()
     m = ds.meta
-    bytes_total = sum((ds.path / f).stat().st_size for f in ("keys.npy", "vals.npy", "tokens.npy", "docs.npy"))
+    parts = getattr(ds, "shards", [ds])
+    bytes_total = sum((p.path / f).stat().st_size for p in parts
+                      for f in ("keys.npy", "vals.npy", "tokens.npy", "docs.npy"))
     rows = [
         ("datastore", str(ds.path)),
+        *([("shards", f"{len(parts)}: " + ", ".join(str(p.count) for p in parts) + " entries")]
+          if hasattr(ds, "shards") else []),
         ("entries", str(ds.count)),
         ("documents", str(m["documents"])),
         ("dim", str(ds.dim)),
@@ -205,7 +226,7 @@ def cmd_info(args) -> None:
                                  f"({t.get('tokens', '?')} tokens: ppl {t.get('ppl_lm', float('nan')):.3f} -> "
                                  f"{t.get('ppl_knnlm', float('nan')):.3f})"))
     if args.verify:
-        rows.append(("checksums", "ok"))
+        rows.append(("checksums", "ok" + (f" (all {len(parts)} shards)" if hasattr(ds, "shards") else "")))
     print(table(rows))
 
 
@@ -244,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm build docs.jsonl more.jsonl -o ds-docs --model gpt2 --dtype float32\n"
              "  knnlm build corpus.txt -o ds --key-point final --index none\n"
              "  knnlm build corpus.txt -o ds --no-tune       # keep the paper's k, lambda, T as defaults\n"
+             "  knnlm build wiki.jsonl -o ds-sharded --workers 4       # 4 shards built by a local Ray\n"
+             "  knnlm build wiki.jsonl -o ds-sharded --workers 16 --ray-address HEAD:6379\n"
              "  (.txt = one stream; .jsonl = one document per line, field 'text'; an interrupted\n"
              "   build resumes when the same command runs again)")
     sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files")
@@ -253,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-tune", action="store_true",
                     help="skip tuning k, lambda and T on the datastore's own corpus (leave-own-document-out)")
     sp.add_argument("--tune-tokens", type=int, default=16384, help="positions of the corpus the tuning reads")
+    sp.add_argument("--workers", type=int, default=0,
+                    help="build a sharded datastore with N Ray workers, one shard each (0: one process, no Ray)")
+    sp.add_argument("--ray-address", default=None, help="with --workers: join this Ray cluster (default: local)")
     add_model_args(sp, with_key_point=True)
     add_window_args(sp)
 
@@ -266,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nprobe", type=int, default=32, help="default IVF lists probed per query")
     sp.add_argument("--train-size", type=int, default=1_000_000, help="keys sampled to train the index")
     sp.add_argument("--overwrite", action="store_true", help="replace an index of the same name")
+    sp.add_argument("--workers", type=int, default=0,
+                    help="sharded datastore: add the shards' keys in parallel Ray tasks (0: here, one by one)")
+    sp.add_argument("--ray-address", default=None, help="with --workers: join this Ray cluster (default: local)")
 
     sp = add("eval", cmd_eval, "perplexity of the LM and the kNN-LM on a text",
              "  knnlm eval wiki.test.raw                    # base LM only\n"
@@ -329,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
     sp.add_argument("--device", default="auto", help="cpu, cuda or auto")
     from knnlm.cli.generate import register
+    from knnlm.cli.scale import register as register_scale
 
     register(add, add_model_args, add_knn_args, add_fewer_searches_args)
     from knnlm.cli.reduce import register as register_reduce
@@ -337,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     from knnlm.cli.memory import register as register_memory
 
     register_memory(sub, add_model_args)
+    register_scale(add)
     return p
 
 

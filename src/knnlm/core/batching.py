@@ -87,6 +87,10 @@ def make_plan(
     return Plan(np.concatenate(streams), docs, info, wins, batches, int((lengths - 1).sum()))
 
 
-def plan_files(lm, paths: Sequence[str | Path], window: int, stride: int, batch_tokens: int) -> Plan:
+def plan_files(lm, paths: Sequence[str | Path], window: int, stride: int, batch_tokens: int,
+               documents: tuple[int, int] | None = None) -> Plan:
+    """The plan of the files' documents, or of documents a..b-1 of them with `documents=(a, b)`."""
     docs = [d for p in paths for d in read_documents(p)]
+    if documents is not None:
+        docs = docs[documents[0] : documents[1]]
     return make_plan(lm.encode, docs, window, stride, batch_tokens)

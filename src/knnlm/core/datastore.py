@@ -256,6 +256,7 @@ def build_datastore(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    documents: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Build a datastore from corpus files with one forward pass; returns its path(s).
 
@@ -263,6 +264,8 @@ def build_datastore(
     `out` for the first and `out-<key point>` for the others.  A build interrupted
     (crash, Ctrl-C) resumes from its last flushed batch when called again with the
     same arguments.  `on_batch(i)` is called after batch i is safely on disk.
+    `documents=(a, b)` keeps only documents a..b-1 of the corpora (in reading order,
+    before empty ones are dropped): one shard of a build split by documents.
     """
     import torch
     from tqdm.auto import tqdm
@@ -278,7 +281,7 @@ def build_datastore(
         raise KnnlmError("no corpus file given")
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
-    plan = plan_files(lm, corpora, window, stride, batch_tokens)  # reads and checks each file first
+    plan = plan_files(lm, corpora, window, stride, batch_tokens, documents)  # reads and checks each file first
     records = [corpus_record(c) for c in corpora]
     signature = {
         "identity": lm.identity(),
@@ -289,6 +292,8 @@ def build_datastore(
         "batch_tokens": batch_tokens,
         "count": plan.count,
     }
+    if documents is not None:
+        signature["documents"] = list(documents)
     dims = {kp: lm.dim(kp) for kp in key_points}
     partials = [o.with_name(o.name + ".partial") for o in outs]
     done = 0

@@ -55,8 +55,14 @@ def build_index(
     seed: int = 0,
     progress: bool = True,
     chunk: int = 65536,
+    trained=None,
+    extra: dict | None = None,
 ) -> Path:
-    """Train (on a random sample of keys) and fill a FAISS index; returns its directory."""
+    """Train (on a random sample of keys) and fill a FAISS index; returns its directory.
+
+    `trained`: an already trained empty index of the factory `kind` to fill instead (one
+    training shared by the shards of a sharded datastore); `extra`: more index.json fields.
+    """
     from tqdm.auto import tqdm
 
     faiss = _faiss()
@@ -68,7 +74,8 @@ def build_index(
     if final.exists() and not overwrite:
         raise KnnlmError(f"index {final} already exists (use --overwrite to replace it)")
     try:
-        index = faiss.index_factory(ds.dim, factory, faiss.METRIC_L2)
+        index = faiss.clone_index(trained) if trained is not None else faiss.index_factory(ds.dim, factory,
+                                                                                             faiss.METRIC_L2)
     except RuntimeError as e:
         raise KnnlmError(f"invalid FAISS factory string {factory!r}: {str(e).strip().splitlines()[-1]}") from None
     t0 = time.time()
@@ -100,6 +107,7 @@ def build_index(
         "datastore_id": ds.id,
         "build_seconds": round(time.time() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
     tmp = final.with_name(name + ".partial")
     if tmp.exists():
@@ -122,10 +130,15 @@ def list_indexes(ds: Datastore) -> list[str]:
 
 class Searcher:
     """k-nearest-neighbour search over one datastore, with exact re-ranking of the
-    retrieved candidates from the full-precision keys (default for approximate indexes)."""
+    retrieved candidates from the full-precision keys (default for approximate indexes).
+
+    With `mmap`, an IVF index's inverted lists stay in its file (memory-mapped, FAISS
+    IO_FLAG_MMAP) and re-ranking reads the candidates' keys from the keys memmap, so the
+    process holds only the coarse quantizer and codebooks: an index larger than RAM.
+    """
 
     def __init__(self, ds: Datastore, name: str | None = None, nprobe: int | None = None,
-                 rerank: bool | None = None):
+                 rerank: bool | None = None, mmap: bool = False):
         self.ds = ds
         names = list_indexes(ds)
         if name is None:
@@ -151,7 +164,8 @@ class Searcher:
             )
         faiss = _faiss()
         try:
-            self.index = faiss.read_index(str(d / "index.faiss"))
+            flags = faiss.IO_FLAG_MMAP if mmap and self.info.get("factory") != "Flat" else 0
+            self.index = faiss.read_index(str(d / "index.faiss"), flags)
         except RuntimeError as e:
             raise KnnlmError(f"cannot read {d / 'index.faiss'}: {str(e).strip().splitlines()[-1]}") from None
         if self.index.ntotal != ds.count:
@@ -167,7 +181,8 @@ class Searcher:
                 pass
         self.rerank = self.info.get("rerank", False) if rerank is None else rerank
         self._refine = None
-        if self.rerank and self.info["factory"] != "Flat":
+        self._rerank_keys = self.rerank and self.info["factory"] != "Flat" and mmap
+        if self.rerank and self.info["factory"] != "Flat" and not mmap:
             # faiss re-ranks the k candidates of the approximate index with exact distances
             # to the stored float16 keys (a scalar quantizer whose codes ARE those keys).
             self._exact = fp16_index(ds.keys)
@@ -191,6 +206,8 @@ class Searcher:
             return search_excluding(self.search, self.ds.document_of, queries, k, exclude, self.ds.count)
         q = np.ascontiguousarray(self.ds.to_key_space(queries))  # (m, d) float32; refuses another d
         dists, ids = (self._refine or self.index).search(q, k)
+        if self._rerank_keys:
+            dists, ids = rerank_from_keys(self.ds.keys, q, ids)
         return np.where(ids < 0, np.inf, dists).astype(np.float32), ids
 
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -249,6 +266,25 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
         todo = todo[~done]
         fetch = min(count, fetch * 4)
     return out_d, out_i
+
+
+def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared L2 distances of each query (m, d) float32 to its candidates ids (m, k)
+    read from `keys` (a memmap: only those rows are read), sorted ascending; -1 stays last."""
+    m, k = ids.shape
+    dists = np.full((m, k), np.inf, dtype=np.float32)
+    step = max(1, (1 << 25) // max(1, k * keys.shape[1]))  # queries per chunk: (step, k, d) float32 <= 128 MB
+    for a in range(0, m, step):
+        i = ids[a : a + step]
+        real = i >= 0
+        rows = np.unique(i[real])  # sorted: the memmap is read in file order
+        if not len(rows):
+            continue
+        x = np.asarray(keys[rows], dtype=np.float32)  # (u, d)
+        diff = x[np.searchsorted(rows, np.where(real, i, rows[0]))] - queries[a : a + step, None, :]  # (c, k, d)
+        dists[a : a + step] = np.where(real, np.einsum("ckd,ckd->ck", diff, diff), np.inf)
+    order = np.argsort(dists, axis=1, kind="stable")
+    return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def fp16_index(keys: np.ndarray):

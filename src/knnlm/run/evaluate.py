@@ -24,8 +24,8 @@ from knnlm.core.scoring import (
 from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive, confidence, mix_where_searched
-from knnlm.retrieval.device import open_searcher
 from knnlm.retrieval.pointers import Pointers, simulate
+from knnlm.scale import open_datastore, open_searcher
 
 LOG = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def score_plan(
 
 
 def open_for_model(lm, datastore: str | Path) -> Datastore:
-    ds = Datastore(datastore)
+    """A datastore (single or sharded) checked to be this model's; the model reads its key point."""
+    ds = open_datastore(datastore)
     ds.check_compatible(lm.identity(ds.key_point))
     lm.key_point = ds.key_point
     return ds
@@ -213,6 +214,8 @@ def evaluate(
     adaptive: Adaptive | None = None,
     memory: str | Path | None = None,
     memory_lambda: float | None = None,
+    search_actors: int = 0,
+    ray_address: str | None = None,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
 
@@ -228,6 +231,8 @@ def evaluate(
     With a `memory` decoder directory: `ppl_memory` of p = memory_lambda * p_mem +
     (1 - memory_lambda) * p_LM, and with a datastore too `ppl_knnlm_memory` (the decoder
     mixed on top of the kNN-LM); memory_lambda = 0 gives the LM's (kNN-LM's) exactly.
+    A sharded datastore is searched in process, or by `search_actors` Ray actors
+    (on the Ray at `ray_address`, else a local one started and stopped here).
     """
     from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
 
@@ -242,17 +247,23 @@ def evaluate(
         ds = open_for_model(lm, datastore)
         chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path))
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
-        searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device))
+        searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device),
+                                 backend="ray" if search_actors else "local", actors=search_actors or None,
+                                 ray_address=ray_address)
     if memory is not None:
         from knnlm.memory.decoder import MemoryDecoder
 
         memory = MemoryDecoder.load_for(lm, memory)
     plan = plan_files(lm, texts, window, stride, batch_tokens)
     t0 = time.perf_counter()
-    s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
-                   progress=progress,
-                   cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size,
-                   pointers=pointers, adaptive=adaptive, memory=memory)
+    try:
+        s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
+                       progress=progress,
+                       cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size,
+                       pointers=pointers, adaptive=adaptive, memory=memory)
+    finally:
+        if hasattr(searcher, "close"):
+            searcher.close()
     total = time.perf_counter() - t0
     result = {
         "tokens": int(plan.count),

@@ -34,7 +34,6 @@ from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, MemoryUse
 from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
 from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
-from knnlm.retrieval.device import open_searcher
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
     Decoder,
@@ -51,6 +50,7 @@ from knnlm.run.decode import (
     settings_of,
 )
 from knnlm.run.explain import neighbor_weights
+from knnlm.scale import open_datastore, open_searcher
 
 LOG = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class KNNLM:
         """Load the model (default: the first datastore's, else smollm2-135m) and the datastores."""
         from knnlm.core.model import DEFAULT_MODEL, LM
 
-        meta = Datastore(next(iter(datastores.values()))).meta if datastores else {}
+        meta = open_datastore(next(iter(datastores.values()))).meta if datastores else {}
         model = model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
         lm = LM.load(model, dtype=dtype or meta.get("model_dtype") or "float32", device=device,
                      key_point=meta.get("key_point", "ffn_input"))
@@ -168,7 +168,7 @@ class KNNLM:
             raise KnnlmError(f"invalid datastore name {name!r}")
         if name in self.searchers:
             raise KnnlmError(f"datastore name {name!r} is used twice")
-        ds = Datastore(path)
+        ds = open_datastore(path)
         ds.check_compatible(self.lm.identity(ds.key_point))
         self.searchers[name] = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(self.lm.device))
         LOG.info("datastore %s: %s (%d entries, key point %s)", name, ds.path, ds.count, ds.key_point)

@@ -240,6 +240,14 @@ def test_build_workers_cli(ray_local, llama_dir, docs, tmp_path, capsys):
                       *model_args(llama_dir), *WINDOWS])
     assert json.loads(res.read_text())["ppl_knnlm"] == local["ppl_knnlm"]
     assert local["shards"] == 2
+    out = succeeds(capsys, ["explain", text, "-d", tmp_path / "ds", "-k", "8", "--top", "2",
+                            *model_args(llama_dir), *WINDOWS])
+    assert "doc" in out  # neighbours' titles come from the shards' document tables
+    from knnlm.run.generate import KNNLM
+
+    knn = KNNLM.load(str(llama_dir), {"s": tmp_path / "ds"}, dtype="float32", k=8)
+    g = knn.generate("The quick brown", max_new_tokens=3, neighbors=2)
+    assert len(g.tokens) == 3 and all(n.title.startswith("doc") for t in g.tokens for n in t.neighbors)
 
 
 # ---- bad manifests: one error line each ----------------------------------------------------

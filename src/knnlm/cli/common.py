@@ -104,6 +104,16 @@ def fewer_searches(args) -> dict:
             "adaptive": Adaptive(args.adaptive_signal, args.adaptive) if args.adaptive is not None else None}
 
 
+def searcher_from_args(args, ds):
+    """The searcher the retrieval options name (a sharded datastore: in process or on Ray actors)."""
+    from knnlm.scale import open_searcher
+
+    actors = getattr(args, "search_actors", 0)
+    return open_searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
+                         backend="ray" if actors else "local", actors=actors or None,
+                         ray_address=getattr(args, "ray_address", None))
+
+
 def load_lm(args, datastore: str | None = None, key_point: str | None = None):
     from knnlm.core.model import DEFAULT_MODEL, LM
     from knnlm.scale import open_datastore

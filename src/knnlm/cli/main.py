@@ -19,6 +19,7 @@ from knnlm.cli.common import (
     fewer_searches,
     load_lm,
     numbers,
+    searcher_from_args,
     table,
     write_json,
 )
@@ -30,14 +31,6 @@ SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's 
 
 
 # ---- subcommands ---------------------------------------------------------------------
-def searcher_from_args(args, ds):
-    from knnlm.scale import open_searcher
-
-    return open_searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                         backend="ray" if args.search_actors else "local", actors=args.search_actors or None,
-                         ray_address=args.ray_address)
-
-
 def cmd_build(args) -> None:
     from knnlm.core.datastore import Datastore, build_datastore
     from knnlm.core.index import build_index

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from knnlm.cli.common import Formatter, load_lm, numbers, table, write_json
+from knnlm.cli.common import Formatter, load_lm, numbers, searcher_from_args, table, write_json
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -159,7 +159,6 @@ def memories(args) -> dict:
 def cmd_tune_memory(args) -> None:
     """`knnlm tune --memory`: the memory lambda over the LM (and over the best kNN-LM with -d)."""
     from knnlm.core.batching import plan_files
-    from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs
     from knnlm.memory.decoder import MemoryDecoder
     from knnlm.memory.mix import MEMORY_LAMBDAS, check_memory_lambda, sweep_memory
@@ -173,7 +172,7 @@ def cmd_tune_memory(args) -> None:
     searcher = None
     if args.datastore:
         ds = open_for_model(lm, args.datastore)
-        searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+        searcher = searcher_from_args(args, ds)
     mem = MemoryDecoder.load_for(lm, args.memory)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     k = args.k or (min(1024, searcher.ds.count) if searcher else 1)
@@ -201,7 +200,6 @@ def cmd_explain_memory(args) -> None:
     import numpy as np
 
     from knnlm.core.batching import plan_files
-    from knnlm.core.index import Searcher
     from knnlm.core.settings import resolve
     from knnlm.memory.decoder import MemoryDecoder
     from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, disagreements
@@ -214,7 +212,7 @@ def cmd_explain_memory(args) -> None:
         ds = open_for_model(lm, args.datastore)
         r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults,
                     name=str(ds.path))
-        searcher = Searcher(ds, args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None)
+        searcher = searcher_from_args(args, ds)
     mem = MemoryDecoder.load_for(lm, args.memory)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, k=r.k if r else 1, temperature=r.temperature if r else 1.0,

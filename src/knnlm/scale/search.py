@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher, list_indexes, search_excluding
+from knnlm.core.index import Searcher, list_indexes, rerank_from_keys, search_excluding
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -118,11 +118,16 @@ class ShardedSearcher:
         groups = min(actors or n, n) if backend == "ray" else n
         self.groups = [list(range(g, n, groups)) for g in range(groups)]  # shards round-robin over groups
         args = [([str(ds.shards[s].path) for s in g], [int(ds.offsets[s]) for s in g]) for g in self.groups]
-        common = dict(index=self.name, nprobe=nprobe, rerank=rerank, mmap=mmap, trained=trained)
+        # In process, the shards' approximate candidates (comparable: one training) are merged
+        # first and only the k best re-ranked, as in one index; Ray actors re-rank their own.
+        want = self.info.get("rerank", False) if rerank is None else rerank
+        self._rerank = backend == "local" and want and self.info.get("factory") != "Flat"
+        common = dict(index=self.name, nprobe=nprobe, rerank=False if self._rerank else rerank, mmap=mmap,
+                      trained=trained)
         self._started_ray = False
         if backend == "local":
             self.parts = [ShardGroup(p, o, **common) for p, o in args]
-            self._settings = self.parts[0].settings()
+            self._settings = {**self.parts[0].settings(), "rerank": bool(want)}
         else:
             from knnlm.scale.cluster import connect, ray_module
 
@@ -156,7 +161,10 @@ class ShardedSearcher:
             pending = [p.search.remote(ref, k) for p in self.parts]
             results = [self._get(g, r, lambda g=g: self.parts[g].search.remote(ref, k))
                        for g, r in enumerate(pending)]
-        return merge_topk([d for d, _ in results], [i for _, i in results], k)
+        d, i = merge_topk([d for d, _ in results], [i for _, i in results], k)
+        if self._rerank:
+            d, i = rerank_from_keys(self.ds.keys, self.ds.to_key_space(q), i)
+        return d, i
 
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances (m, c) float32 to the global entries ids (m, c); inf where -1."""

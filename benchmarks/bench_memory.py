@@ -43,6 +43,11 @@ def save(name: str, obj: dict) -> None:
     LOG.info("wrote %s", RESULTS / f"{name}.json")
 
 
+def set_results(path: Path) -> None:
+    global RESULTS
+    RESULTS = path
+
+
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
@@ -128,9 +133,11 @@ def phase_quality(a) -> None:
     mem = MemoryDecoder.load_for(lm, a.cache / f"mem-L{a.layers}")
     ds = Datastore(a.datastore)
     searcher = Searcher(ds, a.index)
-    res = {"layers": a.layers, "index": a.index, "datastore": str(a.datastore), "entries": ds.count}
+    res = {"layers": a.layers, "index": a.index, "datastore": str(a.datastore), "entries": ds.count,
+           "datastore_bytes": dir_bytes(a.datastore) - dir_bytes(a.datastore / "indexes")
+           + dir_bytes(a.datastore / "indexes" / a.index)}
     parts = {}
-    for split, text in (("heldout", a.heldout_text), ("test", DATA / "wiki.test.raw")):
+    for split, text in (("heldout", a.heldout_text), ("test", a.test_text)):
         q = dict(np.load(a.queries / f"queries-{split}.npz"))
         mem_lp, sec = memory_logprobs(lm, mem, text, q["targets"])
         t0 = time.perf_counter()
@@ -195,7 +202,7 @@ def phase_speed(a) -> None:
     lm = load_lm(a)
     mem = MemoryDecoder.load_for(lm, a.cache / f"mem-L{a.layers}")
     searcher = Searcher(Datastore(a.datastore), a.index)
-    text = (DATA / "wiki.test.raw").read_text(encoding="utf-8")
+    text = a.test_text.read_text(encoding="utf-8")
     ids = lm.encode(text, prefix=False)[: a.speed_tokens]
     plan = make_plan(lambda t: [lm.prefix_token_id] + ids, [Document("test", 0, "test", "x")], 1024, 512, 4096)
     runs = {"lm": [], "memory": [], "knn": []}
@@ -230,7 +237,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -238,7 +245,10 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--autocast", default="bfloat16")
     ap.add_argument("--speed-tokens", type=int, default=16384)
+    ap.add_argument("--test-text", type=Path, default=DATA / "wiki.test.raw")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     a = ap.parse_args()
+    set_results(a.results)
     a.heldout_text = a.queries / "valid_heldout.txt"
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.phase == "render":

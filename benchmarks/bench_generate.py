@@ -1,7 +1,8 @@
 """Generation speed of the kNN-LM against the base LM (issue 3), on the default model.
 
 A small datastore is built from the first ~20k characters of WikiText-2's validation
-split (cached in benchmarks/cache/generate/, git-ignored).  Each setting generates
+split (wiki.valid.raw in --data, default ../shared/data/wikitext-2-raw, checked by sha256:
+benchmarks/README.md; cached in benchmarks/cache/generate/, git-ignored).  Each setting generates
 `--tokens` tokens greedily (EOS ignored) from the same prompts; settings are interleaved
 and repeated, and the median tokens/s is reported, with the ratio to the base LM.
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_data_arg, check_wikitext, data_note, run_main, setup_logging
 
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.index import build_index, list_indexes
@@ -34,7 +36,6 @@ from knnlm.core.model import LM
 from knnlm.run.generate import KNNLM
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 LOG = logging.getLogger("bench")
 PROMPTS = [
     " = Homarus gammarus = \n\n Homarus gammarus , known as the European lobster or common lobster , is a",
@@ -48,9 +49,9 @@ PROMPTS = [
 ]
 
 
-def datastore(lm: LM, cache: Path, chars: int) -> Datastore:
-    """The first `chars` characters of wiki.valid.raw (cut at a line end) as a datastore."""
-    text = DATA.read_text(encoding="utf-8")[:chars]
+def datastore(lm: LM, cache: Path, chars: int, valid: Path) -> Datastore:
+    """The first `chars` characters of wiki.valid.raw (`valid`, cut at a line end) as a datastore."""
+    text = valid.read_text(encoding="utf-8")[:chars]
     text = text[: text.rfind("\n") + 1]
     corpus = cache / f"wiki_valid_{chars}.txt"
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name.strip("/").split("/")[-1])
@@ -91,15 +92,17 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chars", type=int, default=20_000, help="characters of wiki.valid.raw in the datastore")
     ap.add_argument("-k", type=int, default=1024)
     ap.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    add_data_arg(ap)
 
 
 def setup(args) -> tuple[LM, Datastore, KNNLM]:
     """The model, the cached datastore (named "wiki" in the KNNLM) and the KNNLM over them."""
+    valid = check_wikitext(args.data, ["wiki.valid.raw"]) / "wiki.valid.raw"  # before the model loads
     cache = HERE / "cache" / "generate"
     cache.mkdir(parents=True, exist_ok=True)
     lm = LM.load(args.model, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
-    ds = datastore(lm, cache, args.chars)
+    ds = datastore(lm, cache, args.chars, valid)
     LOG.info("datastore: %d entries, d=%d (%.1f s)", ds.count, ds.dim, time.perf_counter() - t0)
     return lm, ds, KNNLM(lm, {"wiki": ds.path}, lam=args.lam, k=args.k)
 
@@ -111,7 +114,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output", default=str(HERE / "results" / "generate.md"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    setup_logging("bench", fmt="bench: %(message)s")
     torch.manual_seed(0)
     lm, ds, knn = setup(args)
     n = args.tokens
@@ -184,6 +187,7 @@ def main() -> None:
     Path(args.output).write_text(
         "# Generation speed: kNN-LM vs base LM\n\n"
         f"Command: `{' '.join(['python', 'benchmarks/bench_generate.py', *sys.argv[1:]])}`\n\n"
+        f"{data_note(['wiki.valid.raw'])}  Folder: `--data` (default `../shared/data`).\n\n"
         f"{env}.\n\n{table}\n\n{agree}\n\n"
         f"Sample (kNN-LM, prompt 1): `{sample!r}`\n",
         encoding="utf-8")
@@ -191,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

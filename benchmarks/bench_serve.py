@@ -1,7 +1,8 @@
 """Throughput of `knnlm serve` under concurrent clients, with and without batching (issue 3).
 
 The server runs in this process on 127.0.0.1 (uvicorn, an ephemeral port) over the default
-model and the small WikiText datastore of bench_generate.py (cached in
+model and the small WikiText datastore of bench_generate.py (from wiki.valid.raw in --data,
+default ../shared/data/wikitext-2-raw, checked by sha256: benchmarks/README.md; cached in
 benchmarks/cache/generate/).  `--clients` threads each send `--requests` greedy
 completions of `--tokens` tokens, all at once; the same load runs against servers with
 `--max-batch 1` (one request at a time) and `--max-batch N`, alternating, `--repeats`
@@ -28,6 +29,7 @@ from pathlib import Path
 import httpx
 import torch
 from bench_generate import PROMPTS, add_setup_args, setup
+from common import BenchError, data_note, run_main, setup_logging
 
 from knnlm.serve.server import create_app, serve_in_thread
 
@@ -65,7 +67,7 @@ def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tupl
         t.join()
     seconds = time.perf_counter() - t0
     if errors:
-        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+        raise BenchError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return seconds, latencies, texts, counted[0]
 
 
@@ -79,8 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--output", default=str(HERE / "results" / "serve.md"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("bench", fmt="bench: %(message)s")
     _, ds, knn = setup(args)
     body = {"temperature": 0, "datastore": "wiki"}
     batches = {"one at a time (--max-batch 1)": 1, f"batched (--max-batch {args.max_batch})": args.max_batch}
@@ -119,9 +120,10 @@ def main() -> None:
     Path(args.output).write_text(
         "# Serving throughput: batched vs one request at a time\n\n"
         f"Command: `{' '.join(['python', 'benchmarks/bench_serve.py', *sys.argv[1:]])}`\n\n"
+        f"{data_note(['wiki.valid.raw'])}  Folder: `--data` (default `../shared/data`).\n\n"
         f"{env}.\n\n{table}\n\n{agree}\n", encoding="utf-8")
     LOG.info("wrote %s", args.output)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

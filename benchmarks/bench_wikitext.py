@@ -8,8 +8,10 @@ ratios are measured in this run, on the same machine, with A/B runs interleaved.
     python benchmarks/bench_wikitext.py --phases quality   # perplexities only
     python benchmarks/bench_wikitext.py --phases speed     # speed ratios only (run on an idle machine)
 
-The datastore and indexes are cached in benchmarks/cache/ (git-ignored) and reused.
-Results: benchmarks/results/wikitext2.{json,md}.
+Data: wiki.valid.raw and wiki.test.raw of WikiText-2 raw in --data (default
+../shared/data/wikitext-2-raw), checked by sha256 first (benchmarks/README.md).  The
+datastore and indexes are built when missing (either phase), cached in benchmarks/cache/
+(git-ignored) and reused.  Results: benchmarks/results/wikitext2.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import resource
 import time
 from pathlib import Path
 
+from common import BenchError, add_data_arg, check_wikitext, data_note, run_main, setup_logging
+
 from knnlm.core.batching import plan_files
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore, build_datastore
@@ -33,7 +37,6 @@ from knnlm.run.evaluate import evaluate, open_for_model, score_plan
 from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw"
 LOG = logging.getLogger("bench")
 
 
@@ -44,8 +47,10 @@ def articles(text: str) -> list[str]:
     return [text[a:b] for a, b in zip([0] + starts[1:], starts[1:] + [len(text)])]
 
 
-def split_valid(lm: LM, cache: Path, heldout_tokens: int) -> tuple[Path, Path]:
-    text = (DATA / "wiki.valid.raw").read_text(encoding="utf-8")
+def split_valid(lm: LM, cache: Path, heldout_tokens: int, data: Path) -> tuple[Path, Path]:
+    """wiki.valid.raw (in `data`) cut into datastore text and the last whole articles
+    (>= heldout_tokens tokens) held out for tuning."""
+    text = (data / "wiki.valid.raw").read_text(encoding="utf-8")
     arts = articles(text)
     held, n = [], 0
     while n < heldout_tokens:
@@ -61,8 +66,9 @@ def split_valid(lm: LM, cache: Path, heldout_tokens: int) -> tuple[Path, Path]:
     return ds_txt, tune_txt
 
 
-def test_subset(lm: LM, cache: Path, tokens: int) -> Path:
-    arts, out, n = articles((DATA / "wiki.test.raw").read_text(encoding="utf-8")), [], 0
+def test_subset(lm: LM, cache: Path, tokens: int, data: Path) -> Path:
+    """The first whole articles of wiki.test.raw (in `data`), >= `tokens` tokens."""
+    arts, out, n = articles((data / "wiki.test.raw").read_text(encoding="utf-8")), [], 0
     while n < tokens:
         a = arts.pop(0)
         out.append(a)
@@ -87,29 +93,39 @@ def bare_forward_seconds(lm: LM, plan, logits: bool = True) -> float:
     return time.perf_counter() - t0
 
 
-def quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt) -> None:
-    """Datastore, tuning, test perplexities, exact vs approximate search."""
+APPROX, APPROX_NAME = "IVF2048,PQ64", "ivf2048-pq64"
+
+
+def ensure_datastore(lm, args, res, ds_path, ds_txt, flat: bool) -> None:
+    """The datastore of `ds_txt` and its IVF-PQ index (and Flat index if `flat`), built
+    here when missing or made from another text; both phases need them."""
     W, S, B = 1024, 512, args.batch_tokens
-    # ---- the datastore (cached) ----
     if not (ds_path / "meta.json").exists() or Datastore(ds_path).meta["corpora"][0]["sha256"] != file_sha256(ds_txt):
+        LOG.info("building the datastore %s (once; cached)", ds_path)
         t0 = time.perf_counter()
         build_datastore(lm, [ds_txt], ds_path, W, S, B, overwrite=True)
         res["datastore_build_seconds"] = time.perf_counter() - t0
+    ds = open_for_model(lm, ds_path)
+    have = list_indexes(ds)
+    if flat and "flat" not in have:
+        build_index(ds, "Flat")
+    if APPROX_NAME not in have:
+        t0 = time.perf_counter()
+        build_index(ds, APPROX, nprobe=args.nprobe)
+        res["ivfpq_build_seconds"] = time.perf_counter() - t0
+
+
+def quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt) -> None:
+    """Datastore, tuning, test perplexities, exact vs approximate search."""
+    W, S, B = 1024, 512, args.batch_tokens
+    ensure_datastore(lm, args, res, ds_path, ds_txt, flat=True)
     ds = open_for_model(lm, ds_path)
     files = ("keys.npy", "vals.npy", "tokens.npy", "docs.npy")
     res["datastore"] = {"entries": ds.count, "dim": ds.dim,
                         "bytes_per_entry": sum((ds_path / f).stat().st_size for f in files) / ds.count,
                         "key_bytes_per_entry": (ds_path / "keys.npy").stat().st_size / ds.count}
-    have = list_indexes(ds)
-    if "flat" not in have:
-        build_index(ds, "Flat")
-    approx = "IVF2048,PQ64"
-    if "ivf2048-pq64" not in have:
-        t0 = time.perf_counter()
-        build_index(ds, approx, nprobe=args.nprobe)
-        res["ivfpq_build_seconds"] = time.perf_counter() - t0
-    res["index"] = {"approx": approx, "nprobe": args.nprobe}
-    ivf = Searcher(ds, "ivf2048-pq64", nprobe=args.nprobe)
+    res["index"] = {"approx": APPROX, "nprobe": args.nprobe}
+    ivf = Searcher(ds, APPROX_NAME, nprobe=args.nprobe)
 
     # ---- tune on the held-out validation articles ----
     s = score_plan(lm, plan_files(lm, [tune_txt], W, S, B), ivf, k=args.k, keep_neighbors=True)
@@ -146,9 +162,10 @@ def quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt) 
 
 
 
-def speed(lm, args, res, cache, ds_path, sub_txt) -> None:
+def speed(lm, args, res, cache, ds_path, ds_txt, sub_txt) -> None:
     """Build and eval throughput ratios, A/B runs interleaved on the test subset."""
     W, S, B = 1024, 512, args.batch_tokens
+    ensure_datastore(lm, args, res, ds_path, ds_txt, flat=False)  # the eval-speed runs search it; first
     # ---- build speed vs the bare forward pass (interleaved A/B on the test subset) ----
     sub_plan = plan_files(lm, [sub_txt], W, S, B)
     bare, bare_keys, build = [], [], []
@@ -169,7 +186,7 @@ def speed(lm, args, res, cache, ds_path, sub_txt) -> None:
     base_t, knn_t = [], []
     for rep in range(2):
         base_t.append(evaluate(lm, [sub_txt], window=W, stride=S, batch_tokens=B, progress=False)["seconds"])
-        knn_t.append(evaluate(lm, [sub_txt], ds_path, index="ivf2048-pq64", k=args.k, nprobe=args.nprobe,
+        knn_t.append(evaluate(lm, [sub_txt], ds_path, index=APPROX_NAME, k=args.k, nprobe=args.nprobe,
                               window=W, stride=S, batch_tokens=B, progress=False)["seconds"])
     res["eval_speed"] = {"tokens": sub_plan.count, "base_tok_s": sub_plan.count / min(base_t),
                          "knnlm_tok_s": sub_plan.count / min(knn_t), "ratio": min(base_t) / min(knn_t),
@@ -189,10 +206,13 @@ def main() -> None:
     ap.add_argument("--phases", default="quality,speed", help="comma-separated: quality, speed")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
-    ap.add_argument("--data", default=str(DATA), help="folder with wiki.valid.raw and wiki.test.raw")
+    add_data_arg(ap)
     args = ap.parse_args()
     phases = set(args.phases.split(","))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not phases or phases - {"quality", "speed"}:
+        raise BenchError(f"--phases takes quality, speed or both, got {args.phases!r}")
+    setup_logging("bench")
+    data = check_wikitext(args.data)  # before anything long
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -201,16 +221,16 @@ def main() -> None:
                  "device": args.device if args.device == "cpu" else __import__("torch").cuda.get_device_name()}
     res.setdefault("commands", {})["+".join(sorted(phases))] = "python benchmarks/bench_wikitext.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "out", "data"))
-    globals()["DATA"] = Path(args.data)  # read by the splitting helpers
+    res["data"] = data_note()
     lm = LM.load(args.model, dtype=args.dtype, device=args.device)
-    ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens)
-    test_txt = DATA / "wiki.test.raw"
-    sub_txt = test_subset(lm, cache, args.subset_tokens)
+    ds_txt, tune_txt = split_valid(lm, cache, args.heldout_tokens, data)
+    test_txt = data / "wiki.test.raw"
+    sub_txt = test_subset(lm, cache, args.subset_tokens, data)
     ds_path = cache / f"ds-{args.dtype}"
     if "quality" in phases:
         quality(lm, args, res, cache, ds_path, ds_txt, tune_txt, test_txt, sub_txt)
     if "speed" in phases:
-        speed(lm, args, res, cache, ds_path, sub_txt)
+        speed(lm, args, res, cache, ds_path, ds_txt, sub_txt)
     res[f"peak_rss_mb_{'_'.join(sorted(phases))}"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
@@ -258,9 +278,11 @@ def render(r: dict) -> str:
     lines = ["# WikiText-2 benchmark", "", "Commands (one per phase; tokens/s count scored tokens, each window of",
              "1024 scores 512):", ""]
     lines += [f"    {c}" for c in r.get("commands", {}).values()]
+    lines += ["", r.get("data", data_note()) + "  The data folder is `--data` (default `../shared/data`); "
+              "the datastore and indexes are built on first use and cached in `benchmarks/cache/wikitext2/`."]
     lines += ["", "| measure | value |", "|---|---|"] + [f"| {a} | {b_} |" for a, b_ in rows]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

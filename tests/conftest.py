@@ -9,8 +9,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import ARCHS, TEXT, make_model_dir  # noqa: E402
 
 DEVICE = os.environ.get("KNNLM_TEST_DEVICE", "cpu")  # `cuda` runs the pipeline tests on a GPU
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw"
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> 
                    help="model weights dtype (default: the datastore's, else bfloat16)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     if with_key_point:
-        from knnlm.core.model import DEFAULT_KEY_POINT, KEY_POINTS
+        from knnlm.core.keypoints import DEFAULT_KEY_POINT, KEY_POINTS
 
         g.add_argument("--key-point", choices=list(KEY_POINTS), default=DEFAULT_KEY_POINT,
                        help="where in the final layer the key is read")
@@ -122,8 +122,17 @@ def load_lm(args, datastore: str | None = None, key_point: str | None = None):
     model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
     dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
     kp = key_point or meta.get("key_point") or "ffn_input"
+    quiet_transformers()
     LOG.info("loading %s (%s)", model, dtype)
     return LM.load(model, dtype=dtype, device=args.device, key_point=kp)
+
+
+def quiet_transformers() -> None:
+    """transformers' own warnings and progress bars off (imports it: call it just before a model loads)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from knnlm.cli.checks import check_datastore, check_knn_args, check_memories
 from knnlm.cli.common import fewer_searches, load_lm
 from knnlm.cli.memory import add_memory_args, memories
 from knnlm.errors import KnnlmError
@@ -25,9 +26,18 @@ def _datastore_spec(spec: str) -> tuple[str, str]:
 
 
 def cmd_generate(args) -> None:
+    check_knn_args(args)  # everything checkable before the model loads
+    if args.neighbors < 0:
+        raise KnnlmError(f"--neighbors must be >= 0, got {args.neighbors}")
+    if args.datastore:
+        check_datastore(args.datastore, args.index, args.k, name=Path(args.datastore).name)
+    from knnlm.run.decode import check_sampling, parse_stops
     from knnlm.run.generate import KNNLM
 
     fewer = fewer_searches(args)
+    check_sampling(args.sampling_temperature, args.top_k, args.top_p, args.max_new_tokens)
+    parse_stops(args.stop)
+    check_memories(memories(args).values())
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.prompt is None and prompt.endswith("\n"):
         prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
@@ -72,11 +82,8 @@ def _render_neighbors(tokens) -> str:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
-    from knnlm.run.generate import KNNLM
+    from knnlm.core.scoring import check_settings
     from knnlm.serve.auth import api_keys, check_exposure
-    from knnlm.serve.server import create_app
 
     for opt in ("max_queue", "max_batch", "max_tokens", "max_body_bytes", "max_prompt_chars"):  # before the model loads
         if getattr(args, opt) < 1:
@@ -92,11 +99,22 @@ def cmd_serve(args) -> None:
     if args.default_datastore and args.default_datastore != "none" and args.default_datastore not in datastores:
         raise KnnlmError(f"--default-datastore {args.default_datastore!r} is not one of the --datastore names "
                          f"({', '.join(datastores) or 'none'})")
-    lm = load_lm(args, next(iter(datastores.values()), None))
+    check_settings(lam=args.lam, temperature=args.knn_temperature, k=args.k)
+    if args.nprobe is not None and args.nprobe < 1:
+        raise KnnlmError(f"--nprobe must be >= 1, got {args.nprobe}")
+    for name, path in datastores.items():
+        check_datastore(path, args.index, k=None, name=name)
     mems = memories(args)
     if args.default_memory and args.default_memory != "none" and args.default_memory not in mems:
         raise KnnlmError(f"--default-memory {args.default_memory!r} is not one of the --memory names "
                          f"({', '.join(mems) or 'none'})")
+    check_memories(mems.values())
+    import uvicorn
+
+    from knnlm.run.generate import KNNLM
+    from knnlm.serve.server import create_app
+
+    lm = load_lm(args, next(iter(datastores.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
                 paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
                 default_memory=None if args.default_memory in (None, "none") else args.default_memory,

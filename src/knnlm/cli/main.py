@@ -6,10 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from knnlm.cli.checks import (
+    check_datastore,
+    check_knn_args,
+    check_memories,
+    check_output,
+    check_texts,
+    check_window_args,
+)
 from knnlm.cli.common import (
     Formatter,
     add_fewer_searches_args,
@@ -19,6 +28,7 @@ from knnlm.cli.common import (
     fewer_searches,
     load_lm,
     numbers,
+    quiet_transformers,
     searcher_from_args,
     table,
     write_json,
@@ -35,6 +45,10 @@ def cmd_build(args) -> None:
     from knnlm.core.datastore import Datastore, build_datastore
     from knnlm.core.index import build_index
 
+    check_texts(args.corpus)
+    check_window_args(args)
+    if Path(args.output).exists() and not args.overwrite:
+        raise KnnlmError(f"{args.output} already exists (use --overwrite to replace it)")
     lm = load_lm(args, key_point=args.key_point)
     if args.workers:
         from knnlm.cli.scale import build_on_ray
@@ -79,6 +93,14 @@ def cmd_eval(args) -> None:
     from knnlm.run.evaluate import evaluate
 
     fewer = fewer_searches(args)  # checked before the model loads
+    check_texts(args.text)
+    check_window_args(args)
+    check_knn_args(args)
+    check_output(args.output)
+    if args.datastore:
+        check_datastore(args.datastore, args.index, args.k)
+    if args.memory:
+        check_memories([args.memory])
     lm = load_lm(args, args.datastore)
     res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
                    temperature=args.temperature, window=args.window, stride=args.stride,
@@ -130,6 +152,11 @@ def cmd_tune(args) -> None:
         check_settings(k=k)
     if ks and args.k and max(ks) > args.k:
         raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
+    check_texts(args.text)
+    check_window_args(args)
+    check_knn_args(args)
+    check_output(args.output)
+    check_datastore(need_datastore(args), args.index, args.k)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     k = args.k or max([min(1024, ds.count)] + (ks or []))
@@ -166,6 +193,13 @@ def cmd_explain(args) -> None:
 
         return cmd_explain_memory(args)
     check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
+    if args.top < 1 or args.neighbors < 0:
+        raise KnnlmError(f"need --top >= 1 and --neighbors >= 0, got {args.top} and {args.neighbors}")
+    check_texts(args.text)
+    check_window_args(args)
+    check_knn_args(args)
+    check_output(args.output)
+    check_datastore(need_datastore(args), args.index, args.k)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path))
@@ -226,8 +260,15 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from knnlm.run.demo import run_demo
 
+    quiet_transformers()
     run_demo(args.workdir, articles=args.articles, heldout=args.heldout, dtype=args.dtype or "bfloat16",
              device=args.device, progress=not args.quiet)
+
+
+def need_datastore(args) -> str:
+    if not args.datastore:
+        raise KnnlmError(f"`knnlm {args.command}` needs a datastore: -d DIR (from `knnlm build`)")
+    return args.datastore
 
 
 # ---- parser --------------------------------------------------------------------------
@@ -364,19 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="knnlm: %(message)s",
-                        stream=sys.stderr)
+def quiet_libraries(quiet: bool) -> None:
+    """Our messages at INFO (WARNING with -q), other libraries' from WARNING up: loaders'
+    chatter stays off the terminal (faiss logs eight INFO lines about AVX512 on import)."""
+    logging.basicConfig(level=logging.WARNING, format="knnlm: %(message)s", stream=sys.stderr)
+    logging.getLogger("knnlm").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # also under a root logger set to INFO
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported;
+    # load_lm quiets it again, with its progress bars, once it is imported
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries(args.quiet)
     try:
         args.fn(args)
     except KnnlmError as e:

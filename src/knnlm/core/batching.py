@@ -54,14 +54,18 @@ class Plan:
         return sum(w.end - w.score_from for _, w in self.windows[lo:hi])
 
 
+def check_windows(window: int, stride: int) -> None:
+    if window < 2 or not 1 <= stride <= window:
+        raise KnnlmError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
+
+
 def make_plan(
     encode, documents: Sequence[Document], window: int, stride: int, batch_tokens: int
 ) -> Plan:
     """Tokenize `documents` with `encode` (text -> ids, prefix token first), cut windows
     per document (documents never share one) and group consecutive windows into
     batches of at most `batch_tokens` padded tokens."""
-    if window < 2 or not 1 <= stride <= window:
-        raise KnnlmError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
+    check_windows(window, stride)
     streams, info = [], []
     for doc in documents:
         ids = np.asarray(encode(doc.text), dtype=np.int32)

@@ -128,6 +128,35 @@ def list_indexes(ds: Datastore) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "index.json").exists())
 
 
+def index_info(ds: Datastore, name: str | None = None) -> tuple[str, Path, dict]:
+    """(name, directory, index.json) of a datastore's index (its only one if `name` is
+    None), checked to belong to this datastore; reads no FAISS file, so a command can
+    refuse a wrong index before it loads a model."""
+    names = list_indexes(ds)
+    if name is None:
+        if len(names) != 1:
+            raise KnnlmError(
+                f"datastore {ds.path} has {'no index' if not names else 'several indexes: ' + ', '.join(names)};"
+                + (" build one with `knnlm index`" if not names else " pick one with --index")
+            )
+        name = names[0]
+    d = ds.path / "indexes" / name
+    if not (d / "index.json").exists():
+        raise KnnlmError(f"no index {name!r} in {ds.path} (have: {', '.join(names) or 'none'})")
+    try:
+        info = json.loads((d / "index.json").read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
+    if info.get("datastore_id") != ds.id:
+        raise KnnlmError(
+            f"index {d} was built for datastore {info.get('datastore_id')}, not for {ds.path} ({ds.id});"
+            " rebuild it with `knnlm index --overwrite`"
+        )
+    return name, d, info
+
+
 class Searcher:
     """k-nearest-neighbour search over one datastore, with exact re-ranking of the
     retrieved candidates from the full-precision keys (default for approximate indexes).
@@ -140,28 +169,7 @@ class Searcher:
     def __init__(self, ds: Datastore, name: str | None = None, nprobe: int | None = None,
                  rerank: bool | None = None, mmap: bool = False):
         self.ds = ds
-        names = list_indexes(ds)
-        if name is None:
-            if len(names) != 1:
-                raise KnnlmError(
-                    f"datastore {ds.path} has {'no index' if not names else 'several indexes: ' + ', '.join(names)};"
-                    + (" build one with `knnlm index`" if not names else " pick one with --index")
-                )
-            name = names[0]
-        d = ds.path / "indexes" / name
-        if not (d / "index.json").exists():
-            raise KnnlmError(f"no index {name!r} in {ds.path} (have: {', '.join(names) or 'none'})")
-        try:
-            self.info = json.loads((d / "index.json").read_text())
-            if not isinstance(self.info, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
-        if self.info.get("datastore_id") != ds.id:
-            raise KnnlmError(
-                f"index {d} was built for datastore {self.info.get('datastore_id')}, not for {ds.path} ({ds.id});"
-                " rebuild it with `knnlm index --overwrite`"
-            )
+        name, d, self.info = index_info(ds, name)
         faiss = _faiss()
         try:
             flags = faiss.IO_FLAG_MMAP if mmap and self.info.get("factory") != "Flat" else 0

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from knnlm.core.keypoints import DEFAULT_KEY_POINT, KEY_POINTS  # noqa: F401 (re-exported)
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
@@ -26,15 +27,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Where the key is read in the final decoder layer (paper, Table 5).
-KEY_POINTS = {
-    "ffn_input": "input of the final layer's feed-forward block, after its norm (paper's best)",
-    "ffn_output": "output of the final layer's feed-forward block",
-    "attn_input": "input of the final layer's attention block, after its norm",
-    "attn_output": "output of the final layer's attention block",
-    "final": "final hidden state (input of the output embedding)",
-}
-DEFAULT_KEY_POINT = "ffn_input"
 
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 

@@ -22,6 +22,15 @@ def check_settings(lam: float | None = None, temperature: float | None = None, k
         raise KnnlmError(f"k must be >= 1, got {k}")
 
 
+def check_cache_settings(lam: float | None = None, theta: float | None = None, size: int | None = None) -> None:
+    if lam is not None and not 0.0 <= lam <= 1.0:
+        raise KnnlmError(f"cache lambda must be in [0, 1], got {lam}")
+    if size is not None and size < 1:
+        raise KnnlmError(f"cache size must be >= 1, got {size}")
+    if theta is not None and not theta >= 0:
+        raise KnnlmError(f"cache theta must be >= 0, got {theta}")
+
+
 def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0,
                         chunk: int = 8192, counts: np.ndarray | None = None):
     """log p_kNN(target) for each row: softmax over -d/T, summed over neighbours whose
@@ -115,10 +124,7 @@ def cache_target_logprobs(keys, targets, doc_starts, theta: float, size: int, bl
     position has the target, NaN where the cache is empty (a document's first position);
     `mix_cache` then falls back to the other distribution.
     """
-    if size < 1:
-        raise KnnlmError(f"cache size must be >= 1, got {size}")
-    if not theta >= 0:
-        raise KnnlmError(f"cache theta must be >= 0, got {theta}")
+    check_cache_settings(theta=theta, size=size)
     keys = np.asarray(keys, dtype=np.float32)  # (n, d)
     targets = np.asarray(targets)
     n = len(targets)

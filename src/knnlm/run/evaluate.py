@@ -13,9 +13,9 @@ import numpy as np
 from knnlm.core.batching import Plan, plan_files
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
-from knnlm.core.model import target_logprobs
 from knnlm.core.scoring import (
     cache_target_logprobs,
+    check_cache_settings,
     check_settings,
     knn_target_logprobs,
     mix_cache,
@@ -89,6 +89,8 @@ def score_plan(
     """
     import torch
     from tqdm.auto import tqdm
+
+    from knnlm.core.model import target_logprobs  # torch: imported when a model runs, not with the CLI
 
     check_settings(temperature=temperature, k=k)
     n = plan.count
@@ -238,8 +240,7 @@ def evaluate(
 
     check_settings(lam=lam, temperature=temperature, k=k)
     check_memory_lambda(memory_lambda)
-    if cache_lambda is not None and not 0.0 <= cache_lambda <= 1.0:
-        raise KnnlmError(f"cache lambda must be in [0, 1], got {cache_lambda}")
+    check_cache_settings(lam=cache_lambda)
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
     searcher = None

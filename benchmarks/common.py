@@ -1,0 +1,105 @@
+"""What every benchmark script shares: the data folder and its checksums, logging without
+loader chatter, and an end in one `error:` line (like the `knnlm` command), never a traceback.
+
+    from common import add_data_arg, check_wikitext, run_main, setup_logging
+    ...
+    if __name__ == "__main__":
+        run_main(main)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from knnlm.errors import KnnlmError
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the clone
+
+# WikiText-2 raw (wikitext-2-raw-v1, CC BY-SA 3.0): the files of the original archive
+# (wikitext-2-raw-v1.zip, sha256 ef7edb56...5a11), unchanged.  name -> (bytes, sha256)
+WIKITEXT2 = {
+    "wiki.valid.raw": (1_146_846, "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"),
+    "wiki.test.raw": (1_290_590, "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"),
+}
+WIKITEXT2_DIR = "wikitext-2-raw"
+
+
+class BenchError(Exception):
+    """A benchmark cannot run as asked; the message says what to do."""
+
+
+def add_data_arg(ap) -> None:
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help=f"data folder holding {WIKITEXT2_DIR}/ with wiki.valid.raw and wiki.test.raw "
+                         "(their sha256 are checked; see benchmarks/README.md) (default: ../shared/data)")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_wikitext(data: str | Path, names=tuple(WIKITEXT2)) -> Path:
+    """The folder of the WikiText-2 raw files (`data`/wikitext-2-raw, or `data` itself if it
+    holds them), each present and with its known sha256; checked before any long work."""
+    data = Path(data)
+    folder = data if (data / names[0]).is_file() else data / WIKITEXT2_DIR
+    for name in names:
+        size, digest = WIKITEXT2[name]
+        f = folder / name
+        if not f.is_file():
+            raise BenchError(f"{f} not found: this benchmark needs WikiText-2 raw ({', '.join(names)}; "
+                             f"{name}: {size} bytes, sha256 {digest}); give their folder with --data "
+                             "(see benchmarks/README.md)")
+        got = sha256(f)
+        if got != digest:
+            raise BenchError(f"{f} has sha256 {got}, not WikiText-2 raw's {digest}: another or a changed file")
+    return folder
+
+
+def data_note(names=tuple(WIKITEXT2)) -> str:
+    """One line for a results page: the data files a run read, with their sha256."""
+    return "Data: WikiText-2 raw (CC BY-SA 3.0), " + ", ".join(
+        f"`{WIKITEXT2_DIR}/{n}` (sha256 `{WIKITEXT2[n][1]}`)" for n in names) + "."
+
+
+def setup_logging(*names: str, fmt: str = "%(asctime)s %(message)s") -> None:
+    """INFO from the benchmark's loggers and knnlm, WARNING and up from every other library
+    (faiss logs eight INFO lines about its AVX512 build on import)."""
+    logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
+    for name in ("knnlm", *names):
+        logging.getLogger(name).setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging  # every benchmark loads a model with it
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's main and exit: a failure ends in one `error: ...` line and status 1
+    (130 when interrupted); KNNLM_DEBUG=1 shows the traceback of an unexpected one."""
+    try:
+        main()
+    except (KnnlmError, BenchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug or an environment problem: one line, the traceback on request
+        if os.environ.get("KNNLM_DEBUG"):
+            raise
+        text = " ".join(str(e).split())[:300]
+        print(f"error: {type(e).__name__}{': ' + text if text else ''} (KNNLM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import add_data_arg, check_wikitext, data_note, run_main, setup_logging
 
 from knnlm.core.batching import plan_files
 from knnlm.core.corpus import file_sha256
@@ -40,7 +41,6 @@ from knnlm.run.selftune import self_tune
 from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
-TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 LOG = logging.getLogger("bench")
 
 
@@ -103,11 +103,7 @@ def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int) -> dict:
 
 
 def run(args) -> dict:
-    data = Path(args.data) / "wikitext-2-raw" / "wiki.test.raw"
-    if not data.exists():
-        raise KnnlmError(f"{data} not found: pass --data (the folder holding wikitext-2-raw/)")
-    if file_sha256(data) != TEST_SHA256:
-        raise KnnlmError(f"{data} is not WikiText-2 raw test (sha256 differs from {TEST_SHA256[:12]}...)")
+    data = check_wikitext(args.data, ["wiki.test.raw"]) / "wiki.test.raw"  # present, right sha256
     if args.test_text:  # a part of it: its first whole articles
         part = Path(args.test_text)
         if not part.exists() or not data.read_text(encoding="utf-8").startswith(part.read_text(encoding="utf-8")):
@@ -159,7 +155,8 @@ def render(res: dict, command: str) -> str:
            "Each datastore's own settings were tuned on its own corpus with leave-own-document-out retrieval",
            "(what `knnlm build` records and every command defaults to); the oracle is the best setting on the",
            "test text itself (no user has it). Model: " + f"{res['model']} ({res['dtype']}), 2 CPU cores.", "",
-           "Command:", "", "    " + command, "",
+           "Command:", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
+           "`../shared/data`).", "",
            "| case | entries | test tokens | LM | own settings (k, λ, T) | kNN-LM, own | vs LM | paper's (1024, 0.25, 1) "
            "| oracle (k, λ, T) | kNN-LM, oracle |", "|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for name, r in rows:
@@ -178,8 +175,7 @@ def main() -> int:
     ap.add_argument("--wikitext-datastore", default=str(HERE / "cache" / "wikitext2" / "ds-bfloat16"))
     ap.add_argument("--index", default="ivf2048-pq64", help="index of the WikiText-2 datastore (if it has it)")
     ap.add_argument("--demo-dir", default="knnlm-demo", help="the demo's --workdir")
-    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"),
-                    help="folder holding wikitext-2-raw/wiki.test.raw")
+    add_data_arg(ap)
     ap.add_argument("--test-text", default=None,
                     help="the first whole articles of wiki.test.raw as a file, to test on less (default: all of it)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -188,13 +184,8 @@ def main() -> int:
     ap.add_argument("--mismatch-tokens", type=int, default=60000, help="WikiText-2 test positions for case 3")
     ap.add_argument("--out", default=str(HERE / "results" / "defaults"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        res = run(args)
-    except KnnlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    setup_logging("bench", fmt="%(name)s: %(message)s")
+    res = run(args)
     command = "python " + " ".join(["benchmarks/bench_defaults.py"] + sys.argv[1:])
     res["command"] = command
     out = Path(args.out)
@@ -205,4 +196,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

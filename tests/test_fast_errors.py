@@ -79,6 +79,11 @@ def cases(corpus: Path, ds: Path, tmp: Path, llama_dir: Path, count: int) -> dic
                                     f"datastore not found: {nowhere}"),
         "serve-lambda": (["serve", "--datastore", f"wiki={ds}", "--lambda", "2", *model],
                          "lambda must be in [0, 1], got 2.0"),
+        "eval-missing-memory": (["eval", corpus, "--memory", nowhere, *model], f"memory decoder not found: {nowhere}"),
+        "generate-missing-memory": (["generate", "The", "--memory", nowhere, *model],
+                                    f"memory decoder not found: {nowhere}"),
+        "serve-missing-memory": (["serve", "--datastore", f"wiki={ds}", "--memory", f"m={nowhere}", *model],
+                                 f"memory decoder not found: {nowhere}"),
         "build-missing-corpus": (["build", missing, "-o", tmp / "out", *model], f"corpus file not found: {missing}"),
         "build-existing-output": (["build", corpus, "-o", ds, *model],
                                   f"{ds} already exists (use --overwrite to replace it)"),
@@ -108,6 +113,11 @@ def test_an_index_of_another_datastore_is_refused_before_the_model_loads(no_mode
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and err.startswith(f"error: index {other / 'indexes' / 'flat'} was "
                                                                  f"built for datastore {Datastore(ds_copy).id}")
+
+
+def test_the_device_index_needs_no_index_files(no_model, corpus, ds_copy, capsys):
+    with pytest.raises(AssertionError, match="the model was loaded"):  # checks passed: on to the model
+        main(["eval", str(corpus), "-d", str(ds_copy), "--index", "torch", *WINDOWS])
 
 
 def test_loader_chatter_is_off_and_our_messages_on():

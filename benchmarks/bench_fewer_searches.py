@@ -343,4 +343,6 @@ def write(args, res: dict, lam: float, temp: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_main  # benchmarks/common.py: a failure ends in one `error:` line
+
+    run_main(main)

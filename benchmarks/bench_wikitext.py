@@ -25,7 +25,16 @@ import resource
 import time
 from pathlib import Path
 
-from common import BenchError, add_data_arg, check_wikitext, data_note, run_main, setup_logging
+from common import (
+    DEFAULT_DATA,
+    WIKITEXT2_DIR,
+    BenchError,
+    add_data_arg,
+    check_wikitext,
+    data_note,
+    run_main,
+    setup_logging,
+)
 
 from knnlm.core.batching import plan_files
 from knnlm.core.corpus import file_sha256
@@ -37,6 +46,7 @@ from knnlm.run.evaluate import evaluate, open_for_model, score_plan
 from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
+DATA = DEFAULT_DATA / WIKITEXT2_DIR  # the WikiText-2 raw folder when none is given (other benchmarks import it)
 LOG = logging.getLogger("bench")
 
 
@@ -47,7 +57,7 @@ def articles(text: str) -> list[str]:
     return [text[a:b] for a, b in zip([0] + starts[1:], starts[1:] + [len(text)])]
 
 
-def split_valid(lm: LM, cache: Path, heldout_tokens: int, data: Path) -> tuple[Path, Path]:
+def split_valid(lm: LM, cache: Path, heldout_tokens: int, data: Path = DATA) -> tuple[Path, Path]:
     """wiki.valid.raw (in `data`) cut into datastore text and the last whole articles
     (>= heldout_tokens tokens) held out for tuning."""
     text = (data / "wiki.valid.raw").read_text(encoding="utf-8")
@@ -66,7 +76,7 @@ def split_valid(lm: LM, cache: Path, heldout_tokens: int, data: Path) -> tuple[P
     return ds_txt, tune_txt
 
 
-def test_subset(lm: LM, cache: Path, tokens: int, data: Path) -> Path:
+def test_subset(lm: LM, cache: Path, tokens: int, data: Path = DATA) -> Path:
     """The first whole articles of wiki.test.raw (in `data`), >= `tokens` tokens."""
     arts, out, n = articles((data / "wiki.test.raw").read_text(encoding="utf-8")), [], 0
     while n < tokens:

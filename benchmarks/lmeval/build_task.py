@@ -127,4 +127,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+    from common import run_main  # a failure ends in one `error:` line
+
+    run_main(main)

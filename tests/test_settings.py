@@ -11,7 +11,7 @@ import pytest
 import knnlm.core.settings
 from knnlm.cli.main import main
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher
+from knnlm.core.index import EXCLUDE_RADIUS, Searcher
 from knnlm.core.settings import PAPER, resolve
 from knnlm.run.generate import KNNLM
 from knnlm.run.selftune import piece_plan, sample_pieces, self_tune
@@ -66,7 +66,7 @@ def test_each_query_excludes_its_own_entry_whose_value_is_the_target(lm, datasto
     d, i = Searcher(datastore).search(keys, 4, exclude=own)
     assert not (i == own[:, None]).any()  # never itself
     doc = datastore.document_of(i)
-    assert not ((doc == datastore.document_of(own)[:, None]) & (np.abs(i - own[:, None]) < 2048)).any()
+    assert not ((doc == datastore.document_of(own)[:, None]) & (np.abs(i - own[:, None]) < EXCLUDE_RADIUS)).any()
 
 
 def test_build_records_settings_that_eval_uses(capsys, corpus, llama_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 `knnlm build` ends here (unless --no-tune): pieces of the datastore's own documents are
 read by the LM as if they were new text, each position retrieves its neighbours with its
-own document left out (`Searcher.search(..., exclude=)`: the same document within 2048
+own document left out (`Searcher.search(..., exclude=)`: the same document within 8192
 tokens, i.e. a whole article, or a neighbourhood in a long .txt stream), so the sweep sees
 what unseen text of the same kind sees.  λ, T and k are swept from that one retrieval
 (`knnlm.run.tune.sweep`) and recorded in meta.json; commands default to them.

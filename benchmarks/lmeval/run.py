@@ -53,17 +53,17 @@ def show(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-def run_one(args, label: str, default: str, tokenizer: str, key: str) -> dict:
+def run_one(args, label: str, default: str, extra: str, tokenizer: str, key: str, tag: str) -> dict:
     url = f"http://127.0.0.1:{args.port}"
     serve = ["knnlm", "-q", "serve", "-d", f"wiki={args.datastore}", "--default-datastore", default,
              "--port", str(args.port), "--max-queue", str(2 * args.batch_size)]
     serve += ["--index", args.index] if args.index else []
-    serve += args.serve_args.split() if args.serve_args else []
-    out_dir = Path(args.cache) / f"out-{default}"
+    serve += extra.split()
+    out_dir = Path(args.cache) / f"out-{tag}"
     lm_eval = ["lm_eval", "--model", "local-completions", "--model_args",
                f"base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer},"
                f"model={args.model_name}", "--batch_size", str(args.batch_size),
-               "--tasks", TASK, "--include_path", "benchmarks/lmeval", "--output_path", str(out_dir)]
+               "--tasks", TASK, "--include_path", "benchmarks/lmeval", "--output_path", os.path.relpath(out_dir, REPO)]
     env = {**os.environ, "KNNLM_API_KEY": key, "OPENAI_API_KEY": key, "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     bindir = Path(sys.executable).parent  # the knnlm and lm_eval of this environment
@@ -102,10 +102,15 @@ def render(r: dict) -> str:
         lines.append(f"| {x['label']} | {x['acc']:.3f} ± {x['acc_stderr']:.3f} | {x['acc_norm']:.3f} ± "
                      f"{x['acc_norm_stderr']:.3f} | {s.get('lambda', '–')} | {s.get('k', '–')} | "
                      f"{s.get('knn_temperature', '–')} | {x['seconds']:.0f} |")
-    base, knn = r["runs"]
-    lines += ["", f"kNN-LM minus base LM: acc {knn['acc'] - base['acc']:+.3f}, "
-              f"acc_norm {knn['acc_norm'] - base['acc_norm']:+.3f} (same {t['examples']} questions; "
-              "± is lm-eval's standard error of each mean).", "", "## Commands", "",
+    base = r["runs"][0]
+    lines.append("")
+    for knn in r["runs"][1:]:
+        lines.append(f"- {knn['label']} minus base LM: acc {knn['acc'] - base['acc']:+.3f}, "
+                     f"acc_norm {knn['acc_norm'] - base['acc_norm']:+.3f}")
+    lines += ["", f"Same {t['examples']} questions in every run; ± is lm-eval's standard error of each mean. "
+              "Seconds are the wall time of each `lm_eval` command on a machine shared with other jobs: "
+              "not a speed measurement.",
+              "", "## Commands", "",
               "```", r["command"], "```", "", "which runs, for each setting, from the repository root:", "", "```"]
     for x in r["runs"]:
         lines += [x["commands"]["serve"] + " &", x["commands"]["lm_eval"]]
@@ -122,10 +127,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per request (lm-eval's batch_size)")
     ap.add_argument("--port", type=int, default=8137)
     ap.add_argument("--model-name", default="smollm2-135m", help="the served model's id")
-    ap.add_argument("--serve-args", default="", help="more `knnlm serve` options, e.g. '-k 256 --lambda 0.3'")
+    ap.add_argument("--knn", action="append", default=None, metavar="LAMBDA,T,K",
+                    help="a kNN-LM run with these settings (repeatable; default: the datastore's own defaults)")
+    ap.add_argument("--context-chars", type=int, default=600, help="article text before each question, at most")
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache" / "lmeval"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lmeval"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the recorded .json")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(render(res))
+        return
     sys.path.insert(0, str(REPO / "src"))
     from knnlm.core.assets import ensure_default_model
 
@@ -133,17 +145,21 @@ def main() -> None:
     if jsonl != REPO / "benchmarks" / "cache" / "lmeval" / f"{TASK}.jsonl":
         raise SystemExit(f"error: the task YAML reads benchmarks/cache/lmeval/{TASK}.jsonl; keep --cache's default")
     subprocess.run([sys.executable, str(HERE / "build_task.py"), "--data", args.data, "--examples",
-                    str(args.examples), "--out", str(jsonl)], check=True)
+                    str(args.examples), "--context-chars", str(args.context_chars), "--out", str(jsonl)], check=True)
     task = json.loads(jsonl.with_suffix(".manifest.json").read_text())
     tokenizer = str(ensure_default_model())
     key = secrets.token_urlsafe(16)
-    runs = [run_one(args, "base LM (`--default-datastore none`)", "none", tokenizer, key),
-            run_one(args, "kNN-LM (`--default-datastore wiki`)", "wiki", tokenizer, key)]
+    runs = [run_one(args, "base LM (`--default-datastore none`)", "none", "", tokenizer, key, "base")]
+    for i, spec in enumerate(args.knn or [""]):
+        lam, temp, k = spec.split(",") if spec else ("", "", "")
+        extra = f"--lambda {lam} --knn-temperature {temp} -k {k}" if spec else ""
+        label = f"kNN-LM (`--default-datastore wiki`{', ' + extra if extra else ''})"
+        runs.append(run_one(args, label, "wiki", extra, tokenizer, key, f"knn{i}"))
     res = {"task": task, "runs": runs, "model": args.model_name, "machine": platform.machine(),
            "cpus": os.cpu_count(), "datastore": args.datastore,
            "command": "python benchmarks/lmeval/run.py " + " ".join(
-               f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-               if k not in ("cache", "out") and v != "")}
+               f"--{k.replace('_', '-')} {shlex.quote(str(x))}" for k, v in vars(args).items()
+               if k not in ("cache", "out", "render") and v is not None for x in (v if isinstance(v, list) else [v]))}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(render(res))

@@ -234,4 +234,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_main  # benchmarks/common.py: a failure ends in one `error:` line
+
+    run_main(main)

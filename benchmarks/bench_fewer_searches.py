@@ -174,6 +174,10 @@ def pointer_settings(text: str) -> list[Pointers]:
     return out
 
 
+def method(p: Pointers) -> str:
+    return "pointers" + (f" + a search every {p.every}" if p.every else "")
+
+
 def describe(p: Pointers) -> str:
     return f"threshold {p.threshold}" + (f", search every {p.every}" if p.every else "")
 
@@ -231,7 +235,7 @@ def main() -> None:
         for ptr in pointer_settings(args.thresholds):
             t0 = time.perf_counter()
             knn, searched = replay(q[sp], vals, ds, d, i, s.exact, args.k, temp, ptr)
-            rows.append({"split": sp, "method": "pointers", "setting": describe(ptr),
+            rows.append({"split": sp, "method": method(ptr), "setting": describe(ptr),
                          "search_rate": float(searched.mean()), "ppl": ppl(q[sp]["lm"], knn),
                          "seconds": round(time.perf_counter() - t0, 1)})
             LOG.info("%s pointers %s: %.3f searched, ppl %.3f (every token %.3f)", sp, describe(ptr), searched.mean(),
@@ -263,7 +267,7 @@ def main() -> None:
                         "ppl": ppl(lm_sub, knn)})
     for ptr in pointer_settings(args.thresholds):
         knn, searched = replay(q["test"], vals, ds, d, i, s.exact, args.k, temp, ptr, n=m)
-        sub.append({"split": f"test[:{m}]", "method": "pointers", "setting": describe(ptr),
+        sub.append({"split": f"test[:{m}]", "method": method(ptr), "setting": describe(ptr),
                     "search_rate": float(searched.mean()), "ppl": ppl(lm_sub, knn)})
     res["rows"], res["subset_rows"] = rows, sub
     res["test_text"] = text_of(args, "test").name

@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output", default=str(HERE / "results" / "generate-fewer.md"))
+    ap.add_argument("--flat-chars", type=int, default=None,
+                    help="instead of the Flat index of --datastore, an exact Flat datastore built from the first N "
+                         "characters of wiki.valid.raw (cached in benchmarks/cache/generate)")
+    ap.add_argument("--only", default=None, help="comma-separated setting numbers to run (1-based; 1 = base LM)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     torch.manual_seed(0)
@@ -70,7 +74,14 @@ def main() -> None:
     lm = LM.load(args.model, dtype=args.dtype, device="cpu", key_point=ds.key_point)
     knn = KNNLM(lm, lam=args.lam, k=args.k, knn_temperature=args.temperature)
     knn.add_datastore("ivfpq", ds.path, index="ivf2048-pq64")
-    knn.add_datastore("flat", ds.path, index="flat")
+    flat = ds
+    if args.flat_chars:
+        from bench_generate import datastore as small_datastore
+
+        cache = HERE / "cache" / "generate"
+        cache.mkdir(parents=True, exist_ok=True)
+        flat = small_datastore(lm, cache, args.flat_chars)  # window 512 / stride 256, Flat index
+    knn.add_datastore("flat", flat.path, index="flat")
     calls = {name: counting(s) for name, s in knn.searchers.items()}
     n, ptr, ada = args.tokens, Pointers(args.pointers), Adaptive("max_prob", args.adaptive)
 
@@ -87,13 +98,17 @@ def main() -> None:
                                                                             each(datastore="ivfpq", pointers=ptr)),
         f"kNN-LM, IVF-PQ + re-rank, adaptive (max p >= {args.adaptive})": ("ivfpq",
                                                                            each(datastore="ivfpq", adaptive=ada)),
-        f"kNN-LM, exact Flat ({ds.count} entries)": ("flat", each(datastore="flat", pointers=None)),
+        f"kNN-LM, exact Flat ({flat.count} entries)": ("flat", each(datastore="flat", pointers=None)),
         f"kNN-LM, exact Flat, pointers (threshold {args.pointers})": ("flat", each(datastore="flat", pointers=ptr)),
         f"base LM, {len(PROMPTS)} prompts as one batch": ("", batched(datastore=None)),
         f"kNN-LM IVF-PQ, {len(PROMPTS)} prompts as one batch": ("ivfpq", batched(datastore="ivfpq", pointers=None)),
         f"kNN-LM IVF-PQ, {len(PROMPTS)} prompts as one batch, pointers": ("ivfpq",
                                                                           batched(datastore="ivfpq", pointers=ptr)),
     }
+    all_names = list(settings)
+    if args.only:
+        keep = {names_i - 1 for names_i in map(int, args.only.split(","))}
+        settings = {name: v for j, (name, v) in enumerate(settings.items()) if j in keep or j in (0, 6)}
     for p in PROMPTS[:1]:  # warm-up: allocator, faiss threads, tokenizer caches
         for name in (None, "ivfpq", "flat"):
             knn.generate(p, 4, datastore=name, ignore_eos=True)
@@ -109,17 +124,17 @@ def main() -> None:
             searches[name] = (sum(calls[store]) - before) if store else 0
         LOG.info("repeat %d/%d done", rep + 1, args.repeats)
     total = n * len(PROMPTS)
-    names = list(settings)
-    base = {False: statistics.median(seconds[names[0]]), True: statistics.median(seconds[names[6]])}
+    names, a = list(settings), all_names
+    base = {False: statistics.median(seconds[a[0]]), True: statistics.median(seconds[a[6]])}
     rows = ["| setting | tokens/s | ratio to base LM | searches per token | same tokens as pointers off |",
             "|---|---:|---:|---:|---|"]
-    plain_of = {names[2]: names[1], names[3]: names[1], names[5]: names[4], names[8]: names[7]}
+    plain_of = {a[2]: a[1], a[3]: a[1], a[5]: a[4], a[8]: a[7]}
     for name in names:
         med = statistics.median(seconds[name])
         ref = base["prompts as one batch" in name]
         same = ""
-        if name in plain_of:
-            same = f"{sum(a == b for a, b in zip(outputs[name], outputs[plain_of[name]]))}/{len(PROMPTS)} prompts"
+        if name in plain_of and plain_of[name] in outputs:
+            same = f"{sum(x == y for x, y in zip(outputs[name], outputs[plain_of[name]]))}/{len(PROMPTS)} prompts"
         rows.append(f"| {name} | {total / med:.1f} | {ref / med:.2f} | "
                     f"{searches[name] / total:.2f} | {same} |")
     env = (f"model {args.model} ({args.dtype}, cpu); datastore {ds.path.name}: {ds.count} entries, d={ds.dim}; "

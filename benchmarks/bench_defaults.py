@@ -165,6 +165,10 @@ def render(res: dict, command: str) -> str:
                    f"{o['temperature']:g} | {r['ppl_own']:.3f} | {100 * (r['ppl_own'] / r['ppl_lm'] - 1):+.2f}% | "
                    f"{r['ppl_paper']:.3f} ({100 * (r['ppl_paper'] / r['ppl_lm'] - 1):+.1f}%) | "
                    f"{b['k']}, {b['lambda']:.2f}, {b['temperature']:g} | {r['ppl_oracle']:.3f} |")
+    out += ["", "The WikiText-2 datastore is the one `python benchmarks/bench_wikitext.py --phases quality` builds; the "
+            "demo datastores are `knnlm demo --workdir DIR`'s; `--test-text` tests on the first whole articles of "
+            "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
+            "those positions."]
     out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) took "
             f"{res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
     return "\n".join(out) + "\n"

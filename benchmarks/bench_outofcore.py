@@ -11,7 +11,7 @@ the search process's peak anonymous RSS (RssAnon sampled every 10 ms, with VmHWM
 smaps_rollup at the end).
 
     flock /tmp/knnlm-cpu.lock python benchmarks/bench_outofcore.py --work /work/ooc \
-        --entries 20000000 --shards 4 --factory IVF1024,PQ36
+        --entries 20000000 --shards 4 --factory IVF512,PQ72x4
     (add --keep to keep the files; they are deleted at the end otherwise)
 
 Results: benchmarks/results/outofcore.{json,md}.
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / "cache" / "outofcore")
     p.add_argument("--entries", type=int, default=20_000_000)
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--factory", default="IVF1024,PQ36")
+    p.add_argument("--factory", default="IVF512,PQ72x4")
     p.add_argument("--train-size", type=int, default=65_536)
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("-k", type=int, default=1024)

@@ -146,3 +146,13 @@ def test_faiss_says_nothing_when_it_loads(ds_copy):
     assert done.returncode == 0, done.stderr
     assert "faiss" not in done.stderr.lower() and "avx" not in done.stderr.lower(), done.stderr
     assert done.stdout.startswith(f"index {ds_copy / 'indexes' / 'again'}: Flat")
+
+
+def test_the_parser_imports_no_heavy_library():
+    """`knnlm COMMAND` refuses bad input in a fraction of a second: building the parser (and
+    the checks) imports neither torch, transformers, faiss nor FastAPI."""
+    code = ("import sys; from knnlm.cli.main import build_parser; import knnlm.cli.checks; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'faiss', 'fastapi') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(knnlm.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr

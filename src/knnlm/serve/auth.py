@@ -17,7 +17,6 @@ import os
 from typing import Mapping, Sequence
 
 from knnlm.errors import KnnlmError
-from knnlm.serve.openai import error_response
 
 ENV_VAR = "KNNLM_API_KEY"  # comma-separated keys
 PROTECTED = "/v1"
@@ -80,8 +79,8 @@ class Guard:
             if not authorized(headers.get("authorization"), self.keys):
                 msg = ("missing API key: send the header 'Authorization: Bearer KEY'"
                        if "authorization" not in headers else "incorrect API key")
-                return await error_response(401, msg, code="invalid_api_key",
-                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return await _error_response(401, msg, code="invalid_api_key",
+                                             headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if self.max_body is None:
             return await self.app(scope, receive, send)
         length = headers.get("content-length")
@@ -108,5 +107,13 @@ class Guard:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        await error_response(413, f"the request body is larger than {self.max_body} bytes",
-                             code="request_too_large")(scope, receive, send)
+        await _error_response(413, f"the request body is larger than {self.max_body} bytes",
+                              code="request_too_large")(scope, receive, send)
+
+
+def _error_response(*args, **kwargs):
+    """knnlm.serve.openai's error_response, imported when a request needs it: the command
+    line reads this module's defaults without importing FastAPI."""
+    from knnlm.serve.openai import error_response
+
+    return error_response(*args, **kwargs)

@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import add_data_arg, check_wikitext, data_note, run_main, setup_logging
+from common import add_data_arg, check_wikitext, data_note, query_cache, run_main, setup_logging
 
-from knnlm.core.batching import plan_files
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher, list_indexes
-from knnlm.core.model import LM, target_logprobs
+from knnlm.core.model import LM
 from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
 from knnlm.core.settings import PAPER
 from knnlm.errors import KnnlmError
@@ -42,31 +41,6 @@ from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
-
-
-def query_cache(lm, text: Path, out: Path, batch_tokens: int = 4096) -> dict:
-    """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
-    the target and each document's first position; computed once, then read from `out`."""
-    import torch
-
-    if not out.exists():
-        plan = plan_files(lm, [text], 1024, 512, batch_tokens)
-        targets = plan.targets().astype(np.int64)
-        keys = np.empty((plan.count, lm.dim()), np.float16)
-        lp = np.empty(plan.count, np.float32)
-        for b in range(len(plan.batches)):
-            windows = list(plan.scored(b))
-            first = min(c0 for _, c0, _, _ in windows)
-            feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
-            for row, c0, c1, t in windows:
-                keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
-                lp[t : t + c1 - c0] = target_logprobs(logits[row, c0 - first : c1 - first],
-                                                      torch.from_numpy(targets[t : t + c1 - c0])).numpy()
-        tmp = out.with_name(out.stem + ".tmp.npz")
-        np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2])
-        tmp.rename(out)
-    z = np.load(out)
-    return {name: z[name] for name in z.files}
 
 
 def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chunk: int = 8192) -> dict:
@@ -120,7 +94,7 @@ def run(args) -> dict:
 
     wt = Datastore(wt_path)
     wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
-    queries = query_cache(lm, data, wt_path.parent / f"queries-{data.stem}.npz")
+    queries = query_cache(lambda: lm, data, wt_path.parent / f"queries-{data.stem}.npz")
     res["wikitext2_test"] = {"file": str(data), "sha256": file_sha256(data)}
     t0 = time.perf_counter()
     s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
@@ -132,7 +106,7 @@ def run(args) -> dict:
         ds = Datastore(demo_stores[lang][-1])
         searcher = Searcher(ds)
         test = demo / lang / "corpus" / "test.jsonl"
-        q = query_cache(lm, test, demo / lang / "queries-test.npz")
+        q = query_cache(lambda: lm, test, demo / lang / "queries-test.npz")
         s = own_settings(lm, ds, searcher, args.tune_tokens)
         res[lang] = {"case": label, "datastore": str(ds.path), "entries": ds.count, "settings": s,
                      **compare(q, searcher, s)}

@@ -64,9 +64,7 @@ def text_of(args, split: str) -> Path:
 def assets(args) -> Datastore:
     """The benchmark datastore (wiki.valid.raw minus held-out articles) with its indexes,
     and each split's query keys; built here when --cache does not hold them."""
-    import torch
-
-    from knnlm.core.model import target_logprobs
+    from common import query_cache
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -81,23 +79,7 @@ def assets(args) -> Datastore:
         if name not in list_indexes(ds):
             build_index(ds, factory, nprobe=32, progress=False)
     for split in ("heldout", "test"):
-        out = cache / f"queries-{split}.npz"
-        if out.exists():
-            continue
-        lm = lm_once(args)
-        plan = plan_files(lm, [text_of(args, split)], WINDOW, STRIDE, BATCH)
-        targets = plan.targets().astype(np.int64)
-        keys = np.empty((plan.count, lm.dim()), np.float16)
-        lp = np.empty(plan.count, np.float32)
-        for b in range(len(plan.batches)):
-            windows = list(plan.scored(b))
-            first = min(c0 for _, c0, _, _ in windows)
-            feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
-            for row, c0, c1, t in windows:
-                keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
-                lp[t : t + c1 - c0] = target_logprobs(logits[row, c0 - first : c1 - first],
-                                                      torch.from_numpy(targets[t : t + c1 - c0])).numpy()
-        np.savez(out, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2])
+        query_cache(lambda: lm_once(args), text_of(args, split), cache / f"queries-{split}.npz", BATCH)
     return ds
 
 

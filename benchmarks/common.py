@@ -103,3 +103,35 @@ def run_main(main: Callable[[], None]) -> None:
         print(f"error: {type(e).__name__}{': ' + text if text else ''} (KNNLM_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 4096) -> dict:
+    """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
+    the target, and each document's first position (doc_first); computed once with the LM that
+    get_lm() returns (called only then), saved to `out` (.npz), then read from there."""
+    import numpy as np
+
+    if not out.exists():
+        import torch
+
+        from knnlm.core.batching import plan_files
+        from knnlm.core.model import target_logprobs
+
+        lm = get_lm()
+        plan = plan_files(lm, [text], 1024, 512, batch_tokens)
+        targets = plan.targets().astype(np.int64)
+        keys = np.empty((plan.count, lm.dim()), np.float16)  # (n, d)
+        lp = np.empty(plan.count, np.float32)  # (n,)
+        for b in range(len(plan.batches)):
+            windows = list(plan.scored(b))
+            first = min(c0 for _, c0, _, _ in windows)
+            feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
+            for row, c0, c1, t in windows:
+                keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
+                lp[t : t + c1 - c0] = target_logprobs(logits[row, c0 - first : c1 - first],
+                                                      torch.from_numpy(targets[t : t + c1 - c0])).numpy()
+        tmp = out.with_name(out.stem + ".tmp.npz")
+        np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2])
+        os.replace(tmp, out)
+    z = np.load(out)
+    return {name: z[name] for name in z.files}

@@ -9,13 +9,13 @@ loader chatter, and an end in one `error:` line (like the `knnlm` command), neve
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from knnlm.core.corpus import file_sha256
 from knnlm.errors import KnnlmError
 
 HERE = Path(__file__).resolve().parent
@@ -41,14 +41,6 @@ def add_data_arg(ap) -> None:
                          "(their sha256 are checked; see benchmarks/README.md) (default: ../shared/data)")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_wikitext(data: str | Path, names=tuple(WIKITEXT2)) -> Path:
     """The folder of the WikiText-2 raw files (`data`/wikitext-2-raw, or `data` itself if it
     holds them), each present and with its known sha256; checked before any long work."""
@@ -61,7 +53,7 @@ def check_wikitext(data: str | Path, names=tuple(WIKITEXT2)) -> Path:
             raise BenchError(f"{f} not found: this benchmark needs WikiText-2 raw ({', '.join(names)}; "
                              f"{name}: {size} bytes, sha256 {digest}); give their folder with --data "
                              "(see benchmarks/README.md)")
-        got = sha256(f)
+        got = file_sha256(f)
         if got != digest:
             raise BenchError(f"{f} has sha256 {got}, not WikiText-2 raw's {digest}: another or a changed file")
     return folder

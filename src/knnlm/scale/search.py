@@ -12,16 +12,14 @@ a KnnlmError, never a smaller neighbour set.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher, list_indexes, rerank_from_keys, search_excluding
+from knnlm.core.index import Searcher, index_info, rerank_from_keys, search_excluding
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -203,23 +201,5 @@ class ShardedSearcher:
 
 def resolve_index(ds: ShardedDatastore, name: str | None) -> tuple[str, dict]:
     """The sharded index `name` (or the only one) and its index.json, checked to be this datastore's."""
-    names = list_indexes(ds)
-    if name is None:
-        if len(names) != 1:
-            raise KnnlmError(
-                f"datastore {ds.path} has {'no index' if not names else 'several indexes: ' + ', '.join(names)};"
-                + (" build one with `knnlm index`" if not names else " pick one with --index"))
-        name = names[0]
-    d = Path(ds.path) / "indexes" / name
-    if not (d / "index.json").exists():
-        raise KnnlmError(f"no index {name!r} in {ds.path} (have: {', '.join(names) or 'none'})")
-    try:
-        info = json.loads((d / "index.json").read_text())
-        if not isinstance(info, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
-    if info.get("datastore_id") != ds.id:
-        raise KnnlmError(f"index {d} was built for datastore {info.get('datastore_id')}, not for {ds.path} "
-                         f"({ds.id}); rebuild it with `knnlm index --overwrite`")
+    name, _, info = index_info(ds, name)
     return name, info

@@ -59,7 +59,8 @@ def render(results: Path, out: Path) -> None:
         ds_bytes = q.get("datastore_bytes")
         lines += [f"## Decoder of L = {L} layers (a truncated copy of smollm2-135m: embeddings, first {L} of 30 "
                   "layers, final norm, head)", "",
-                  f"Test: all of wiki.test.raw, {q['test_tokens']} tokens, windows of 1024 scoring 512.  "
+                  f"Test: the first whole articles of wiki.test.raw, {q['test_tokens']} tokens (test_100k.txt), "
+                  "windows of 1024 scoring 512.  "
                   f"λ (and the kNN-LM's k, λ, T) tuned on the {q['heldout_tokens']} held-out valid tokens.  "
                   f"Datastore: {q['entries']} entries ({q['index']}, re-ranked).", "",
                   "| system | test ppl | vs base LM | eval tokens/s vs base LM | training (2 CPU cores) | "

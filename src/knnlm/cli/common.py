@@ -156,3 +156,18 @@ def numbers(text: str | None, kind, option: str) -> list | None:
 def table(rows: list[tuple[str, str]]) -> str:
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def subcommand_adder(sub):
+    """`add(name, fn, help, epilog)` for an argparse subparsers object: a subcommand whose help is
+    its description, whose epilog lists runnable examples, and which takes -q/--quiet too."""
+
+    def add(name, fn, help, epilog):
+        sp = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
+                            formatter_class=Formatter)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or info messages")
+        return sp
+
+    return add

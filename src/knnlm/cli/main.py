@@ -30,6 +30,7 @@ from knnlm.cli.common import (
     numbers,
     quiet_transformers,
     searcher_from_args,
+    subcommand_adder,
     table,
     write_json,
 )
@@ -286,13 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help, epilog):
-        sp = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
-                            formatter_class=Formatter)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bars or info messages")
-        return sp
+    add = subcommand_adder(sub)
 
     sp = add("build", cmd_build, "build a datastore (and its index) from text",
              "  knnlm build wiki.valid.raw -o ds-wiki\n"

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from knnlm.cli.common import Formatter, load_lm, numbers, searcher_from_args, table, write_json
+from knnlm.cli.common import Formatter, load_lm, numbers, searcher_from_args, subcommand_adder, table, write_json
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
@@ -64,13 +64,7 @@ def register(sub, add_model_args) -> None:
                                "  knnlm eval test.txt --memory mem --memory-lambda 0.3")
     msub = mp.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help, epilog):
-        sp = msub.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
-                             formatter_class=Formatter)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bars or info messages")
-        return sp
+    add = subcommand_adder(msub)
 
     sp = add("targets", cmd_targets, "p_kNN of every position of a datastore's corpus, without its own memories",
              "  knnlm memory targets ds-wiki -o ds-wiki-targets                # k=1024, T=16, own document out\n"

@@ -22,7 +22,8 @@ def _cell(s: str) -> str:
 def render(results: Path, out: Path) -> None:
     t = _load(results, "targets")
     layers = sorted(int(p.stem.split("-L")[1]) for p in results.glob("quality-L*.json"))
-    lines = ["# Memory Decoder on WikiText-2 (2 CPU cores)", "",
+    title = " and on a new domain" if (results / "es-quality.json").exists() else ""
+    lines = [f"# Memory Decoder on WikiText-2{title} (2 CPU cores)", "",
              "A memory decoder (Cao et al., 2025) is a small LM trained to imitate the kNN-LM's p_kNN on the",
              "datastore's own text, then mixed with the base LM: p = λ p_mem + (1-λ) p_LM, with no datastore,",
              "index or search at inference (`knnlm memory targets|train`, then `--memory` on eval, tune,",
@@ -136,4 +137,16 @@ def render(results: Path, out: Path) -> None:
                   "is one .txt stream, so the entries within 2048 positions of it), the "
                   f"{t['keep']} most likely tokens stored (they held {100 * t['mean_kept_mass']:.1f}% of p_kNN on "
                   f"average), {_mb(t['bytes'])}; {t['seconds']:.0f} s, peak RSS {t['peak_rss_mb']:.0f} MB.", ""]
+    lines += domain_lines(results, out)
     out.write_text("\n".join(lines) + "\n")
+
+
+def domain_lines(results: Path, out: Path) -> list[str]:
+    """The new-domain section (bench_memory_domain.py's results) and its notes, if run."""
+    from memory_domain_page import domain_section
+
+    lines = domain_section(results, out.parent / "img" / "memory-es-curves.png")
+    notes = results / "es-notes.md"
+    if lines and notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    return lines

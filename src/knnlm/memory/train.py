@@ -47,7 +47,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in all (None: the epochs)
     batch_size: int = 8  # pieces per step
     seq_len: int = 256  # predicted tokens per piece
-    heldout: float = 0.02  # share of the pieces held out for early stopping
+    heldout: float = 0.02  # share of the pieces (or documents) held out for early stopping
+    heldout_unit: str = "piece"  # "piece", or "document": whole documents held out (none in both parts)
     eval_every: int | None = None  # steps between held-out measurements (None: once per epoch)
     patience: int = 3  # measurements without improvement before stopping
     save_every: int = 50  # steps between checkpoints
@@ -67,6 +68,8 @@ class TrainConfig:
             raise KnnlmError(f"heldout must be in [0, 1), got {self.heldout}")
         if not self.lr > 0:
             raise KnnlmError(f"lr must be > 0, got {self.lr}")
+        if self.heldout_unit not in ("piece", "document"):
+            raise KnnlmError(f"heldout_unit must be 'piece' or 'document', got {self.heldout_unit!r}")
         if self.autocast not in ("none", "bfloat16"):
             raise KnnlmError(f"autocast must be 'none' or 'bfloat16', got {self.autocast!r}")
 
@@ -86,6 +89,31 @@ def pieces(docs: np.ndarray, seq_len: int, count: int) -> np.ndarray:
             if m > 0:
                 out.append((start + a, entry + a, m))
     return np.array(out, dtype=np.int64).reshape(-1, 3)
+
+
+def split_pieces(all_pieces: np.ndarray, docs: np.ndarray, heldout: float, unit: str = "piece",
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held-out pieces, training pieces, held-out document numbers): a seeded share
+    `heldout` of the pieces, or with unit "document" of the documents (all their pieces;
+    the held-out text is then text the model never trains on, for tuning λ on it).
+    docs are the (D, 3) rows `pieces` was cut from; a piece's document is the one whose
+    token range holds its first token.  Held-out document numbers are empty for "piece"."""
+    n = len(all_pieces)
+    if unit == "document":
+        starts = np.asarray(docs, dtype=np.int64)[:, 0]
+        doc_of = np.searchsorted(starts, all_pieces[:, 0], side="right") - 1  # (P,)
+        present = np.unique(doc_of)
+        n_held = int(round(heldout * len(present))) if len(present) > 1 else 0
+        if heldout > 0 and len(present) > 1:
+            n_held = max(1, n_held)
+        held_docs = np.sort(np.random.default_rng(seed).permutation(present)[:n_held])
+        is_held = np.isin(doc_of, held_docs)
+        return all_pieces[is_held], all_pieces[~is_held], held_docs
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = int(round(heldout * n)) if n > 1 else 0
+    if heldout > 0 and n > 1:
+        n_held = max(1, n_held)
+    return all_pieces[np.sort(order[:n_held])], all_pieces[np.sort(order[n_held:])], np.zeros(0, np.int64)
 
 
 class _Data:
@@ -168,12 +196,7 @@ def train_decoder(
     all_pieces = pieces(ds.docs, cfg.seq_len, tg.count)
     if len(all_pieces) == 0:
         raise KnnlmError(f"no position of {ds.path} has targets in {tg.path}")
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(all_pieces))
-    n_held = int(round(cfg.heldout * len(all_pieces))) if len(all_pieces) > 1 else 0
-    if cfg.heldout > 0 and len(all_pieces) > 1:
-        n_held = max(1, n_held)
-    held, train = all_pieces[np.sort(order[:n_held])], all_pieces[np.sort(order[n_held:])]
+    held, train, held_docs = split_pieces(all_pieces, ds.docs, cfg.heldout, cfg.heldout_unit, cfg.seed)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     eval_every = cfg.eval_every or per_epoch
@@ -286,6 +309,7 @@ def train_decoder(
         "history": history,
         "train_pieces": int(len(train)),
         "heldout_pieces": int(len(held)),
+        "heldout_documents": [int(d) for d in held_docs],
         "train_tokens_per_epoch": int(train[:, 2].sum()),
         "seconds": round(seconds, 2),
     }

@@ -33,6 +33,7 @@ from knnlm.run.generate import KNNLM
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import PROMPTS  # noqa: E402
+from common import add_data_arg, check_wikitext  # noqa: E402
 
 LOG = logging.getLogger("bench")
 
@@ -67,9 +68,11 @@ def main() -> None:
                     help="instead of the Flat index of --datastore, an exact Flat datastore built from the first N "
                          "characters of wiki.valid.raw (cached in benchmarks/cache/generate)")
     ap.add_argument("--only", default=None, help="comma-separated setting numbers to run (1-based; 1 = base LM)")
+    add_data_arg(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     torch.manual_seed(0)
+    valid = check_wikitext(args.data, ["wiki.valid.raw"]) / "wiki.valid.raw" if args.flat_chars else None
     ds = Datastore(args.datastore)
     lm = LM.load(args.model, dtype=args.dtype, device="cpu", key_point=ds.key_point)
     knn = KNNLM(lm, lam=args.lam, k=args.k, knn_temperature=args.temperature)
@@ -80,7 +83,7 @@ def main() -> None:
 
         cache = HERE / "cache" / "generate"
         cache.mkdir(parents=True, exist_ok=True)
-        flat = small_datastore(lm, cache, args.flat_chars)  # window 512 / stride 256, Flat index
+        flat = small_datastore(lm, cache, args.flat_chars, valid)  # window 512 / stride 256, Flat index
     knn.add_datastore("flat", flat.path, index="flat")
     calls = {name: counting(s) for name, s in knn.searchers.items()}
     n, ptr, ada = args.tokens, Pointers(args.pointers), Adaptive("max_prob", args.adaptive)

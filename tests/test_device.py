@@ -70,3 +70,50 @@ def test_bad_use(datastore):
         dev.search(np.zeros((1, datastore.dim), np.float32), datastore.count + 1)
     with pytest.raises(KnnlmError, match="3-d"):
         dev.search(np.zeros((1, 3), np.float32), 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA is absent")
+def test_absent_cuda_falls_back_to_the_cpu_with_the_same_neighbours(datastore, queries, caplog):
+    cpu = Searcher(datastore)
+    with caplog.at_level("WARNING", logger="knnlm.retrieval.device"):
+        dev = open_searcher(datastore, "torch", device="cuda")
+    assert dev.device.type == "cpu" and "not available" in caplog.text
+    d0, i0 = cpu.search(queries, 8)
+    d1, i1 = dev.search(queries, 8)
+    np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-4)
+    assert (i1 == i0).mean() > 0.9
+
+
+def test_faiss_index_without_gpu_support_stays_on_the_cpu(datastore, queries, monkeypatch):
+    import faiss
+
+    from knnlm.retrieval import device as mod
+
+    cpu = Searcher(datastore)
+    want = cpu.search(queries, 8)
+    monkeypatch.setattr(mod, "faiss_gpus", lambda: 0)  # the faiss-cpu wheel
+    s = open_searcher(datastore, None, device="cuda")
+    assert isinstance(s, Searcher) and not hasattr(s, "gpu_resources")
+    np.testing.assert_array_equal(s.search(queries, 8)[1], want[1])
+    # a GPU build that cannot move this index: the CPU index is kept, the same neighbours
+    monkeypatch.setattr(mod, "faiss_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", lambda: type("Opts", (), {})(), raising=False)
+
+    def refuse(res, gpu, index, opts):
+        raise RuntimeError("Error in ...: not supported on the GPU")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", refuse, raising=False)
+    s = open_searcher(datastore, None, device="cuda:0")
+    assert not hasattr(s, "gpu_resources")
+    np.testing.assert_array_equal(s.search(queries, 8)[1], want[1])
+    # one that can (stood in for by a copy of the index): the moved index answers every search
+    moved = []
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu",
+                        lambda res, gpu, index, opts: moved.append(gpu) or faiss.clone_index(index), raising=False)
+    s = open_searcher(datastore, None, device="cuda:0")
+    assert moved == [0] and hasattr(s, "gpu_resources")
+    d, i = s.search(queries, 8)
+    np.testing.assert_array_equal(i, want[1])
+    np.testing.assert_allclose(d, want[0], rtol=1e-6)
+    assert open_searcher(datastore, None, device="cpu").index is not s.index and moved == [0]  # CPU: never moved

@@ -10,6 +10,12 @@ the `Searcher` interface (`search`, `exact`, `settings`, `ds`), so every caller 
 unchanged; `evaluate` also uses `target_logprobs`, which keeps everything on the device.
 Pick it with the index name `torch` (`knnlm eval -d ds --index torch`).  Exact search
 costs O(N d) per query: meant for datastores whose keys fit the device.
+
+A FAISS index (any other index name) goes to the GPU too when the model is on CUDA and
+FAISS was built with GPU support (`pip install 'knnlm[gpu]'`, the faiss-gpu-cu12 wheel:
+README); otherwise, or if FAISS cannot move that index, it stays on the CPU with one log
+line saying why.  A device that is not there (`cuda` without CUDA) falls back to the CPU
+the same way: every path has the CPU path's neighbours.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class DeviceSearcher:
     def __init__(self, ds: Datastore, device: str = "cpu", chunk: int = 65536):
         import torch
 
-        self.ds, self.device, self.chunk = ds, torch.device(device), chunk
+        self.ds, self.device, self.chunk = ds, usable_device(device), chunk
         self.name = INDEX_NAME
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         keys = torch.from_numpy(np.array(ds.keys))  # (N, d) float16, a host copy (the memmap is read-only)
@@ -147,11 +153,73 @@ class DeviceSearcher:
         return self.exact_torch(q, torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)).cpu().numpy()
 
 
+def usable_device(device: str):
+    """torch.device(device), or the CPU (logged) when that device is not available here."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        LOG.warning("device %s is not available (torch sees no CUDA device): the kNN step runs on the CPU", device)
+        return torch.device("cpu")
+    return dev
+
+
+def faiss_gpus() -> int:
+    """How many GPUs FAISS can use: 0 with the faiss-cpu wheel (no GPU build) or no CUDA device."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "index_cpu_to_gpu"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except (RuntimeError, AttributeError):
+        return 0
+
+
+def to_faiss_gpu(searcher, device: str) -> bool:
+    """Move a Searcher's FAISS index to the GPU of `device` (cuda[:N]) when FAISS can; the
+    exact re-ranking (IndexRefine's float16 keys) stays on the host.  False, with one log
+    line, when it stays on the CPU: no GPU build of FAISS, no such GPU, or an index FAISS
+    cannot put on a GPU (e.g. a PQ with a sub-vector size its kernels lack)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    n = faiss_gpus()
+    gpu = dev.index or 0
+    if gpu >= n:
+        LOG.info("FAISS has %s: index %s searched on the CPU (GPU search: pip install 'knnlm[gpu]', README)",
+                 "no GPU support" if n == 0 else f"{n} GPU(s), not cuda:{gpu}", searcher.name)
+        return False
+    import faiss
+
+    try:
+        res = faiss.StandardGpuResources()
+        opts = faiss.GpuClonerOptions()
+        opts.useFloat16 = True  # IVF-PQ lookup tables in float16: needed for 64-byte codes
+        moved = faiss.index_cpu_to_gpu(res, gpu, searcher.index, opts)
+    except (RuntimeError, AttributeError) as e:
+        LOG.warning("FAISS cannot put index %s on cuda:%d (%s): searched on the CPU", searcher.name, gpu,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return False
+    searcher.gpu_resources = res  # must live as long as the index
+    searcher.index = moved
+    if searcher._refine is not None:
+        searcher._refine = faiss.IndexRefine(moved, searcher._exact)
+        searcher._refine.k_factor = 1.0
+    LOG.info("index %s searched on cuda:%d (FAISS GPU)", searcher.name, gpu)
+    return True
+
+
 def open_searcher(ds: Datastore, index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
                   device: str = "cpu"):
-    """`Searcher(ds, index, ...)`, or with index `torch` an exact DeviceSearcher on `device`."""
+    """`Searcher(ds, index, ...)` (its FAISS index on the GPU when `device` is CUDA and FAISS
+    can, see `to_faiss_gpu`), or with index `torch` an exact DeviceSearcher on `device`."""
     if index == INDEX_NAME:
         return DeviceSearcher(ds, device)
     from knnlm.core.index import Searcher
 
-    return Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+    searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+    to_faiss_gpu(searcher, device)
+    return searcher

@@ -99,6 +99,9 @@ def test_manifest_round_trip(single, sharded, capsys):
     for a, b in zip(sharded.provenance(ids), single.provenance(ids)):
         assert np.array_equal(a, b)
     assert np.array_equal(sharded.document_of(ids), single.document_of(ids))
+    assert np.array_equal(sharded.docs, single.docs)  # global token starts and first entries
+    assert np.array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+    assert np.array_equal(sharded.tokens[3:40], single.tokens[3:40])
     for e in (0, sharded.offsets[1] - 1, sharded.offsets[1], sharded.count - 1):
         assert sharded.context(int(e)) == single.context(int(e))
     sharded.check_compatible(single.meta["identity"])
@@ -228,9 +231,16 @@ def test_distributed_build_resumes_and_equals_one_worker(ray_local, lm, docs, tm
 def test_build_workers_cli(ray_local, llama_dir, docs, tmp_path, capsys):
     out = succeeds(capsys, ["build", docs, "-o", tmp_path / "ds", "--workers", "2", "--index", "Flat",
                             *model_args(llama_dir), *WINDOWS])
-    assert "2 shards" in out
+    assert "2 shards" in out and "tuned on" in out
     ds = open_datastore(tmp_path / "ds")
     assert isinstance(ds, ShardedDatastore)
+    # self-tuned as the single-process build is, over all shards, recorded in the manifest
+    succeeds(capsys, ["build", docs, "-o", tmp_path / "one", "--index", "Flat", *model_args(llama_dir), *WINDOWS])
+    want, got = Datastore(tmp_path / "one").settings, open_datastore(tmp_path / "ds").settings
+    assert got is not None and got["index"]["shards"] == 2
+    for f in ("k", "lambda", "temperature", "tokens", "pieces"):
+        assert got[f] == want[f], f
+    assert got["ppl_knnlm"] == pytest.approx(want["ppl_knnlm"], rel=1e-6)
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:300])
     res = tmp_path / "r.json"
@@ -248,6 +258,25 @@ def test_build_workers_cli(ray_local, llama_dir, docs, tmp_path, capsys):
     knn = KNNLM.load(str(llama_dir), {"s": tmp_path / "ds"}, dtype="float32", k=8)
     g = knn.generate("The quick brown", max_new_tokens=3, neighbors=2)
     assert len(g.tokens) == 3 and all(n.title.startswith("doc") for t in g.tokens for n in t.neighbors)
+
+
+def test_index_workers_cli(ray_local, sharded, tmp_path, capsys):
+    """`knnlm index --workers`: trained once here, the shards' keys added by Ray tasks; the
+    same index as adding them here (IVF probing every list: exact neighbours)."""
+    q = queries(sharded)
+    want = canonical(*open_searcher(sharded, "flat").search(q, 20))
+    for workers in ("2", "0"):
+        path = shutil.copytree(sharded.path, tmp_path / f"w{workers}")
+        out = succeeds(capsys, ["index", path, "--type", "IVF4,Flat", "--nprobe", "4", "--train-size", "200",
+                                "--workers", workers])
+        assert f"{sharded.count} keys" in out
+        ds = open_datastore(path)
+        trained = {json.loads((s.path / "indexes" / "ivf4-flat" / "index.json").read_text())["trained_sha256"]
+                   for s in ds.shards}
+        assert len(trained) == 1  # one training for all shards
+        d, i = canonical(*open_searcher(ds, "ivf4-flat").search(q, 20))
+        assert np.array_equal(i, want[1])
+        np.testing.assert_allclose(d, want[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- bad manifests: one error line each ----------------------------------------------------

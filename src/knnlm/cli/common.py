@@ -135,6 +135,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def print_tuned(t: dict) -> None:
+    """The line `knnlm build` ends with: the settings self-tuning recorded."""
+    print(f"tuned on {t['tokens']} positions of its own corpus (leave-own-document-out): k={t['k']} "
+          f"lambda={t['lambda']} T={t['temperature']} (ppl {t['ppl_lm']:.3f} -> {t['ppl_knnlm']:.3f}); "
+          "commands default to these")
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from knnlm.cli.common import (
     fewer_searches,
     load_lm,
     numbers,
+    print_tuned,
     quiet_transformers,
     searcher_from_args,
     subcommand_adder,
@@ -66,11 +67,8 @@ def cmd_build(args) -> None:
         if not args.no_tune:
             from knnlm.run.selftune import self_tune
 
-            t = self_tune(lm, ds, sample_tokens=args.tune_tokens, batch_tokens=args.batch_tokens,
-                          progress=not args.quiet)
-            print(f"tuned on {t['tokens']} positions of its own corpus (leave-own-document-out): k={t['k']} "
-                  f"lambda={t['lambda']} T={t['temperature']} (ppl {t['ppl_lm']:.3f} -> {t['ppl_knnlm']:.3f}); "
-                  "commands default to these")
+            print_tuned(self_tune(lm, ds, sample_tokens=args.tune_tokens, batch_tokens=args.batch_tokens,
+                                  progress=not args.quiet))
 
 
 def cmd_index(args) -> None:

@@ -19,6 +19,14 @@ def build_on_ray(args, lm) -> None:
         idx = build_sharded_index(ds, args.index, backend="ray" if args.workers > 1 else "local",
                                   ray_address=args.ray_address, progress=not args.quiet)
         print(f"index {idx}")
+        if not args.no_tune:  # as the single-process build: tuned in process, over all shards
+            from knnlm.cli.common import print_tuned
+            from knnlm.run.selftune import self_tune
+            from knnlm.scale import open_searcher
+
+            ds = open_datastore(out)
+            print_tuned(self_tune(lm, ds, searcher=open_searcher(ds), sample_tokens=args.tune_tokens,
+                                  batch_tokens=args.batch_tokens, progress=not args.quiet))
 
 
 def cmd_shard(args) -> None:

@@ -151,6 +151,12 @@ class ShardedDatastore:
         self.keys = _Rows([s.keys for s in self.shards], self.offsets)
         self.vals = _Rows([s.vals for s in self.shards], self.offsets)
         self.doc_info = _Docs([s.doc_info for s in self.shards], self.doc_offsets)
+        # the corpus tokens and the (D, 3) document table (token start, token count, first entry)
+        # with global token offsets and entry ids, as one datastore's (self-tuning reads them)
+        self.token_offsets = np.concatenate([[0], np.cumsum([len(s.tokens) for s in self.shards])]).astype(np.int64)
+        self.tokens = _Rows([s.tokens for s in self.shards], self.token_offsets)
+        self.docs = np.concatenate([np.asarray(s.docs, dtype=np.int64) + [t, 0, e] for s, t, e in
+                                    zip(self.shards, self.token_offsets, self.offsets)]).reshape(-1, 3)
         self.reduction = self.shards[0].reduction
         self.pruning = getattr(self.shards[0], "pruning", None)
         if any(s.reduction != self.reduction for s in self.shards):

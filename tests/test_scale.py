@@ -260,6 +260,18 @@ def test_build_workers_cli(ray_local, llama_dir, docs, tmp_path, capsys):
     assert len(g.tokens) == 3 and all(n.title.startswith("doc") for t in g.tokens for n in t.neighbors)
 
 
+def test_pointers_on_shards_equal_unsharded(single, sharded, docs, llama_dir, tmp_path, capsys):
+    """RetoMaton pointers follow global entry ids through the shards' joined document table."""
+    res = {}
+    for name, ds in (("single", single), ("sharded", sharded)):
+        out = tmp_path / f"{name}.json"
+        succeeds(capsys, ["eval", docs, "-d", ds.path, "-k", "8", "--pointers", "1", "-o", out,
+                          *model_args(llama_dir), *WINDOWS])
+        res[name] = json.loads(out.read_text())
+    assert res["sharded"]["search_rate"] == res["single"]["search_rate"] < 1  # pointers replaced searches
+    assert res["sharded"]["ppl_knnlm"] == pytest.approx(res["single"]["ppl_knnlm"], rel=1e-6)
+
+
 def test_index_workers_cli(ray_local, sharded, tmp_path, capsys):
     """`knnlm index --workers`: trained once here, the shards' keys added by Ray tasks; the
     same index as adding them here (IVF probing every list: exact neighbours)."""

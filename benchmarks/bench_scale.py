@@ -175,7 +175,24 @@ def phase_build(args) -> dict:
     return out
 
 
+def compare(d, i, d_ref, i_ref) -> dict:
+    """How equal two (m, k) results are: ids in order, neighbour sets per row, distances slot by slot."""
+    return {"same_ids_in_order": bool(np.array_equal(i, i_ref)),
+            "same_slots": float(np.mean(i == i_ref)),
+            "same_neighbour_sets_rows": float(np.mean((np.sort(i, 1) == np.sort(i_ref, 1)).all(1))),
+            "max_abs_dist_diff": float(np.abs(d - d_ref).max()),
+            "max_dist_diff_rel_to_kth": float((np.abs(d - d_ref) / np.maximum(d_ref[:, -1:], 1e-30)).max())}
+
+
 def phase_actors(args) -> dict:
+    """Queries/s with the 4 shards in process and on 1, 2, 4 Ray actors, and how equal the results are.
+
+    An actor over g of the shard groups runs FAISS with cpu_count // groups threads, and FAISS's
+    exact (BLAS) distances change in the last float32 bits with the thread count, which may swap
+    neighbours of nearly equal distance.  So each run is compared with the in-process search at
+    the default threads and with the in-process search at the actor's thread count (expected:
+    identical ids and bit-identical distances, i.e. the merge itself is exact)."""
+    import faiss
     import ray
 
     from knnlm.scale.cluster import runtime_env
@@ -188,21 +205,39 @@ def phase_actors(args) -> dict:
     sh = open_datastore(work)
     z = np.load(args.cache / args.queries)
     q = np.asarray(z["keys"][: args.actor_queries], dtype=np.float32)
-    ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env(), include_dashboard=False, log_to_driver=False)
+    cpus = os.cpu_count() or 1
+    default_threads = faiss.omp_get_max_threads()
+    in_process = {}  # FAISS threads -> (dists, ids) of the in-process search
+
+    def local(threads: int):
+        if threads not in in_process:
+            faiss.omp_set_num_threads(threads)
+            try:
+                in_process[threads] = open_searcher(sh, "flat").search(q, args.k)
+            finally:
+                faiss.omp_set_num_threads(default_threads)
+        return in_process[threads]
+
+    ray.init(num_cpus=cpus, runtime_env=runtime_env(), include_dashboard=False, log_to_driver=False)
     out = {"index": "flat (exact)", "shards": 4, "entries": sh.count, "queries": len(q), "k": args.k,
-           "cpu_cores": os.cpu_count()}
-    ref = None
+           "cpu_cores": cpus, "faiss_threads_in_process": default_threads}
     for backend, actors in (("local", None), ("ray", 1), ("ray", 2), ("ray", 4)):
         s = open_searcher(sh, "flat", backend=backend, actors=actors)
         s.search(q[:64], args.k)  # warm: actors up, files paged in
         t0 = time.perf_counter()
         d, i = s.search(q, args.k)
         secs = time.perf_counter() - t0
-        if hasattr(s, "close") and backend == "ray":
+        if backend == "ray":
             s.close()
-        ref = i if ref is None else ref
+        threads = default_threads if backend == "local" else max(1, cpus // len(s.groups))
         key = "in_process" if backend == "local" else f"actors_{actors}"
-        out[key] = {"queries_per_s": round(len(q) / secs, 1), "same_ids_as_in_process": bool(np.array_equal(i, ref))}
+        if backend == "local":
+            in_process.setdefault(default_threads, (d, i))
+        out[key] = {"queries_per_s": round(len(q) / secs, 1), "faiss_threads": threads,
+                    "vs_in_process": compare(d, i, *local(default_threads))}
+        same = local(threads)
+        out[key]["vs_in_process_same_threads"] = {
+            "same_ids_in_order": bool(np.array_equal(i, same[1])), "same_dists_bitwise": bool(np.array_equal(d, same[0]))}
         LOG.info("%s: %s", key, out[key])
     ray.shutdown()
     return out

@@ -88,6 +88,22 @@ def test_document_cuts_golden():
     assert cuts[0] == 0 and cuts[-1] == 4 and len(set(cuts)) == 4
 
 
+def test_merge_is_independent_of_grouping():
+    """Shards' top-k lists merged in any grouping (in process, actors of 1, 2 or 4 groups) give
+    the same ids in the same order, ties included (by distance, then id)."""
+    from knnlm.scale.search import merge_topk
+
+    rng = np.random.default_rng(0)
+    dists = [np.sort(rng.integers(0, 6, (5, 7)).astype(np.float32), 1) for _ in range(4)]  # many ties
+    ids = [rng.permutation(np.arange(7 * 5))[:35].reshape(5, 7) + 100 * s for s in range(4)]
+    want = merge_topk(dists, ids, 10)
+    for groups in ([[0, 1, 2, 3]], [[0, 2], [1, 3]], [[3], [1], [0, 2]]):
+        parts = [merge_topk([dists[s] for s in g], [ids[s] for s in g], 10) for g in groups]
+        got = merge_topk([d for d, _ in parts], [i for _, i in parts], 10)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert (np.diff(want[0], axis=1) >= 0).all()
+
+
 def test_manifest_round_trip(single, sharded, capsys):
     assert isinstance(sharded, ShardedDatastore) and len(sharded.shards) == 3
     assert sharded.count == single.count and sharded.dim == single.dim and sharded.key_point == single.key_point

@@ -43,10 +43,12 @@ def tuned_copy(datastore, tmp_path):
 def test_resolve_order():
     """explicit option > --paper-defaults > the datastore's settings > the paper's."""
     meta = {"settings": TUNED}
-    assert resolve(meta).as_dict() == {"k": 4, "lambda": 0.4, "temperature": 2.0, "settings_source": "datastore"}
+    assert resolve(meta).as_dict() == {"k": 4, "lambda": 0.4, "lambda_mode": "adaptive", "temperature": 2.0,
+                                       "settings_source": "datastore"}
     assert resolve(meta, lam=0.1).lam == 0.1 and resolve(meta, lam=0.1).k == 4
     assert (resolve(meta, paper=True).k, resolve(meta, paper=True).lam) == (PAPER["k"], PAPER["lambda"])
-    assert resolve({}, count=10).as_dict() == {"k": 10, "lambda": 0.25, "temperature": 1.0, "settings_source": "paper"}
+    assert resolve({}, count=10).as_dict() == {"k": 10, "lambda": 0.25, "lambda_mode": "adaptive", "temperature": 1.0,
+                                               "settings_source": "paper"}
     assert resolve(meta, k=8, lam=0.0, temperature=1.0).source == "explicit"
 
 

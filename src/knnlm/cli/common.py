@@ -59,6 +59,10 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                        help="kNN softmax temperature (default: the datastore's tuned T, else 1)")
         g.add_argument("--paper-defaults", action="store_true",
                        help="use the paper's k=1024, lambda=0.25, T=1 instead of the datastore's tuned settings")
+        g.add_argument("--lambda-mode", choices=["adaptive", "fixed"], default=None,
+                       help="adaptive: lambda starts at its setting and follows the text being scored (a datastore "
+                            "that does not fit the text falls back to the LM); fixed: as set (default: adaptive, "
+                            "fixed when --lambda or --paper-defaults is given; generation always uses it fixed)")
     else:
         g.add_argument("-k", "--k", type=int, default=None,
                        help="neighbours retrieved (default: 1024, or the datastore's size if smaller)")

@@ -45,7 +45,7 @@ def cmd_generate(args) -> None:
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                 lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
-                memories=memories(args), memory_lambda=args.memory_lambda, **fewer)
+                memories=memories(args), memory_lambda=args.memory_lambda, lambda_mode=args.lambda_mode, **fewer)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
                    k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
@@ -117,6 +117,7 @@ def cmd_serve(args) -> None:
     lm = load_lm(args, next(iter(datastores.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
                 paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
+                lambda_mode=args.lambda_mode,
                 default_memory=None if args.default_memory in (None, "none") else args.default_memory,
                 index=args.index, nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,
@@ -207,6 +208,9 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="kNN softmax temperature (default: each datastore's tuned T, else 1)")
     r.add_argument("--paper-defaults", action="store_true",
                    help="the paper's k=1024, lambda=0.25, T=1 instead of each datastore's tuned settings")
+    r.add_argument("--lambda-mode", choices=["adaptive", "fixed"], default=None,
+                   help="scoring (echo, logprobs of a prompt): adaptive lambda follows the text, fixed stays as set "
+                        "(default: adaptive, fixed when a lambda is given or --paper-defaults); generation: fixed")
     r.add_argument("--index", default=None, help="index name inside each datastore (default: its only index)")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")

@@ -108,11 +108,13 @@ def cmd_eval(args) -> None:
                    cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
                    paper_defaults=args.paper_defaults, memory=args.memory, memory_lambda=args.memory_lambda,
                    search_actors=args.search_actors, ray_address=args.ray_address,
-                   **fewer)
+                   lambda_mode=args.lambda_mode, **fewer)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
-        rows.append(("settings", f"k={res['k']} lambda={res['lambda']} T={res['temperature']} "
+        lam = (f"lambda={res['lambda']} adaptive (ended at {res['lambda_adapted']:.3g})"
+               if res["lambda_mode"] == "adaptive" else f"lambda={res['lambda']}")
+        rows.append(("settings", f"k={res['k']} {lam} T={res['temperature']} "
                                  f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
         if res["search_rate"] < 1 or fewer["pointers"] or fewer["adaptive"]:
             rows.append(("searches", f"{100 * res['search_rate']:.1f}% of tokens"))
@@ -168,7 +170,9 @@ def cmd_tune(args) -> None:
     b = res["best"]
     print(table([("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}"),
                   ("best ppl kNN-LM", f"{b['ppl']:.3f}"),
-                  ("best", f"k={b['k']} lambda={b['lambda']} T={b['temperature']}")]))
+                  ("best", f"k={b['k']} lambda={b['lambda']} T={b['temperature']}"),
+                  ("adaptive lambda", f"ppl {res['best_adaptive']['ppl']:.3f} (from the best lambda, as commands "
+                                      f"use it; ended at {res['best_adaptive']['lambda_adapted']:.3g})")]))
     write_json(args.output, res)
     print(f"wrote {args.output} ({len(res['grid'])} settings)")
     if args.save:
@@ -201,12 +205,14 @@ def cmd_explain(args) -> None:
     check_datastore(need_datastore(args), args.index, args.k)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
-    r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path))
+    r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path),
+                lambda_mode=args.lambda_mode)
     searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, k=r.k, temperature=r.temperature, keep_neighbors=True,
                    progress=not args.quiet)
-    items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors)
+    items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors,
+                    adapt=r.adapt)
     text = render(items)
     print(text)
     if args.output:

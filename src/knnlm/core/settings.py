@@ -7,6 +7,11 @@ A datastore carries settings tuned on its own corpus (`meta.json` "settings", wr
 
 The paper's λ = 0.25, T = 1 fit a datastore made of the LM's own training data; on other
 text they can make perplexity worse than the LM alone, hence the datastore's own first.
+
+λ is "adaptive" (knnlm.core.adapt: starts at the resolved λ and follows the text being
+scored, so a datastore that does not fit the text falls back to the LM) unless λ is given
+explicitly or --paper-defaults is asked for, which use it "fixed", as written; `lambda_mode`
+says so explicitly either way.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from knnlm.core.adapt import MODES
 from knnlm.core.scoring import check_settings
+from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
 
@@ -28,9 +35,15 @@ class Resolved:
     lam: float
     temperature: float
     source: str  # where the settings not given explicitly came from: "datastore", "paper" or "explicit"
+    adapt: bool = False  # λ adapts to the text being scored (knnlm.core.adapt), starting from `lam`
+
+    @property
+    def mode(self) -> str:
+        return "adaptive" if self.adapt else "fixed"
 
     def as_dict(self) -> dict:
-        return {"k": self.k, "lambda": self.lam, "temperature": self.temperature, "settings_source": self.source}
+        return {"k": self.k, "lambda": self.lam, "lambda_mode": self.mode, "temperature": self.temperature,
+                "settings_source": self.source}
 
 
 def recorded(meta: dict) -> dict | None:
@@ -42,10 +55,13 @@ def recorded(meta: dict) -> dict | None:
 
 
 def resolve(meta: dict | None, count: int | None = None, k: int | None = None, lam: float | None = None,
-            temperature: float | None = None, paper: bool = False, name: str = "") -> Resolved:
+            temperature: float | None = None, paper: bool = False, name: str = "",
+            lambda_mode: str | None = None) -> Resolved:
     """The settings a call uses (see the module doc).  `count` (the datastore's size) caps
-    a k that was not given explicitly; an explicit k above it is the caller's error to report."""
+    a k that was not given explicitly; an explicit k above it is the caller's error to report.
+    `lambda_mode` "adaptive" or "fixed"; None: adaptive unless `lam` is given or `paper`."""
     check_settings(lam=lam, temperature=temperature, k=k)
+    check_lambda_mode(lambda_mode)
     given = {"k": k, "lambda": lam, "temperature": temperature}
     base, source = PAPER, "paper"
     if not paper and meta is not None:
@@ -61,4 +77,10 @@ def resolve(meta: dict | None, count: int | None = None, k: int | None = None, l
     out = {f: given[f] if given[f] is not None else base[f] for f in given}
     if k is None and count is not None:
         out["k"] = min(int(out["k"]), count)  # the default k shrinks to a small datastore
-    return Resolved(int(out["k"]), float(out["lambda"]), float(out["temperature"]), source)
+    adapt = lambda_mode == "adaptive" if lambda_mode is not None else (lam is None and not paper)
+    return Resolved(int(out["k"]), float(out["lambda"]), float(out["temperature"]), source, adapt)
+
+
+def check_lambda_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise KnnlmError(f"lambda mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -82,13 +82,15 @@ class Retrieval:
     temperature: float
     pointers: Pointers | None = None  # RetoMaton: follow the last step's neighbours, search when too few
     adaptive: Adaptive | None = None  # skip the search where the LM is confident
+    adapt: bool = False  # scoring a text: λ adapts from `lam` as it is read (knnlm.core.adapt); generation: fixed
 
     @property
     def ds(self) -> Datastore:
         return self.searcher.ds
 
     def settings(self) -> dict:
-        out = {"datastore": self.name, "lambda": self.lam, "k": self.k, "knn_temperature": self.temperature}
+        out = {"datastore": self.name, "lambda": self.lam, "lambda_mode": "adaptive" if self.adapt else "fixed",
+               "k": self.k, "knn_temperature": self.temperature}
         if self.pointers is not None:
             out.update(self.pointers.settings())
         if self.adaptive is not None and self.adaptive.threshold is not None:

@@ -64,6 +64,7 @@ def _datastore(lm, corpus: Path, path: Path, tune_tokens: int, progress: bool):
 
 def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, tune_tokens: int,
             progress: bool) -> tuple[dict, list[dict], object]:
+    from knnlm.core.adapt import mix_text
     from knnlm.core.assets import ensure_wiki_leads
     from knnlm.core.batching import plan_files
     from knnlm.core.index import Searcher
@@ -86,10 +87,11 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
     s.knn = knn_target_logprobs(s.dists, s.vals, s.targets, own["temperature"])
     row = {"domain": label, "lang": lang, "datastore": str(ds.path), "datastore_articles": articles,
            "datastore_entries": ds.count, "test_articles": heldout, "test_tokens": int(len(s.targets)),
-           "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(interpolate(s.lm, s.knn, own["lambda"])),
+           "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(mix_text(s.lm, s.knn, own["lambda"], adapt=True)[0]),
            "ppl_knnlm_paper_defaults": paper,
            "settings": {f: own[f] for f in ("k", "lambda", "temperature", "how", "tokens")}}
-    items = explain(lm, ds, s, lam=own["lambda"], temperature=own["temperature"], top=5, neighbors=3, by="prob")
+    items = explain(lm, ds, s, lam=own["lambda"], temperature=own["temperature"], top=5, neighbors=3, by="prob",
+                    adapt=True)
     return row, items, ds
 
 

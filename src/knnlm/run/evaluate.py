@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from knnlm.core.adapt import mix_text
 from knnlm.core.batching import Plan, plan_files
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
@@ -23,7 +24,7 @@ from knnlm.core.scoring import (
 )
 from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.adaptive import Adaptive, confidence, mix_where_searched
+from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, simulate
 from knnlm.scale import open_datastore, open_searcher
 
@@ -218,11 +219,14 @@ def evaluate(
     memory_lambda: float | None = None,
     search_actors: int = 0,
     ray_address: str | None = None,
+    lambda_mode: str | None = None,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
 
     k, lam and temperature left None come from the datastore's tuned settings
-    (`knnlm.core.settings.resolve`; the paper's with `paper_defaults`).
+    (`knnlm.core.settings.resolve`; the paper's with `paper_defaults`).  λ adapts to the
+    text as it is read (`lambda_mode` "adaptive", knnlm.core.adapt; the default unless lam is
+    given or paper_defaults) or stays fixed ("fixed"); all `texts` are read as one text.
 
     With `cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
@@ -246,7 +250,8 @@ def evaluate(
     searcher = None
     if datastore is not None:
         ds = open_for_model(lm, datastore)
-        chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path))
+        chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path),
+                         lambda_mode=lambda_mode)
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
         searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device),
                                  backend="ray" if search_actors else "local", actors=search_actors or None,
@@ -277,14 +282,18 @@ def evaluate(
         "seconds": round(total, 3),
         "tokens_per_second": round(plan.count / total, 2) if total > 0 else None,
     }
+    knnlm_lp = None
     if searcher is not None:
+        knnlm_lp, lam_end = mix_text(s.lm, s.knn, lam, chosen.adapt)
         result.update(
-            ppl_knnlm=perplexity(mix_where_searched(s.lm, s.knn, lam)),
+            ppl_knnlm=perplexity(knnlm_lp),
             search_rate=float(s.searched.mean()),
             **(pointers.settings() if pointers is not None else {}),
             **(adaptive.settings() if adaptive is not None else {}),
             k=k,
             **{"lambda": lam},
+            lambda_mode=chosen.mode,
+            **({"lambda_adapted": round(lam_end, 6)} if chosen.adapt else {}),
             temperature=temperature,
             settings_source=chosen.source,
             datastore=str(searcher.ds.path),
@@ -296,7 +305,7 @@ def evaluate(
             seconds_knn=round(s.seconds["knn"], 3),
         )
     if cache_lambda is not None:
-        base = mix_where_searched(s.lm, s.knn, lam) if searcher is not None else s.lm
+        base = knnlm_lp if searcher is not None else s.lm
         result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
                       cache_theta=cache_theta, cache_size=cache_size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
@@ -305,5 +314,5 @@ def evaluate(
                       memory_lambda=mlam, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
                       seconds_memory=round(s.seconds["memory"], 3))
         if searcher is not None:
-            result["ppl_knnlm_memory"] = perplexity(mix_memory(mix_where_searched(s.lm, s.knn, lam), s.memory, mlam))
+            result["ppl_knnlm_memory"] = perplexity(mix_memory(knnlm_lp, s.memory, mlam))
     return result

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from knnlm.core.adapt import Posterior, mix_target
 from knnlm.core.datastore import Datastore
-from knnlm.core.scoring import interpolate
 from knnlm.run.evaluate import Scores
 
 
@@ -19,15 +19,18 @@ def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
-            neighbors: int = 5, context: int = 24, min_context: int = 4, by: str = "log") -> list[dict]:
+            neighbors: int = 5, context: int = 24, min_context: int = 4, by: str = "log",
+            adapt: bool = False) -> list[dict]:
     """The `top` targets with the largest gain log p_kNN-LM - log p_LM (`by="prob"`: the
-    largest p_kNN-LM - p_LM, the probability the datastore added), as dicts.
+    largest p_kNN-LM - p_LM, the probability the datastore added), as dicts.  With `adapt`,
+    λ adapts from `lam` as the text is read (knnlm.core.adapt), as `evaluate` does.
 
     Targets with fewer than `min_context` tokens of their document before them are
     skipped: a document's first words are predicted from the same empty context everywhere.
     """
     plan = scores.plan
-    mix = interpolate(scores.lm, scores.knn, lam)
+    lams = Posterior(lam).update(scores.lm, scores.knn) if adapt else np.full(len(scores.lm), float(lam))
+    mix = mix_target(scores.lm, scores.knn, lams)
     if by not in ("log", "prob"):
         raise ValueError(f"by must be 'log' or 'prob', got {by!r}")
     gain = mix - scores.lm if by == "log" else np.exp(mix) - np.exp(scores.lm)
@@ -70,6 +73,7 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
             "p_lm": float(np.exp(scores.lm[i])),
             "p_knn": float(np.exp(scores.knn[i])),
             "p_knnlm": float(np.exp(mix[i])),
+            "lambda": float(lams[i]),
             "neighbors": rows,
         })
     return out

@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from knnlm.core.adapt import Posterior, mix_target
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
-from knnlm.core.settings import resolve
+from knnlm.core.settings import check_lambda_mode, resolve
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, MemoryUse
 from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
-from knnlm.retrieval.adaptive import Adaptive, mix_where_searched
+from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
     Decoder,
@@ -123,8 +124,11 @@ class KNNLM:
                  index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
                  context: int = 24, paper_defaults: bool = False, pointers: Pointers | None = None,
                  adaptive: Adaptive | None = None, memories: Mapping[str, str | Path] | None = None,
-                 memory_lambda: float | None = None, default_memory: str | None = None):
+                 memory_lambda: float | None = None, default_memory: str | None = None,
+                 lambda_mode: str | None = None):
         check_settings(lam=lam, temperature=knn_temperature, k=k)
+        check_lambda_mode(lambda_mode)
+        self.lambda_mode = lambda_mode  # None: adaptive unless lam is given (knnlm.core.settings.resolve)
         check_memory_lambda(memory_lambda)
         self.pointers, self.adaptive = _checked(pointers, adaptive)  # defaults of every call (None: off)
         self.lm = lm
@@ -221,10 +225,11 @@ class KNNLM:
         check_pointers(s.ds, pointers)
         r = resolve(s.ds.meta, s.ds.count, self.k if k is None else k, self.lam if lam is None else lam,
                     self.knn_temperature if knn_temperature is None else knn_temperature,
-                    paper=self.paper_defaults, name=name)
+                    paper=self.paper_defaults, name=name,
+                    lambda_mode=self.lambda_mode)
         if r.k > s.ds.count:
             raise KnnlmError(f"k={r.k} is larger than datastore {name!r} ({s.ds.count} entries)")
-        return Retrieval(name, s, r.lam, r.k, r.temperature, pointers, adaptive)
+        return Retrieval(name, s, r.lam, r.k, r.temperature, pointers, adaptive, r.adapt)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""
@@ -260,6 +265,8 @@ class KNNLM:
         after the text, from the same pass: `TextScore.following` = (mix, lm, knn, dists,
         ids), what `SequenceState.advance` takes to pick a first generated token.
         A memory decoder (`memory`, `memory_lambda`) is mixed on top of the (kNN-)LM.
+        λ adapts from its setting as the text is read (`lambda_mode`, knnlm.core.adapt), as
+        `knnlm eval` does; the `following` distributions use the setting itself, as generation does.
         """
         r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
         m = self.memory_use(memory, memory_lambda)
@@ -274,7 +281,7 @@ class KNNLM:
         targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
         lm_all = torch.log_softmax(logits[0, :-1].float(), -1)  # (T-1, V)
         lm_lp = lm_all.gather(1, targets[:, None])[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
-        knn_lp, mix, dists, nids, after = None, lm_lp, None, None, None
+        knn_lp, mix, dists, nids, after, lams = None, lm_lp, None, None, None, None
         if r is not None:
             plain = r.pointers is None and r.adaptive is None
             if following and not plain:
@@ -289,14 +296,15 @@ class KNNLM:
             knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature,
                                          counts=r.ds.counts_of(nids))
             knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
-            mix = mix_where_searched(lm_lp, knn_lp, r.lam)
+            lams = Posterior(r.lam).update(lm_lp, knn_lp) if r.adapt else np.full(len(lm_lp), r.lam)
+            mix = mix_target(lm_lp, knn_lp, lams)
         mem_lp = mem_logits = None
         if m is not None:
             _, mem_logits = m.decoder.lm.forward(torch.tensor([ids]), [], logits=True)  # (1, T, V_mem)
             mem_lp = torch.log_softmax(mem_logits[0, :-1].float(), -1).gather(1, targets[:, None].to(
                 mem_logits.device))[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
             mix = mix_memory(mix, mem_lp, m.lam)
-        tops = self._top_rows(lm_all, r, dists, nids, top_logprobs) if top_logprobs else [{} for _ in mix]
+        tops = self._top_rows(lm_all, r, dists, nids, lams, top_logprobs) if top_logprobs else [{} for _ in mix]
         tokens = []
         for i, t in enumerate(ids[1:]):
             found = r is not None and not np.isnan(dists[i, 0])
@@ -314,9 +322,9 @@ class KNNLM:
         return TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
-                  nids: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:
+                  nids: np.ndarray | None, lams: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:
         """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM and the
-        rows' neighbours (m, k); (chunk, V) of p_kNN at a time."""
+        rows' neighbours (m, k), mixed with each row's λ (lams (m,)); (chunk, V) of p_kNN at a time."""
         out = []
         for i in range(0, lm_all.shape[0], chunk):
             mix = lm_all[i : i + chunk].cpu()  # (c, V)
@@ -325,7 +333,9 @@ class KNNLM:
                 knn = knn_distribution(dists[i : i + chunk], vals, mix.shape[-1], r.temperature,
                                        r.ds.counts_of(nids[i : i + chunk]))
                 skipped = torch.from_numpy(np.isnan(dists[i : i + chunk, 0]))  # adaptive retrieval: p_LM alone
-                mix = torch.where(skipped[:, None], mix, mix_distributions(mix, knn, r.lam))
+                lam = torch.from_numpy(np.asarray(lams[i : i + chunk], dtype=np.float32))[:, None]  # (c, 1)
+                mixed = torch.logaddexp(torch.log(lam) + knn, torch.log1p(-lam) + mix)
+                mix = torch.where(skipped[:, None] | (lam == 0), mix, mixed)
             out += [self.top_tokens(row, n) for row in mix]
         return out
 

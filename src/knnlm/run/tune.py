@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from knnlm.core.adapt import mix_text
 from knnlm.core.scoring import interpolate, knn_target_logprobs_all_k, perplexity
 
 DEFAULT_LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0001, 0.05))
@@ -19,7 +20,9 @@ def sweep(lm_lp, dists, vals, targets, lambdas=DEFAULT_LAMBDAS, temperatures=DEF
           chunk: int = 4096, counts=None) -> dict:
     """Perplexity for every (k, T, lambda) from one retrieval at k = dists.shape[1].
 
-    Returns {"grid": [{k, temperature, lambda, ppl}...], "best": {...}, "ppl_lm": ...}.
+    Returns {"grid": [{k, temperature, lambda, ppl}...], "best": {...}, "ppl_lm": ...,
+    "best_adaptive": {ppl, lambda_adapted}}: the last, λ adapting from the best one as the
+    text is read (what commands do by default, knnlm.core.adapt).
     """
     ks = list(ks or default_ks(dists.shape[1]))
     if max(ks) > dists.shape[1]:
@@ -37,4 +40,11 @@ def sweep(lm_lp, dists, vals, targets, lambdas=DEFAULT_LAMBDAS, temperatures=DEF
                 grid.append({"k": int(k), "temperature": float(t), "lambda": float(lam),
                              "ppl": perplexity(interpolate(lm_lp, knn[:, j], float(lam)))})
     best = min(grid, key=lambda r: r["ppl"])
-    return {"grid": grid, "best": best, "ppl_lm": perplexity(lm_lp), "tokens": int(n)}
+    kb = best["k"]
+    knn = np.concatenate([knn_target_logprobs_all_k(dists[i : i + chunk, :kb], vals[i : i + chunk, :kb],
+                                                    targets[i : i + chunk], best["temperature"], [kb],
+                                                    None if counts is None else counts[i : i + chunk, :kb])[:, 0]
+                          for i in range(0, n, chunk)]) if n else np.empty(0)
+    lp, lam_end = mix_text(lm_lp, knn, best["lambda"], adapt=True)
+    return {"grid": grid, "best": best, "ppl_lm": perplexity(lm_lp), "tokens": int(n),
+            "best_adaptive": {"ppl": perplexity(lp), "lambda_adapted": lam_end}}

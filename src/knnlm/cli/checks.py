@@ -69,6 +69,19 @@ def check_output(path: str | Path | None) -> None:
         raise KnnlmError(f"cannot write {p}: {parent} is a file, not a folder")
 
 
+def check_text_command(args, datastore_needed: bool = True) -> None:
+    """What `eval`, `tune` and `explain` share, checked before the model loads: the texts,
+    windows, retrieval settings, output file and (when given, or `datastore_needed`) the datastore."""
+    check_texts(args.text)
+    check_window_args(args)
+    check_knn_args(args)
+    check_output(args.output)
+    if datastore_needed and not args.datastore:
+        raise KnnlmError(f"`knnlm {args.command}` needs a datastore: -d DIR (from `knnlm build`)")
+    if args.datastore:
+        check_datastore(args.datastore, args.index, args.k)
+
+
 def check_memories(paths) -> None:
     """Each memory decoder directory (`knnlm memory train`) exists and has readable metadata."""
     from knnlm.memory.decoder import read_meta

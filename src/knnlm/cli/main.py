@@ -11,14 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from knnlm.cli.checks import (
-    check_datastore,
-    check_knn_args,
-    check_memories,
-    check_output,
-    check_texts,
-    check_window_args,
-)
+from knnlm.cli.checks import check_memories, check_text_command, check_texts, check_window_args
 from knnlm.cli.common import (
     Formatter,
     add_fewer_searches_args,
@@ -92,12 +85,7 @@ def cmd_eval(args) -> None:
     from knnlm.run.evaluate import evaluate
 
     fewer = fewer_searches(args)  # checked before the model loads
-    check_texts(args.text)
-    check_window_args(args)
-    check_knn_args(args)
-    check_output(args.output)
-    if args.datastore:
-        check_datastore(args.datastore, args.index, args.k)
+    check_text_command(args, datastore_needed=False)
     if args.memory:
         check_memories([args.memory])
     lm = load_lm(args, args.datastore)
@@ -153,11 +141,7 @@ def cmd_tune(args) -> None:
         check_settings(k=k)
     if ks and args.k and max(ks) > args.k:
         raise KnnlmError(f"--ks goes up to {max(ks)} but only --k {args.k} neighbours are retrieved")
-    check_texts(args.text)
-    check_window_args(args)
-    check_knn_args(args)
-    check_output(args.output)
-    check_datastore(need_datastore(args), args.index, args.k)
+    check_text_command(args)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     k = args.k or max([min(1024, ds.count)] + (ks or []))
@@ -198,11 +182,7 @@ def cmd_explain(args) -> None:
     check_settings(lam=args.lam, temperature=args.temperature, k=args.k)
     if args.top < 1 or args.neighbors < 0:
         raise KnnlmError(f"need --top >= 1 and --neighbors >= 0, got {args.top} and {args.neighbors}")
-    check_texts(args.text)
-    check_window_args(args)
-    check_knn_args(args)
-    check_output(args.output)
-    check_datastore(need_datastore(args), args.index, args.k)
+    check_text_command(args)
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path),
@@ -268,12 +248,6 @@ def cmd_demo(args) -> None:
     quiet_transformers()
     run_demo(args.workdir, articles=args.articles, heldout=args.heldout, dtype=args.dtype or "bfloat16",
              device=args.device, progress=not args.quiet)
-
-
-def need_datastore(args) -> str:
-    if not args.datastore:
-        raise KnnlmError(f"`knnlm {args.command}` needs a datastore: -d DIR (from `knnlm build`)")
-    return args.datastore
 
 
 # ---- parser --------------------------------------------------------------------------

@@ -237,6 +237,8 @@ def cmd_info(args) -> None:
         rows.append(("settings", f"k={t['k']} lambda={t['lambda']} T={t['temperature']}, {t.get('how', 'tuned')} "
                                  f"({t.get('tokens', '?')} tokens: ppl {t.get('ppl_lm', float('nan')):.3f} -> "
                                  f"{t.get('ppl_knnlm', float('nan')):.3f})"))
+    rows.append(("lambda mode", "adaptive by default: starts at the lambda above and follows the text being scored "
+                                "(--lambda-mode fixed keeps it)"))
     if args.verify:
         rows.append(("checksums", "ok" + (f" (all {len(parts)} shards)" if hasattr(ds, "shards") else "")))
     print(table(rows))

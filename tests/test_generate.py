@@ -126,7 +126,7 @@ def test_score_of_a_string(lm, knn):
     s = knn.score(text, datastore="text", lam=0.25, k=8)
     ids = lm.encode(text)
     assert s.ids == ids and [t.id for t in s.tokens] == ids[1:]
-    assert s.settings == {"datastore": "text", "lambda": 0.25, "k": 8, "knn_temperature": 1.0}
+    assert s.settings == {"datastore": "text", "lambda": 0.25, "lambda_mode": "fixed", "k": 8, "knn_temperature": 1.0}
     assert s.ppl < s.ppl_lm  # the datastore holds this sentence
     assert knn.score(text, datastore=None).ppl == pytest.approx(s.ppl_lm, rel=1e-6)
 

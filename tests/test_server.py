@@ -54,7 +54,8 @@ def test_openai_client_gets_the_python_api_completion(client, knn):
     assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
     assert r.choices[0].text == g.text and r.choices[0].finish_reason == g.finish_reason
     assert r.usage.prompt_tokens == len(g.prompt_ids) and r.usage.completion_tokens == len(g.tokens)
-    assert r.choices[0].model_extra["knnlm"] == {"datastore": "text", "lambda": 0.9, "k": 4, "knn_temperature": 1.0}
+    assert r.choices[0].model_extra["knnlm"] == {"datastore": "text", "lambda": 0.9, "lambda_mode": "fixed", "k": 4,
+                                                 "knn_temperature": 1.0}
 
 
 def test_streaming_yields_the_same_text_as_non_streaming(client, base):
@@ -100,7 +101,8 @@ def test_each_request_names_its_datastore(client, knn):
         return r.choices[0].text, r.choices[0].model_extra["knnlm"]
 
     assert text(datastore="text") == (knn.generate("The quick", 10, datastore="text", lam=0.9, k=4).text,
-                                      {"datastore": "text", "lambda": 0.9, "k": 4, "knn_temperature": 1.0})
+                                      {"datastore": "text", "lambda": 0.9, "lambda_mode": "fixed", "k": 4,
+                                       "knn_temperature": 1.0})
     assert text(datastore="docs")[0] == knn.generate("The quick", 10, datastore="docs", lam=0.9, k=4).text
     assert text()[1]["datastore"] == "text"  # omitted: the server's default
     assert text(datastore=None) == (knn.generate("The quick", 10, datastore=None).text, {"datastore": None})

@@ -72,7 +72,7 @@ def _config(a, alpha: float, lr: float):
 
     return TrainConfig(alpha=alpha, lr=lr, epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len,
                        heldout=a.heldout, heldout_unit="document", patience=a.patience, seed=0,
-                       autocast="bfloat16")
+                       autocast="bfloat16", max_seconds=None if a.max_minutes is None else 60 * a.max_minutes)
 
 
 def _train(a, name: str, layers: int, alpha: float, lr: float, temperature: float) -> None:
@@ -91,7 +91,7 @@ def _train(a, name: str, layers: int, alpha: float, lr: float, temperature: floa
     train = [h["train"] for h in m["history"] if "train" in h]
     save(f"es-train-{name}", {"name": name, "layers": layers, "alpha": alpha, "lr": lr, "temperature": temperature,
                               "seconds": m["seconds"], "wall_seconds": round(time.perf_counter() - t0, 1),
-                              "steps": m["steps"], "best_step": m["best_step"], "heldout": m["heldout"],
+                              "steps": m["steps"], "best_step": m["best_step"], "stopped": m.get("stopped"), "heldout": m["heldout"],
                               "epochs": epochs, "first_train": m["first_train"], "last_train": m["last_train"],
                               "train_loss_by_epoch": _by_epoch(train, len(epochs), m["steps"]),
                               "config": m["config"], "train_tokens_per_epoch": m["train_tokens_per_epoch"],
@@ -325,6 +325,8 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=5e-5, help="fine-tuning learning rate")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--patience", type=int, default=2, help="epochs without held-out improvement before stopping")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="training time budget (a resumed run counts from its start); the best so far is kept")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--heldout", type=float, default=0.1, help="share of the articles held out (tuning, stopping)")

@@ -217,6 +217,31 @@ def test_resumed_training_equals_uninterrupted(lm, docs_ds, docs_targets, tmp_pa
     assert a.meta["history"] == b.meta["history"]
 
 
+def test_a_spent_time_budget_ends_a_resumed_run_with_its_best_weights(lm, docs_ds, docs_targets, tmp_path):
+    def stop(step, losses):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KnnlmError, match="interrupted at step 5"):
+        _train(lm, docs_ds, docs_targets, tmp_path / "cut", epochs=4, eval_every=2, on_step=stop)
+    best = tmp_path / "cut.partial" / "best"
+    from transformers import AutoModelForCausalLM
+
+    kept = AutoModelForCausalLM.from_pretrained(best).state_dict()  # the best of steps 2 and 4
+    steps = []
+    out = _train(lm, docs_ds, docs_targets, tmp_path / "cut", epochs=4, eval_every=2, max_seconds=0.0,
+                 on_step=lambda s, _: steps.append(s))  # same run (the budget is not part of it): no new step
+    assert steps == []
+    mem = MemoryDecoder.load(out)
+    assert mem.meta["stopped"] == "time" and mem.meta["steps"] == 5 and mem.meta["best_step"] in (2, 4)
+    for (name, p), q in zip(mem.lm.model.state_dict().items(), kept.values()):
+        assert torch.equal(p, q), name
+    whole = MemoryDecoder.load(_train(lm, docs_ds, docs_targets, tmp_path / "whole", epochs=1))
+    assert whole.meta["stopped"] == "steps"
+    with pytest.raises(KnnlmError, match="max_seconds"):
+        TrainConfig(max_seconds=-1)
+
+
 def test_decoder_plugs_into_a_model_of_the_same_tokenizer_only(lm, docs_ds, docs_targets, model_dirs, tmp_path):
     """Trained from the tiny llama: plugs into the tiny GPT-2 (other architecture and
     weights, same tokenizer); the tiny Qwen2's tokenizer pre-tokenizes differently."""

@@ -32,6 +32,7 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                       batch_size=args.batch_size, seq_len=args.seq_len, heldout=args.heldout,
                       heldout_unit=args.heldout_unit,
+                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
                       eval_every=args.eval_every, patience=args.patience, save_every=args.save_every,
                       seed=args.seed, autocast=args.autocast)  # checked before the model loads
     if args.layers < 1:
@@ -106,6 +107,9 @@ def register(sub, add_model_args) -> None:
     sp.add_argument("--heldout", type=float, default=0.02, help="share of pieces held out for early stopping")
     sp.add_argument("--heldout-unit", choices=["piece", "document"], default="piece",
                     help="hold out pieces, or whole documents (text never trained on, e.g. to tune lambda on)")
+    sp.add_argument("--max-minutes", type=float, default=None,
+                    help="training time budget; the best weights so far are the result (a resumed run counts "
+                         "from its start)")
     sp.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default: an epoch)")
     sp.add_argument("--patience", type=int, default=3, help="held-out losses without improvement before stopping")
     sp.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")

@@ -51,6 +51,8 @@ class TrainConfig:
     heldout_unit: str = "piece"  # "piece", or "document": whole documents held out (none in both parts)
     eval_every: int | None = None  # steps between held-out measurements (None: once per epoch)
     patience: int = 3  # measurements without improvement before stopping
+    max_seconds: float | None = None  # training time budget (resumed runs count from the start); the best so far
+    # is the result.  Not part of a run's identity: a run resumed with another budget goes on where it stopped.
     save_every: int = 50  # steps between checkpoints
     seed: int = 0
     autocast: str = "none"  # "bfloat16": bfloat16 autocast for speed on CPUs that have it
@@ -62,6 +64,8 @@ class TrainConfig:
                 raise KnnlmError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise KnnlmError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_seconds is not None and self.max_seconds < 0:
+            raise KnnlmError(f"max_seconds must be >= 0, got {self.max_seconds}")
         if self.eval_every is not None and self.eval_every < 1:
             raise KnnlmError(f"eval_every must be >= 1, got {self.eval_every}")
         if not 0.0 <= self.heldout < 1.0:
@@ -202,7 +206,8 @@ def train_decoder(
     eval_every = cfg.eval_every or per_epoch
     data = _Data(np.asarray(ds.tokens), tg, cfg.seq_len)
 
-    signature = json.loads(json.dumps({"config": asdict(cfg), "datastore_id": ds.id, "targets_id": tg.meta["id"],
+    same_run = {k: v for k, v in asdict(cfg).items() if k != "max_seconds"}
+    signature = json.loads(json.dumps({"config": same_run, "datastore_id": ds.id, "targets_id": tg.meta["id"],
                                        "layers": layers, "init_model": init_model, "lm": lm.fingerprint}))
     partial = out.with_name(out.name + ".partial")
     ckpt_path = partial / "checkpoint.pt"
@@ -248,10 +253,13 @@ def train_decoder(
             bad += 1
         return h
 
+    def out_of_time():
+        return cfg.max_seconds is not None and seconds + time.perf_counter() - t0 >= cfg.max_seconds
+
     bar = tqdm(total=total, initial=step, unit="step", desc="memory decoder", disable=not progress)
     t0 = time.perf_counter()
     try:
-        while step < total and bad < cfg.patience:
+        while step < total and bad < cfg.patience and not out_of_time():
             epoch, i = divmod(step, per_epoch)
             perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
             rows = train[np.sort(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])]
@@ -280,7 +288,8 @@ def train_decoder(
                          "to resume") from None
     finally:
         bar.close()
-    if not (partial / "best").exists():  # stopped before any measurement (max_steps 0 cannot happen)
+    stopped = "patience" if bad >= cfg.patience else "steps" if step >= total else "time"
+    if not (partial / "best").exists():  # stopped before any measurement (a time budget spent early)
         measure()
     seconds += time.perf_counter() - t0
     train_losses = [h["train"] for h in history if "train" in h]
@@ -302,6 +311,7 @@ def train_decoder(
         "alpha": cfg.alpha,
         "config": asdict(cfg),
         "steps": step,
+        "stopped": stopped,
         "best_step": best["step"],
         "heldout": best["heldout"],
         "first_train": train_losses[0] if train_losses else None,

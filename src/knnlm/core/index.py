@@ -190,8 +190,6 @@ class Searcher:
         self.rerank = self.info.get("rerank", False) if rerank is None else rerank
         self._refine = None
         self._rerank_keys = self.rerank and self.info["factory"] != "Flat" and mmap
-        if self._rerank_keys:
-            random_access(ds.keys)
         if self.rerank and self.info["factory"] != "Flat" and not mmap:
             # faiss re-ranks the k candidates of the approximate index with exact distances
             # to the stored float16 keys (a scalar quantizer whose codes ARE those keys).
@@ -279,23 +277,6 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
         todo = todo[~done]
         fetch = min(count, fetch * 4)
     return out_d, out_i
-
-
-def random_access(keys) -> bool:
-    """Tell the kernel a keys memmap is read at random rows (madvise MADV_RANDOM): re-ranking
-    then pages in the candidates' rows, not the read-ahead around each (the 20M-entry run in
-    benchmarks/results/outofcore.md mapped ≈ 46 KB of keys per re-ranked row of 1152 B without
-    it).  Returns whether it could; anything not a memmap is left as it is."""
-    import mmap
-
-    m = getattr(keys, "_mmap", None)
-    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
-        return False
-    try:
-        m.madvise(mmap.MADV_RANDOM)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

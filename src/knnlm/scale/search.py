@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher, index_info, random_access, rerank_from_keys, search_excluding
+from knnlm.core.index import Searcher, index_info, rerank_from_keys, search_excluding
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -120,9 +120,6 @@ class ShardedSearcher:
         # first and only the k best re-ranked, as in one index; Ray actors re-rank their own.
         want = self.info.get("rerank", False) if rerank is None else rerank
         self._rerank = backend == "local" and want and self.info.get("factory") != "Flat"
-        if self._rerank and mmap:
-            for s in ds.shards:
-                random_access(s.keys)  # only the candidates' rows are read
         common = dict(index=self.name, nprobe=nprobe, rerank=False if self._rerank else rerank, mmap=mmap,
                       trained=trained)
         self._started_ray = False

@@ -50,7 +50,17 @@ def load_lm(a, path=None):
 
 
 def targets_dir(a, temperature=None) -> Path:
-    return a.cache / f"targets-k{a.k}-T{(temperature or a.temperature):g}"
+    clean = "-clean" if a.clean else ""
+    return a.cache / f"targets-k{a.k}-T{(temperature or a.temperature):g}{clean}"
+
+
+def heldout_documents(a) -> list[int]:
+    """The articles every training holds out (train_decoder's document split, same seed)."""
+    from knnlm.core.datastore import Datastore
+    from knnlm.memory.train import pieces, split_pieces
+
+    ds = Datastore(a.datastore)
+    return [int(d) for d in split_pieces(pieces(ds.docs, a.seq_len, ds.count), ds.docs, a.heldout, "document", 0)[2]]
 
 
 def phase_targets(a) -> None:
@@ -59,9 +69,9 @@ def phase_targets(a) -> None:
     out = targets_dir(a)
     if not (out / "meta.json").exists():
         build_targets(a.datastore, out, k=a.k, temperature=a.temperature, keep=64, exclude="document",
-                      progress=False)
+                      progress=False, exclude_documents=heldout_documents(a) if a.clean else None)
     t = Targets(out)
-    save(f"es-targets-T{a.temperature:g}", {"count": t.count, "k": a.k, "temperature": a.temperature, "keep": 64,
+    save(f"es-targets-T{a.temperature:g}{'-clean' if a.clean else ''}", {"clean": a.clean,"count": t.count, "k": a.k, "temperature": a.temperature, "keep": 64,
                                             "exclude": "document", "seconds": t.meta["seconds"],
                                             "mean_kept_mass": t.meta["mean_kept_mass"], "bytes": dir_bytes(out),
                                             "peak_rss_mb": rss_mb()})
@@ -89,7 +99,7 @@ def _train(a, name: str, layers: int, alpha: float, lr: float, temperature: floa
     epochs = [{"epoch": i + 1, "step": h["step"], **h["heldout"]}
               for i, h in enumerate(x for x in m["history"] if "heldout" in x)]
     train = [h["train"] for h in m["history"] if "train" in h]
-    save(f"es-train-{name}", {"name": name, "layers": layers, "alpha": alpha, "lr": lr, "temperature": temperature,
+    save(f"es-train-{name}", {"name": name, "clean": a.clean, "layers": layers, "alpha": alpha, "lr": lr, "temperature": temperature,
                               "seconds": m["seconds"], "wall_seconds": round(time.perf_counter() - t0, 1),
                               "steps": m["steps"], "best_step": m["best_step"], "stopped": m.get("stopped"), "heldout": m["heldout"],
                               "epochs": epochs, "first_train": m["first_train"], "last_train": m["last_train"],
@@ -109,7 +119,8 @@ def _by_epoch(train: list[dict], n_epochs: int, steps: int) -> list[float]:
 
 
 def phase_train(a) -> None:
-    _train(a, f"mem-L{a.layers}-T{a.temperature:g}", a.layers, a.alpha, a.lr, a.temperature)
+    _train(a, f"mem-L{a.layers}-T{a.temperature:g}{'-clean' if a.clean else ''}", a.layers, a.alpha, a.lr,
+           a.temperature)
 
 
 def phase_finetune(a) -> None:
@@ -214,6 +225,8 @@ def phase_quality(a) -> None:
             tuned[key] = {"lambda": lam, "ppl": sw["best"]["ppl"], "grid": sw["grid"]}
             held[key] = mix_memory(held[base], mem_h[n], lam)
             test[key] = mix_memory(test[base], mem_t[n], lam)
+        oracle = sweep_memory(st.lm, mem_t[n])["best"]  # diagnostic only: λ chosen on the test articles
+        res.setdefault("test_oracle_lambda", {})[n] = {"lambda": oracle["lambda"], "ppl": oracle["ppl"]}
         test[f"{n}_alone"] = mem_t[n]
         held[f"{n}_alone"] = mem_h[n]
     if (a.cache / "ds-finetuned" / "meta.json").exists():
@@ -244,7 +257,8 @@ def phase_quality(a) -> None:
     res["heldout_ppl"] = {n: perplexity(v) for n, v in held.items()}
     res["test_ppl"] = {n: perplexity(v) for n, v in test.items()}
     if names:
-        res["cases"] = cases(lm, plan_t, st.lm, test["knnlm"], mem_t[names[0]], names[0], tuned[names[0]]["lambda"])
+        c = next((n for n in names if n.endswith("-clean")), names[0])
+        res["cases"] = cases(lm, plan_t, st.lm, test["knnlm"], mem_t[c], c, tuned[c]["lambda"])
     res["peak_rss_mb"] = rss_mb()
     save("es-quality", res)
 
@@ -273,7 +287,7 @@ def cases(lm, plan, lm_lp, knnlm_lp, mem_lp, name: str, lam: float, top: int = 1
 
 def phase_speed(a) -> None:
     """Eval tokens/s on the first --speed-docs articles of the datastore corpus: each system
-    scores them twice, interleaved, best of two; ratios to the base LM of this run."""
+    scores them --repeats times, interleaved, best kept; ratios to the base LM of this run."""
     import json
 
     from knnlm.core.batching import plan_files
@@ -299,13 +313,13 @@ def phase_speed(a) -> None:
     k_of = {n: q.get("tuned", {}).get(n, {}).get("k", a.k) for n in ("knnlm", "finetuned+knn")}
     score_plan(lm, plan, None, progress=False)  # warm-up
     runs = {n: [] for n in systems}
-    for _ in range(2):
+    for _ in range(a.repeats):
         for n, (m, s, mem) in systems.items():
             t0 = time.perf_counter()
             score_plan(m, plan, s, k=k_of.get(n, k_of["knnlm"]), progress=False, memory=mem)
             runs[n].append(time.perf_counter() - t0)
     tps = {n: plan.count / min(v) for n, v in runs.items()}
-    save("es-speed", {"tokens": plan.count, "documents": a.speed_docs, "seconds": runs, "tokens_per_second": tps,
+    save("es-speed", {"tokens": plan.count, "documents": a.speed_docs, "repeats": a.repeats, "seconds": runs, "tokens_per_second": tps,
                       "ratio": {n: tps[n] / tps["lm"] for n in tps}, "k": k_of, "peak_rss_mb": rss_mb()})
 
 
@@ -319,6 +333,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("-k", type=int, default=1024, help="neighbours (targets and tuning)")
     ap.add_argument("--temperature", type=float, default=16.0, help="kNN temperature of the training targets")
+    ap.add_argument("--clean", action="store_true",
+                    help="targets (and decoders trained on them) with the held-out articles left out of every "
+                         "position's neighbours: no held-out token reaches the decoder")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3, help="decoder learning rate")
@@ -332,6 +349,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=float, default=0.1, help="share of the articles held out (tuning, stopping)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "memory")
     ap.add_argument("--speed-docs", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="speed: interleaved passes per system (best kept)")
     ap.add_argument("--use-tuned", action="store_true", help="speed: the tuned k of es-quality.json")
     a = ap.parse_args()
     from common import setup_logging

@@ -102,6 +102,22 @@ def test_targets_round_trip_against_brute_force(docs_ds, docs_targets):
         assert all(abs(got[x] - ref[x]) < 1e-5 for x in ref)
 
 
+def test_held_out_documents_never_reach_the_targets(docs_ds, tmp_path):
+    """exclude_documents: p_kNN over the entries of neither the position's own document nor
+    the left-out ones (brute force), recorded in meta.json; a bad document number is refused."""
+    t = Targets(build_targets(docs_ds.path, tmp_path / "t", k=8, temperature=4.0, keep=8, chunk=16,
+                              exclude_documents=[5, 2], progress=False))
+    assert t.meta["exclude_documents"] == [2, 5]
+    own = docs_ds.document_of(np.arange(docs_ds.count))
+    for row in range(docs_ds.count):
+        allowed = np.nonzero((own != own[row]) & ~np.isin(own, [2, 5]))[0]
+        ref = brute_force_pknn(docs_ds, row, allowed, 8, 4.0)
+        got = {int(i): float(p) for i, p in zip(t.ids[row], t.probs[row]) if i >= 0}
+        assert got.keys() == ref.keys() and all(abs(got[x] - ref[x]) < 1e-5 for x in ref), row
+    with pytest.raises(KnnlmError, match="exclude_documents"):
+        build_targets(docs_ds.path, tmp_path / "bad", k=8, exclude_documents=[99], progress=False)
+
+
 def test_no_position_sees_its_own_memories(docs_ds, docs_targets, tmp_path):
     """Exclude 'document': a token found only in the position's own document never appears
     in its targets.  Exclude 'self': the targets are p_kNN over every entry but the

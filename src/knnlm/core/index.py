@@ -241,7 +241,8 @@ EXCLUDE_RADIUS = 8192
 
 
 def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.ndarray, count: int,
-                     radius: int = EXCLUDE_RADIUS, first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     radius: int = EXCLUDE_RADIUS, first: int | None = None,
+                     left_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest entries of each query, leaving out its own neighbourhood.
 
     search(queries, n) -> (dists, ids) is any backend's plain search (global ids);
@@ -253,6 +254,7 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
     many, up to the whole datastore or until the backend returns fewer than asked (an
     IVF index sees only its probed lists), so the result equals a search over the datastore
     without those entries, whatever the backend.  Rows that run out end in -1 / inf.
+    `left_out` (count,) bool: entries left out of every query's neighbours as well.
     """
     queries = np.asarray(queries)
     own = np.asarray(own, dtype=np.int64)  # (m,)
@@ -268,6 +270,8 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
         near = np.zeros(i.shape, dtype=bool)
         rows = np.nonzero(real)[0]
         near[real] = (document_of(i[real]) == own_doc[todo][rows]) & (np.abs(i[real] - own[todo][rows]) < radius)
+        if left_out is not None:
+            near[real] |= left_out[i[real]]
         keep = real & ~near
         exhausted = ~real.all(axis=1)  # the backend found fewer than asked (IVF probes): more would not help
         done = (keep.sum(1) >= k) | (fetch >= count) | exhausted

@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -135,10 +135,13 @@ def build_targets(
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    exclude_documents: Sequence[int] | None = None,
 ) -> Path:
     """Compute the sparse p_kNN targets of every datastore entry (the first `limit` only,
     if given) into `out`; returns its path.  Memory is bounded by `chunk` queries at a time
-    (keys read from the memmap, results written to memmaps)."""
+    (keys read from the memmap, results written to memmaps).  `exclude_documents`: datastore
+    documents left out of every position's neighbours too (a slice held out of a decoder's
+    training, so that none of its tokens reach the decoder through the targets)."""
     from tqdm.auto import tqdm
 
     check_settings(temperature=temperature, k=k)
@@ -156,9 +159,17 @@ def build_targets(
         raise KnnlmError(f"k={k} is more than the {max(left, 0)} entries that leaving out each position's own "
                          f"(exclude {exclude!r}) may leave of {ds.path}")
     searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
+    held = sorted({int(d) for d in exclude_documents}) if exclude_documents else []
+    if held and not 0 <= held[0] <= held[-1] < len(ds.docs):
+        raise KnnlmError(f"exclude_documents must be document numbers of {ds.path} (0..{len(ds.docs) - 1})")
+    left_out = None
+    if held:
+        left_out = np.zeros(ds.count, dtype=bool)
+        for d in held:
+            left_out[int(ds.docs[d, 2]) : int(ds.docs[d, 2]) + int(ds.docs[d, 1]) - 1] = True
     n = ds.count if limit is None else max(0, min(int(limit), ds.count))
     signature = {"datastore_id": ds.id, "k": k, "temperature": temperature, "keep": keep, "exclude": exclude,
-                 "search": searcher.settings(), "chunk": chunk, "count": n}
+                 "search": searcher.settings(), "chunk": chunk, "count": n, "exclude_documents": held}
     partial = out.with_name(out.name + ".partial")
     progress_file = partial / "progress.json"
     done = 0
@@ -189,7 +200,8 @@ def build_targets(
             z = min(a + chunk, n)
             entries = np.arange(a, z)
             q = np.asarray(ds.keys[a:z], dtype=np.float32)  # (m, d): the stored key IS the query
-            d, i = search_excluding(searcher.search, ds.document_of, q, k, entries, ds.count, radius=radius)
+            d, i = search_excluding(searcher.search, ds.document_of, q, k, entries, ds.count, radius=radius,
+                                    left_out=left_out)
             vals = np.asarray(ds.vals)[np.maximum(i, 0)]  # (m, k)
             ids[a:z], probs[a:z], mass[a:z] = sparse_knn_targets(d, i, vals, temperature, keep)
             for mm in (ids, probs, mass):
@@ -220,6 +232,7 @@ def build_targets(
         "temperature": temperature,
         "keep": keep,
         "exclude": exclude,
+        "exclude_documents": held,
         "search": searcher.settings(),
         "mean_kept_mass": round(mean_mass, 6),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -143,7 +143,8 @@ def run_demo(workdir: str | Path, articles: int = 300, heldout: int = 20, dtype:
 def report(summary: dict, explained: dict) -> str:
     """The demo's terminal page."""
     lines = [f"kNN-LM demo: {summary['model']} ({summary['model_dtype']}) + datastores of Wikipedia lead sections",
-             "perplexity on held-out articles, each datastore with the settings it tuned for itself:", ""]
+             "perplexity on held-out articles, each datastore with the settings it tuned for itself",
+             "(λ adapting to the text from its tuned value, as every command does by default):", ""]
     w = 30
     lines.append(f"{'':<{w}}  {'datastore':>17}  {'test':>12}  {'LM alone':>8}  {'kNN-LM':>16}  settings (own)"
                  f"          paper's")

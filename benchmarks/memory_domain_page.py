@@ -129,7 +129,22 @@ def domain_section(results: Path, img: Path | None = None) -> list[str]:
     lines += [x for x in rows if x]
     alone = ", ".join(f"{_label(n)} {ppl[n + '_alone']:.1f}" for n in q["decoders"])
     lines += ["", f"Alone (λ = 1): {alone}" + (f"; the n-gram model {ppl['ngram_alone']:.1f}" if ng else "") + ".", ""]
+    held_ppl = q.get("heldout_ppl", {})
+    if q["decoders"] and "lm" in held_ppl:
+        lines += ["Held-out vs test perplexity (alone): LM " f"{held_ppl['lm']:.1f} / {base:.1f}; " + "; ".join(
+            f"{_label(n)} {held_ppl[n + '_alone']:.1f} / {ppl[n + '_alone']:.1f}" for n in q["decoders"]) + ".", ""]
+    oracle = q.get("test_oracle_lambda")
+    if oracle:
+        lines += ["Diagnostic only, not a result (λ chosen on the test articles themselves): " + "; ".join(
+            f"{_label(n)} λ = {o['lambda']:g} → {o['ppl']:.3f}" for n, o in oracle.items())
+            + "; the held-out choice was " + ", ".join(f"{tuned[n]['lambda']:g}" for n in oracle) + ".", ""]
     lines += analyses(q, ppl, trains)
+    if ratio and q["decoders"]:
+        lines.insert(-1, "| decoder inference >= 0.7x the base LM's eval tokens/s (issue target) | " + "; ".join(
+            f"{_label(n)} {ratio[n]:.2f}x" for n in q["decoders"] if n in ratio)
+            + f" (kNN-LM {ratio.get('knnlm', float('nan')):.2f}x) | "
+            + ("yes" if all(ratio.get(n, 0) >= 0.7 for n in q["decoders"]) else "L=2 yes, larger L no"
+               if any(ratio.get(n, 0) >= 0.7 for n in q["decoders"]) else "no") + " |")
     if s:
         tps = s["tokens_per_second"]
         lines += [f"Speed: the first {s['documents']} articles of the datastore corpus ({s['tokens']} tokens) scored by "

@@ -1,7 +1,11 @@
 """Generation speed with fewer searches (issue 13): one stream on the CPU, k = 1024, the
 WikiText-2 datastore (238k entries) searched with IVF-PQ + re-ranking and with an exact
-Flat index, each with RetoMaton pointers off and on (and adaptive retrieval), against the
-base LM; plus the prompts stepped together as one batch, pointers off and on.
+Flat index (or, with --flat-chars, a smaller exact datastore), each with RetoMaton pointers
+off and on (and adaptive retrieval), against the base LM; plus the prompts stepped together
+as one batch, pointers off and on.
+
+    python benchmarks/bench_generate_fewer.py --datastore /work/cache/wikitext2/ds-bfloat16 --flat-chars 190000 \
+        --only 5,6,10,11 --pointers 16      # a 45,879-entry exact Flat datastore from wiki.valid.raw
 
     python benchmarks/bench_generate_fewer.py --datastore /work/cache/wikitext2/ds-bfloat16 --pointers 16
     python benchmarks/bench_generate_fewer.py          # the datastore bench_wikitext.py builds in benchmarks/cache
@@ -107,6 +111,9 @@ def main() -> None:
         f"kNN-LM IVF-PQ, {len(PROMPTS)} prompts as one batch": ("ivfpq", batched(datastore="ivfpq", pointers=None)),
         f"kNN-LM IVF-PQ, {len(PROMPTS)} prompts as one batch, pointers": ("ivfpq",
                                                                           batched(datastore="ivfpq", pointers=ptr)),
+        f"kNN-LM exact Flat, {len(PROMPTS)} prompts as one batch": ("flat", batched(datastore="flat", pointers=None)),
+        f"kNN-LM exact Flat, {len(PROMPTS)} prompts as one batch, pointers": ("flat",
+                                                                              batched(datastore="flat", pointers=ptr)),
     }
     all_names = list(settings)
     if args.only:
@@ -131,7 +138,7 @@ def main() -> None:
     base = {False: statistics.median(seconds[a[0]]), True: statistics.median(seconds[a[6]])}
     rows = ["| setting | tokens/s | ratio to base LM | searches per token | same tokens as pointers off |",
             "|---|---:|---:|---:|---|"]
-    plain_of = {a[2]: a[1], a[3]: a[1], a[5]: a[4], a[8]: a[7]}
+    plain_of = {a[2]: a[1], a[3]: a[1], a[5]: a[4], a[8]: a[7], a[10]: a[9]}
     for name in names:
         med = statistics.median(seconds[name])
         ref = base["prompts as one batch" in name]

@@ -80,13 +80,19 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--output", default=str(HERE / "results" / "serve.md"))
+    ap.add_argument("--pointers", type=int, default=0,
+                    help="also both servers with RetoMaton pointers at this threshold (per request: pointer_threshold)")
     args = ap.parse_args()
     setup_logging("bench", fmt="bench: %(message)s")
     _, ds, knn = setup(args)
     body = {"temperature": 0, "datastore": "wiki"}
     batches = {"one at a time (--max-batch 1)": 1, f"batched (--max-batch {args.max_batch})": args.max_batch}
+    settings = {name: (b, body) for name, b in batches.items()}  # server -> (max_batch, request body)
+    if args.pointers:
+        settings.update({f"{name}, pointers {args.pointers}": (b, {**body, "pointer_threshold": args.pointers})
+                         for name, b in batches.items()})
     apps = {name: create_app(knn, max_queue=args.clients * args.requests, max_tokens=args.tokens, max_batch=b)
-            for name, b in batches.items()}
+            for name, (b, _) in settings.items()}
 
     with serve_in_thread(apps[next(iter(apps))]) as url:  # warm-up
         load(url, 2, 1, 4, body)
@@ -94,9 +100,10 @@ def main() -> None:
     latencies = {name: [] for name in apps}
     texts, tokens = {}, {}
     for rep in range(args.repeats):
-        for name, app in apps.items():  # alternating, so machine noise hits both alike
+        for name, app in apps.items():  # alternating, so machine noise hits every server alike
             with serve_in_thread(app) as url:
-                s, lat, texts[name], tokens[name] = load(url, args.clients, args.requests, args.tokens, body)
+                s, lat, texts[name], tokens[name] = load(url, args.clients, args.requests, args.tokens,
+                                                         settings[name][1])
             seconds[name].append(s)
             latencies[name] += lat
             LOG.info("repeat %d, %s: %.1f s", rep + 1, name, s)
@@ -107,18 +114,26 @@ def main() -> None:
     for name in names:
         med = statistics.median(seconds[name])
         rows.append(f"| {name} | {tokens[name] / med:.1f} | {base / med:.2f} | {statistics.median(latencies[name]):.2f} |")
-    same = sum(texts[names[0]][key] == texts[names[1]].get(key) for key in texts[names[0]])
+    def same(a: str, b: str) -> int:
+        return sum(texts[a][key] == texts[b].get(key) for key in texts[a])
+
     env = (f"model {args.model} ({args.dtype}, {args.device}); datastore {ds.count} entries (Flat, k={args.k}, "
            f"λ={args.lam}); {args.clients} concurrent clients x {args.requests} greedy completions of "
            f"{args.tokens} tokens; median of {args.repeats} alternating repeats; torch {torch.__version__}, "
            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    agree = f"The two servers gave the same text for {same}/{len(texts[names[0]])} requests."
+    n = len(texts[names[0]])
+    agree = f"The two servers without pointers gave the same text for {same(names[0], names[1])}/{n} requests."
+    if args.pointers:
+        agree += (f" With pointers the two servers agree on {same(names[2], names[3])}/{n}; pointers on and off "
+                  f"give the same text for {same(names[0], names[2])}/{n} requests (one at a time) and "
+                  f"{same(names[1], names[3])}/{n} (batched).")
     table = "\n".join(rows)
     print(env)
     print(table)
     print(agree)
     Path(args.output).write_text(
-        "# Serving throughput: batched vs one request at a time\n\n"
+        "# Serving throughput: batched vs one request at a time" + (", pointers off and on" if args.pointers else "")
+        + "\n\n"
         f"Command: `{' '.join(['python', 'benchmarks/bench_serve.py', *sys.argv[1:]])}`\n\n"
         f"{data_note(['wiki.valid.raw'])}  Folder: `--data` (default `../shared/data`).\n\n"
         f"{env}.\n\n{table}\n\n{agree}\n", encoding="utf-8")

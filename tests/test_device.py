@@ -117,3 +117,29 @@ def test_faiss_index_without_gpu_support_stays_on_the_cpu(datastore, queries, mo
     np.testing.assert_array_equal(i, want[1])
     np.testing.assert_allclose(d, want[0], rtol=1e-6)
     assert open_searcher(datastore, None, device="cpu").index is not s.index and moved == [0]  # CPU: never moved
+
+
+def test_few_queries_scan_the_float16_keys_with_the_flat_indexs_neighbours(datastore, queries):
+    from knnlm.core.index import FEW_QUERIES
+
+    s = Searcher(datastore)
+    assert s.scan_few
+    for k in (1, 8, 40):
+        scanned = [s.search(queries[j : j + 1], k) for j in range(len(queries))]  # one at a time: the scan
+        assert s._fp16 is not None
+        s.scan_few = False
+        flat = [s.search(queries[j : j + 1], k) for j in range(len(queries))]  # the Flat index itself
+        s.scan_few = True
+        for (d0, i0), (d1, i1) in zip(flat, scanned):
+            np.testing.assert_allclose(d1, d0, rtol=1e-6, atol=1e-5)
+            np.testing.assert_array_equal(i1[d0 < d0[:, -1:]], i0[d0 < d0[:, -1:]])  # ties at the k-th may swap
+    assert len(queries) >= FEW_QUERIES  # a batch goes to the Flat index (matrix products), never the scan
+
+    class Refuse:
+        def search(self, *a):
+            raise AssertionError("a batch was scanned")
+
+    s._fp16 = Refuse()
+    d, i = s.search(queries, 8)
+    one = d[:, 0] < d[:, 1]  # the nearest neighbour is unique
+    np.testing.assert_array_equal(i[one, 0], np.concatenate([f[1][:, 0] for f in flat])[one])

@@ -77,3 +77,37 @@ def test_chunked_rows_give_the_same_result():
     d = np.sort(rng.uniform(0, 9, (100, 8)), axis=1)
     v, t = rng.integers(0, 3, (100, 8)), rng.integers(0, 3, 100)
     assert np.array_equal(knn_target_logprobs(d, v, t, 1.0, chunk=7), knn_target_logprobs(d, v, t, 1.0))
+
+
+def test_one_positions_sparse_p_knn_and_mixture_equal_the_full_vocabulary_math():
+    import torch
+
+    from knnlm.core.scoring import knn_distribution
+    from knnlm.run.decode import mix_at, mix_distributions, sparse_knn_distribution
+
+    rng = np.random.default_rng(0)
+    V, k = 500, 64
+    for trial in range(20):
+        d = np.sort(rng.exponential(5.0, (1, k)).astype(np.float32), 1)
+        d[0, k - trial % 5 :] = np.inf  # missing neighbours (an IVF probe found fewer)
+        vals = rng.integers(0, 40 if trial % 2 else V, (1, k))  # many repeated values on odd trials
+        counts = rng.integers(1, 4, (1, k)) if trial % 3 == 0 else None
+        t = float(rng.choice([0.5, 1.0, 4.0]))
+        full = knn_distribution(d, vals, V, t, counts)[0]
+        sparse, hit = sparse_knn_distribution(d, vals, V, t, counts)
+        # the same numbers up to the last bit (torch's vectorized and scalar loops may round apart)
+        assert torch.equal(torch.isfinite(sparse), torch.isfinite(full))
+        torch.testing.assert_close(sparse, full, rtol=1e-6, atol=1e-6)
+        assert set(hit.tolist()) == set(torch.nonzero(torch.isfinite(full)).squeeze(1).tolist())
+        lm = torch.log_softmax(torch.as_tensor(rng.normal(0, 3, V), dtype=torch.float32), -1)
+        for lam in (0.0, 0.05, 0.5, 1.0):
+            got, want = mix_at(lm, sparse, hit, lam), mix_distributions(lm, full, lam)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            if lam in (0.0, 1.0):
+                assert torch.equal(got, want)
+            else:  # where no neighbour predicts the token, exactly log(1 - λ) + log p_LM
+                miss = ~torch.isfinite(full)
+                assert torch.equal(got[miss], want[miss])
+    d = np.full((1, k), np.inf, np.float32)  # no neighbour at all: p_kNN is -inf everywhere, nothing hit
+    sparse, hit = sparse_knn_distribution(d, np.zeros((1, k), np.int64), V, 1.0)
+    assert len(hit) == 0 and torch.equal(sparse, knn_distribution(d, np.zeros((1, k), np.int64), V, 1.0)[0])

@@ -23,6 +23,14 @@ from knnlm.errors import KnnlmError
 LOG = logging.getLogger(__name__)
 
 FLAT_BELOW = 100_000  # `auto`: exact search below this many entries, IVF-PQ above
+# A Flat index answers fewer queries than this at once (generation: one per sequence) by a
+# scan of the stored float16 keys (`fp16_index`) instead of its float32 copy: the same exact
+# distances from half the bytes (4.4x faster at 46k entries, one query, k = 1024, 2 CPU cores;
+# benchmarks/results/generate-fewer.md).  From this many on (evaluation) FAISS's float32 Flat
+# index computes them with matrix products (BLAS), much faster for a batch.  FAISS itself
+# switches at the same size (its distance_compute_blas_threshold): below, distances are summed
+# one key at a time in both ways.  Memory-mapped (sharded) searchers keep the Flat index.
+FEW_QUERIES = 20
 
 
 def auto_factory(count: int, dim: int) -> str:
@@ -189,6 +197,8 @@ class Searcher:
                 pass
         self.rerank = self.info.get("rerank", False) if rerank is None else rerank
         self._refine = None
+        self.scan_few = self.info["factory"] == "Flat" and not mmap  # FEW_QUERIES: the float16 scan
+        self._fp16 = None
         self._rerank_keys = self.rerank and self.info["factory"] != "Flat" and mmap
         if self.rerank and self.info["factory"] != "Flat" and not mmap:
             # faiss re-ranks the k candidates of the approximate index with exact distances
@@ -213,7 +223,12 @@ class Searcher:
         if exclude is not None:
             return search_excluding(self.search, self.ds.document_of, queries, k, exclude, self.ds.count)
         q = np.ascontiguousarray(self.ds.to_key_space(queries))  # (m, d) float32; refuses another d
-        dists, ids = (self._refine or self.index).search(q, k)
+        if self.scan_few and len(q) < FEW_QUERIES:
+            if self._fp16 is None:  # made on first use (N x d x 2 bytes more RAM); batches never need it
+                self._fp16 = fp16_index(self.ds.keys)
+            dists, ids = self._fp16.search(q, k)
+        else:
+            dists, ids = (self._refine or self.index).search(q, k)
         if self._rerank_keys:
             dists, ids = rerank_from_keys(self.ds.keys, q, ids)
         return np.where(ids < 0, np.inf, dists).astype(np.float32), ids

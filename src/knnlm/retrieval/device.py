@@ -205,6 +205,7 @@ def to_faiss_gpu(searcher, device: str) -> bool:
         return False
     searcher.gpu_resources = res  # must live as long as the index
     searcher.index = moved
+    searcher.scan_few = False  # the GPU's Flat search, not the host's float16 scan
     if searcher._refine is not None:
         searcher._refine = faiss.IndexRefine(moved, searcher._exact)
         searcher._refine.k_factor = 1.0

@@ -15,7 +15,6 @@ import torch
 
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
-from knnlm.core.scoring import knn_distribution
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.memory.mix import mix_memory_distribution
@@ -266,10 +265,40 @@ def _knn_distributions(logits, r, dists, ids):
     if r is None or dists is None:
         return lm_lp, lm_lp, None
     vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
-    knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature, r.ds.counts_of(ids))[0]  # (V,)
-    if not torch.isfinite(knn_lp).any():  # no neighbour at all (an IVF probe found none)
+    knn_lp, hit = sparse_knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature, r.ds.counts_of(ids))
+    if not len(hit):  # no neighbour at all (an IVF probe found none)
         return lm_lp, lm_lp, knn_lp
-    return mix_distributions(lm_lp, knn_lp, r.lam), lm_lp, knn_lp
+    return mix_at(lm_lp, knn_lp, hit, r.lam), lm_lp, knn_lp
+
+
+def sparse_knn_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, temperature: float,
+                            counts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`knn_distribution` of one position (dists, vals: (1, k)) as log-probs (V,), and the
+    token ids (u,) where p_kNN > 0: at most k of the V tokens, so the logarithm (and
+    `mix_at`) need not run over the whole vocabulary.  The same numbers as knn_distribution
+    (up to the last bit: torch may round a short vector and a long one apart)."""
+    d = torch.as_tensor(np.asarray(dists, dtype=np.float32))
+    logits = -d / temperature  # (1, k)
+    if counts is not None:
+        logits = logits + torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float32)))
+    w = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)  # (1, k)
+    p = torch.zeros(1, vocab_size, dtype=torch.float32)
+    p.scatter_add_(1, torch.as_tensor(np.asarray(vals, dtype=np.int64)), w)  # duplicates summed as before
+    hit = torch.nonzero(p[0]).squeeze(1)  # (u,)
+    out = torch.full((vocab_size,), -math.inf, dtype=torch.float32)
+    out[hit] = torch.log(p[0, hit])
+    return out, hit
+
+
+def mix_at(lm_lp: torch.Tensor, knn_lp: torch.Tensor, hit: torch.Tensor, lam: float) -> torch.Tensor:
+    """`mix_distributions(lm_lp, knn_lp, lam)` (V,) when knn_lp is -inf outside `hit`:
+    log(1-λ) + log p_LM everywhere (what logaddexp gives where p_kNN = 0), the full
+    logaddexp only at the hit tokens."""
+    if lam == 0.0 or lam == 1.0:
+        return mix_distributions(lm_lp, knn_lp, lam)
+    mix = math.log1p(-lam) + lm_lp  # (V,)
+    mix[hit] = torch.logaddexp(math.log(lam) + knn_lp[hit], mix[hit])
+    return mix
 
 
 class SequenceState:

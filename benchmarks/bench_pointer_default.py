@@ -1,7 +1,7 @@
 """Should RetoMaton pointers be on by default? (issue 13)  Perplexity and searches per
 token with pointers at several thresholds against searching every token and against the
 LM alone, on datastores other than the WikiText-2 benchmark's: each datastore's own
-self-tuned k, λ and T (what a user gets by default), its own index, and cached held-out
+self-tuned k, λ and T (a fixed λ, not the adaptive λ), its own index, and cached held-out
 query keys (`queries-test.npz`: keys, lm = log p_LM(target), targets, doc_first, as the
 demo writes them).  The replay is `knnlm.retrieval.pointers.simulate`, exact: query keys
 do not depend on retrieval.

@@ -154,7 +154,7 @@ def phase_build(args) -> dict:
     out = {"corpus": f"first {len(corpus.read_text().splitlines())} articles of wiki.valid.raw",
            "entries": single.count, "documents": len(single.docs), "single_process_seconds": round(t_single, 2),
            "single_tokens_per_s": round(single.count / t_single, 1), "ray_init_seconds": round(t_ray, 2)}
-    for workers in (1, 3):
+    for workers in [int(w) for w in args.build_workers.split(",")]:
         t0 = time.perf_counter()
         ds = open_datastore(build_sharded(lm, [corpus], work / f"w{workers}", workers=workers, **settings))
         secs = time.perf_counter() - t0
@@ -255,6 +255,7 @@ def main() -> None:
     p.add_argument("--ivf", default="IVF2048,PQ64", help="the approximate index (the cached datastore has it)")
     p.add_argument("--flat-only", action="store_true", help="exact: only the Flat comparison (no IVF training)")
     p.add_argument("--build-tokens", type=int, default=25_000)
+    p.add_argument("--build-workers", default="1,3", help="Ray worker counts to build with, each against one process")
     p.add_argument("--actor-queries", type=int, default=2048)
     p.add_argument("-k", type=int, default=1024)
     p.add_argument("--lam", type=float, default=0.25)

@@ -75,8 +75,11 @@ class Posterior:
         return lams
 
 
-def stream_lambdas(lm_logprobs, knn_logprobs, lam0: float) -> np.ndarray:
-    """λ_t at every position of one text read in order (n,)."""
+def stream_lambdas(lm_logprobs, knn_logprobs, lam0: float, adapt: bool = True) -> np.ndarray:
+    """λ_t at every position of one text read in order (n,): adapting from lam0, or lam0
+    throughout when not `adapt`."""
+    if not adapt:
+        return np.full(len(np.atleast_1d(lm_logprobs)), float(lam0))
     return Posterior(lam0).update(lm_logprobs, knn_logprobs)
 
 

@@ -86,9 +86,9 @@ def interpolate(lm_logprobs, knn_logprobs, lam: float):
     return np.logaddexp(math.log(lam) + knn, math.log1p(-lam) + lm)
 
 
-def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0, counts=None):
-    """Full p_kNN over the vocabulary as log-probs, (m, V): for generation only.  counts
-    (m, k) as in `knn_target_logprobs`."""
+def knn_probabilities(dists, vals, vocab_size: int, temperature: float = 1.0, counts=None):
+    """Full p_kNN over the vocabulary, (m, V) float32 torch: softmax(-d/T) summed per value
+    (a missing neighbour, d = inf, weighs 0).  counts (m, k) as in `knn_target_logprobs`."""
     import torch
 
     d = torch.as_tensor(np.asarray(dists, dtype=np.float32))
@@ -99,7 +99,14 @@ def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0, cou
     w = torch.nan_to_num(w, nan=0.0)
     p = torch.zeros(d.shape[0], vocab_size, dtype=torch.float32)
     p.scatter_add_(1, torch.as_tensor(np.asarray(vals, dtype=np.int64)), w)
-    return torch.log(p)
+    return p
+
+
+def knn_distribution(dists, vals, vocab_size: int, temperature: float = 1.0, counts=None):
+    """Full p_kNN over the vocabulary as log-probs, (m, V): for generation only."""
+    import torch
+
+    return torch.log(knn_probabilities(dists, vals, vocab_size, temperature, counts))
 
 
 def perplexity(logprobs) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from knnlm.core.adapt import mix_target
 from knnlm.errors import KnnlmError
 
 SIGNALS = ("max_prob", "entropy")
@@ -68,11 +69,4 @@ def confidence(logits):
 
 def mix_where_searched(lm_logprobs: np.ndarray, knn_logprobs: np.ndarray, lam: float) -> np.ndarray:
     """The kNN-LM's log p(target) (n,), with p_LM alone where p_kNN is NaN (not retrieved)."""
-    from knnlm.core.scoring import interpolate
-
-    lm = np.asarray(lm_logprobs, dtype=np.float64)
-    knn = np.asarray(knn_logprobs, dtype=np.float64)
-    skipped = np.isnan(knn)
-    if not skipped.any():
-        return interpolate(lm, knn, lam)
-    return np.where(skipped, lm, interpolate(lm, np.where(skipped, -np.inf, knn), lam))
+    return mix_target(lm_logprobs, knn_logprobs, lam)

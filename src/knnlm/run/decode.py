@@ -15,6 +15,7 @@ import torch
 
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
+from knnlm.core.scoring import knn_probabilities
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.memory.mix import mix_memory_distribution
@@ -277,13 +278,7 @@ def sparse_knn_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int
     token ids (u,) where p_kNN > 0: at most k of the V tokens, so the logarithm (and
     `mix_at`) need not run over the whole vocabulary.  The same numbers as knn_distribution
     (up to the last bit: torch may round a short vector and a long one apart)."""
-    d = torch.as_tensor(np.asarray(dists, dtype=np.float32))
-    logits = -d / temperature  # (1, k)
-    if counts is not None:
-        logits = logits + torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float32)))
-    w = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)  # (1, k)
-    p = torch.zeros(1, vocab_size, dtype=torch.float32)
-    p.scatter_add_(1, torch.as_tensor(np.asarray(vals, dtype=np.int64)), w)  # duplicates summed as before
+    p = knn_probabilities(dists, vals, vocab_size, temperature, counts)  # (1, V)
     hit = torch.nonzero(p[0]).squeeze(1)  # (u,)
     out = torch.full((vocab_size,), -math.inf, dtype=torch.float32)
     out[hit] = torch.log(p[0, hit])

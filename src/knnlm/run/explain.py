@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnlm.core.adapt import Posterior, mix_target
+from knnlm.core.adapt import mix_target, stream_lambdas
 from knnlm.core.datastore import Datastore
 from knnlm.run.evaluate import Scores
 
@@ -29,7 +29,7 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
     skipped: a document's first words are predicted from the same empty context everywhere.
     """
     plan = scores.plan
-    lams = Posterior(lam).update(scores.lm, scores.knn) if adapt else np.full(len(scores.lm), float(lam))
+    lams = stream_lambdas(scores.lm, scores.knn, lam, adapt)
     mix = mix_target(scores.lm, scores.knn, lams)
     if by not in ("log", "prob"):
         raise ValueError(f"by must be 'log' or 'prob', got {by!r}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from knnlm.core.adapt import Posterior, mix_target
+from knnlm.core.adapt import mix_target, stream_lambdas
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
@@ -296,7 +296,7 @@ class KNNLM:
             knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature,
                                          counts=r.ds.counts_of(nids))
             knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
-            lams = Posterior(r.lam).update(lm_lp, knn_lp) if r.adapt else np.full(len(lm_lp), r.lam)
+            lams = stream_lambdas(lm_lp, knn_lp, r.lam, r.adapt)
             mix = mix_target(lm_lp, knn_lp, lams)
         mem_lp = mem_logits = None
         if m is not None:

@@ -85,6 +85,22 @@ def test_score_equals_the_mixture_of_the_parts(knn):
 
 
 @pytest.mark.parametrize("name", ["ds", None])
+def test_top_logprobs_are_those_of_the_mixture_with_the_decoder(knn, name):
+    """score's top_logprobs at each position are the most likely tokens of p = .4 p_mem + .6 p_base,
+    the distribution the next-token call gives after the same prefix (not p_base's)."""
+    sc = knn.score(TEXT[:60], datastore=name, top_logprobs=4)
+    moved = 0
+    for i in range(0, len(sc.tokens), 3):
+        nt = knn.next_token_distribution(sc.ids[: i + 1], datastore=name)
+        top = torch.topk(nt.mix, 4)
+        assert sorted(sc.tokens[i].top.values()) == pytest.approx(sorted(top.values.tolist()), abs=1e-4)
+        assert sc.tokens[i].top.keys() == {knn.lm.decode([t]) for t in top.indices.tolist()}
+        base = torch.topk(knn.next_token_distribution(sc.ids[: i + 1], datastore=name, memory_lambda=0.0).mix, 4)
+        moved += not np.allclose(top.values.numpy(), base.values.numpy(), atol=1e-3)
+    assert moved > 0  # the decoder changes the top tokens' log-probs
+
+
+@pytest.mark.parametrize("name", ["ds", None])
 def test_kv_cached_generation_scores_like_a_full_pass(knn, name):
     g = knn.generate("The quick brown", max_new_tokens=8, datastore=name, ignore_eos=True)
     full = knn.score(g.prompt_ids + g.ids, datastore=name)
@@ -135,6 +151,9 @@ def test_commands_take_a_memory_decoder(mem_dir, datastore, corpus, llama_dir, t
     out = succeeds(capsys, ["eval", corpus, "--memory", mem_dir, "--memory-lambda", "0.3", *model_args(llama_dir),
                             *WINDOWS])
     assert "ppl LM + memory" in out
+    own = succeeds(capsys, ["eval", corpus, "--memory", mem_dir, "--memory-lambda", "0.3", "--dtype", "float32",
+                            *WINDOWS])  # no --model, no datastore: the decoder's base model (the tiny llama)
+    assert own.split("tokens/s")[0] == out.split("tokens/s")[0]  # the same perplexities (tokens/s aside)
     out = succeeds(capsys, ["tune", corpus, "--memory", mem_dir, "-d", datastore.path, "-k", "8", "-o",
                             tmp_path / "tune.json", *model_args(llama_dir), *WINDOWS])
     res = json.loads((tmp_path / "tune.json").read_text())

@@ -24,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser, with_key_point: bool = False) -> 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="HF model id or local path; 'smollm2-135m' is the built-in default "
-                        "(default: the datastore's model, else smollm2-135m)")
+                        "(default: the datastore's model, else a --memory decoder's base model, else smollm2-135m)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model weights dtype (default: the datastore's, else bfloat16)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
@@ -118,11 +118,17 @@ def searcher_from_args(args, ds):
                          ray_address=getattr(args, "ray_address", None))
 
 
-def load_lm(args, datastore: str | None = None, key_point: str | None = None):
+def load_lm(args, datastore: str | None = None, key_point: str | None = None, memory: str | None = None):
+    """The LM of a command: --model, else the datastore's model, else the memory decoder's
+    base model (a decoder used without a datastore), else the default model."""
     from knnlm.core.model import DEFAULT_MODEL, LM
     from knnlm.scale import open_datastore
 
     meta = open_datastore(datastore).meta if datastore else {}
+    if memory and not meta:
+        from knnlm.memory.decoder import read_meta
+
+        meta = {"identity": {"model": read_meta(memory).get("base_model")}}
     model = args.model or meta.get("identity", {}).get("model") or DEFAULT_MODEL
     dtype = args.dtype or meta.get("model_dtype") or "bfloat16"
     kp = key_point or meta.get("key_point") or "ffn_input"

@@ -41,7 +41,7 @@ def cmd_generate(args) -> None:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.prompt is None and prompt.endswith("\n"):
         prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
-    lm = load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore, memory=next(iter(memories(args).values()), None))
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                 lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
@@ -114,7 +114,7 @@ def cmd_serve(args) -> None:
     from knnlm.run.generate import KNNLM
     from knnlm.serve.server import create_app
 
-    lm = load_lm(args, next(iter(datastores.values()), None))
+    lm = load_lm(args, next(iter(datastores.values()), None), memory=next(iter(mems.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
                 paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
                 lambda_mode=args.lambda_mode,

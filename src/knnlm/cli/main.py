@@ -88,7 +88,7 @@ def cmd_eval(args) -> None:
     check_text_command(args, datastore_needed=False)
     if args.memory:
         check_memories([args.memory])
-    lm = load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore, memory=args.memory)
     res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
                    temperature=args.temperature, window=args.window, stride=args.stride,
                    batch_tokens=args.batch_tokens, nprobe=args.nprobe,

@@ -169,7 +169,7 @@ def cmd_tune_memory(args) -> None:
     lambdas = numbers(args.lambdas, float, "--lambdas")
     for lam in lambdas or []:
         check_memory_lambda(lam)
-    lm = load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore, memory=args.memory)
     searcher = None
     if args.datastore:
         ds = open_for_model(lm, args.datastore)
@@ -207,7 +207,7 @@ def cmd_explain_memory(args) -> None:
     from knnlm.run.evaluate import open_for_model, score_plan
 
     check_memory_lambda(args.memory_lambda)
-    lm = load_lm(args, args.datastore)
+    lm = load_lm(args, args.datastore, memory=args.memory)
     searcher, r = None, None
     if args.datastore:
         ds = open_for_model(lm, args.datastore)

@@ -32,8 +32,8 @@ from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
 from knnlm.core.settings import check_lambda_mode, resolve
 from knnlm.errors import KnnlmError
-from knnlm.memory.decoder import MemoryDecoder, MemoryUse
-from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
+from knnlm.memory.decoder import MemoryDecoder, MemoryUse, align_vocab
+from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory, mix_memory_distribution
 from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
@@ -298,13 +298,15 @@ class KNNLM:
             knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
             lams = stream_lambdas(lm_lp, knn_lp, r.lam, r.adapt)
             mix = mix_target(lm_lp, knn_lp, lams)
-        mem_lp = mem_logits = None
+        mem_lp = mem_logits = mem_all = None
         if m is not None:
             _, mem_logits = m.decoder.lm.forward(torch.tensor([ids]), [], logits=True)  # (1, T, V_mem)
-            mem_lp = torch.log_softmax(mem_logits[0, :-1].float(), -1).gather(1, targets[:, None].to(
-                mem_logits.device))[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
+            mem_all = torch.log_softmax(mem_logits[0, :-1].float(), -1)  # (T-1, V_mem)
+            mem_lp = mem_all.gather(1, targets[:, None].to(mem_all.device))[:, 0].cpu().numpy().astype(np.float64)
             mix = mix_memory(mix, mem_lp, m.lam)
-        tops = self._top_rows(lm_all, r, dists, nids, lams, top_logprobs) if top_logprobs else [{} for _ in mix]
+        tops = (self._top_rows(lm_all, r, dists, nids, lams, top_logprobs,
+                                 None if m is None else (m.lam, mem_all))
+                if top_logprobs else [{} for _ in mix])
         tokens = []
         for i, t in enumerate(ids[1:]):
             found = r is not None and not np.isnan(dists[i, 0])
@@ -322,9 +324,11 @@ class KNNLM:
         return TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
-                  nids: np.ndarray | None, lams: np.ndarray | None, n: int, chunk: int = 256) -> list[dict[str, float]]:
+                  nids: np.ndarray | None, lams: np.ndarray | None, n: int,
+                  memory: tuple[float, torch.Tensor] | None = None, chunk: int = 256) -> list[dict[str, float]]:
         """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM and the
-        rows' neighbours (m, k), mixed with each row's λ (lams (m,)); (chunk, V) of p_kNN at a time."""
+        rows' neighbours (m, k), mixed with each row's λ (lams (m,)), then a memory decoder's
+        (λ_mem, log p_mem (m, V_mem)) on top; (chunk, V) of p_kNN at a time."""
         out = []
         for i in range(0, lm_all.shape[0], chunk):
             mix = lm_all[i : i + chunk].cpu()  # (c, V)
@@ -336,6 +340,9 @@ class KNNLM:
                 lam = torch.from_numpy(np.asarray(lams[i : i + chunk], dtype=np.float32))[:, None]  # (c, 1)
                 mixed = torch.logaddexp(torch.log(lam) + knn, torch.log1p(-lam) + mix)
                 mix = torch.where(skipped[:, None] | (lam == 0), mix, mixed)
+            if memory is not None:
+                mem = align_vocab(memory[1][i : i + chunk].cpu(), mix.shape[-1])  # (c, V)
+                mix = mix_memory_distribution(mix, mem, memory[0])
             out += [self.top_tokens(row, n) for row in mix]
         return out
 

@@ -47,6 +47,19 @@ def index_name(factory: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", factory.lower()).strip("-")
 
 
+def index_target(ds, kind: str, name: str | None, overwrite: bool) -> tuple[str, str, Path]:
+    """(FAISS factory, index name, its directory) of a new index of `ds` ("auto": by size);
+    refuses to replace an existing one unless `overwrite`."""
+    factory = auto_factory(ds.count, ds.dim) if kind == "auto" else kind
+    if factory.lower() == "flat":
+        factory = "Flat"
+    name = name or index_name(factory)
+    final = ds.path / "indexes" / name
+    if final.exists() and not overwrite:
+        raise KnnlmError(f"index {final} already exists (use --overwrite to replace it)")
+    return factory, name, final
+
+
 def _faiss():
     import faiss
 
@@ -74,13 +87,7 @@ def build_index(
     from tqdm.auto import tqdm
 
     faiss = _faiss()
-    factory = auto_factory(ds.count, ds.dim) if kind == "auto" else kind
-    if factory.lower() == "flat":
-        factory = "Flat"
-    name = name or index_name(factory)
-    final = ds.path / "indexes" / name
-    if final.exists() and not overwrite:
-        raise KnnlmError(f"index {final} already exists (use --overwrite to replace it)")
+    factory, name, final = index_target(ds, kind, name, overwrite)
     try:
         index = faiss.clone_index(trained) if trained is not None else faiss.index_factory(ds.dim, factory,
                                                                                              faiss.METRIC_L2)

@@ -21,7 +21,7 @@ import numpy as np
 
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore, publish, write_json_atomic
-from knnlm.core.index import auto_factory, build_index, index_name
+from knnlm.core.index import build_index, index_target
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -44,13 +44,7 @@ def build_sharded_index(ds: ShardedDatastore, kind: str = "auto", name: str | No
     """Train once on a sample across shards, add every shard's keys; returns the index directory."""
     import faiss
 
-    factory = auto_factory(ds.count, ds.dim) if kind == "auto" else kind
-    if factory.lower() == "flat":
-        factory = "Flat"
-    name = name or index_name(factory)
-    final = ds.path / "indexes" / name
-    if final.exists() and not overwrite:
-        raise KnnlmError(f"index {final} already exists (use --overwrite to replace it)")
+    factory, name, final = index_target(ds, kind, name, overwrite)
     partial = final.with_name(name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

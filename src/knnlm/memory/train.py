@@ -5,7 +5,12 @@ of a position is its piece so far).  A seeded share of the pieces is held out; t
 are visited in a seeded order each epoch, `batch_size` pieces a step, with AdamW on
 alpha * KL(p_kNN || p_mem) + (1 - alpha) * CE.  The held-out loss is measured every
 `eval_every` steps; the best weights so far are the result, and training stops after
-`patience` measurements without improvement.
+`patience` measurements without improvement.  With `keep="last"` the final weights are
+the result instead (held-out still measured, for the record; no early stopping): an LM
+trained to memorise its text.  `train_documents` restricts training to some documents
+(the held-out split is drawn over all of them first, so it is the same either way);
+`until_train_loss` stops at the end of the first epoch whose mean train loss is below it.
+With alpha = 0 (next-token CE only) no targets are needed.
 
 Everything is written under `<out>.partial/`: `checkpoint.pt` (weights, optimizer,
 step, history) after every `save_every` steps, at every measurement and on Ctrl-C, and
@@ -56,6 +61,10 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints
     seed: int = 0
     autocast: str = "none"  # "bfloat16": bfloat16 autocast for speed on CPUs that have it
+    keep: str = "best"  # "best": the best held-out measurement's weights (early stopping); "last": the final ones
+    train_documents: list[int] | None = None  # train on these documents only (None: all not held out)
+    until_train_loss: float | None = None  # stop after the first epoch whose mean train loss is below this.
+    # Like max_seconds, not part of a run's identity.
 
     def __post_init__(self):
         check_alpha(self.alpha)
@@ -76,6 +85,14 @@ class TrainConfig:
             raise KnnlmError(f"heldout_unit must be 'piece' or 'document', got {self.heldout_unit!r}")
         if self.autocast not in ("none", "bfloat16"):
             raise KnnlmError(f"autocast must be 'none' or 'bfloat16', got {self.autocast!r}")
+        if self.keep not in ("best", "last"):
+            raise KnnlmError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        if self.train_documents is not None:
+            self.train_documents = sorted({int(d) for d in self.train_documents})
+            if not self.train_documents:
+                raise KnnlmError("train_documents is empty")
+        if self.until_train_loss is not None and not self.until_train_loss > 0:
+            raise KnnlmError(f"until_train_loss must be > 0, got {self.until_train_loss}")
 
 
 def pieces(docs: np.ndarray, seq_len: int, count: int) -> np.ndarray:
@@ -95,6 +112,12 @@ def pieces(docs: np.ndarray, seq_len: int, count: int) -> np.ndarray:
     return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
+def doc_of(all_pieces: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """(P,) the document of each piece: the one whose token range holds its first token."""
+    starts = np.asarray(docs, dtype=np.int64)[:, 0]
+    return np.searchsorted(starts, all_pieces[:, 0], side="right") - 1
+
+
 def split_pieces(all_pieces: np.ndarray, docs: np.ndarray, heldout: float, unit: str = "piece",
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(held-out pieces, training pieces, held-out document numbers): a seeded share
@@ -104,14 +127,13 @@ def split_pieces(all_pieces: np.ndarray, docs: np.ndarray, heldout: float, unit:
     token range holds its first token.  Held-out document numbers are empty for "piece"."""
     n = len(all_pieces)
     if unit == "document":
-        starts = np.asarray(docs, dtype=np.int64)[:, 0]
-        doc_of = np.searchsorted(starts, all_pieces[:, 0], side="right") - 1  # (P,)
-        present = np.unique(doc_of)
+        of = doc_of(all_pieces, docs)  # (P,)
+        present = np.unique(of)
         n_held = int(round(heldout * len(present))) if len(present) > 1 else 0
         if heldout > 0 and len(present) > 1:
             n_held = max(1, n_held)
         held_docs = np.sort(np.random.default_rng(seed).permutation(present)[:n_held])
-        is_held = np.isin(doc_of, held_docs)
+        is_held = np.isin(of, held_docs)
         return all_pieces[is_held], all_pieces[~is_held], held_docs
     order = np.random.default_rng(seed).permutation(n)
     n_held = int(round(heldout * n)) if n > 1 else 0
@@ -121,9 +143,10 @@ def split_pieces(all_pieces: np.ndarray, docs: np.ndarray, heldout: float, unit:
 
 
 class _Data:
-    """Batches of pieces as tensors: inputs (B, L), next tokens, sparse targets, a mask."""
+    """Batches of pieces as tensors: inputs (B, L), next tokens, sparse targets, a mask.
+    Without targets (alpha = 0: CE only) every position has none (ids -1)."""
 
-    def __init__(self, tokens: np.ndarray, targets: Targets, seq_len: int):
+    def __init__(self, tokens: np.ndarray, targets: Targets | None, seq_len: int):
         self.tokens, self.targets, self.seq_len = tokens, targets, seq_len
 
     def batch(self, rows: np.ndarray):
@@ -131,13 +154,15 @@ class _Data:
         x = np.zeros((b, length), dtype=np.int64)
         y = np.zeros((b, length), dtype=np.int64)
         mask = np.zeros((b, length), dtype=bool)
-        tid = np.full((b, length, self.targets.keep), -1, dtype=np.int64)
-        tp = np.zeros((b, length, self.targets.keep), dtype=np.float32)
+        keep = self.targets.keep if self.targets is not None else 1
+        tid = np.full((b, length, keep), -1, dtype=np.int64)
+        tp = np.zeros((b, length, keep), dtype=np.float32)
         for r, (t0, e0, m) in enumerate(rows):
             x[r, :m] = self.tokens[t0 : t0 + m]
             y[r, :m] = self.tokens[t0 + 1 : t0 + m + 1]
             mask[r, :m] = True
-            tid[r, :m], tp[r, :m] = self.targets.ids[e0 : e0 + m], self.targets.probs[e0 : e0 + m]
+            if self.targets is not None:
+                tid[r, :m], tp[r, :m] = self.targets.ids[e0 : e0 + m], self.targets.probs[e0 : e0 + m]
         t = torch.from_numpy
         return t(x), t(y), t(mask), t(tid), t(tp)
 
@@ -173,7 +198,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def train_decoder(
     lm,
     datastore: str | Path,
-    targets: str | Path,
+    targets: str | Path | None,
     out: str | Path,
     layers: int = 2,
     init_model: str | None = None,
@@ -183,7 +208,8 @@ def train_decoder(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> Path:
     """Train a memory decoder for `lm` (the datastore's model) on the datastore's corpus and
-    the sparse p_kNN `targets` computed from it; returns the decoder directory."""
+    the sparse p_kNN `targets` computed from it (None with alpha = 0: CE only); returns the
+    decoder directory."""
     from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
@@ -195,19 +221,37 @@ def train_decoder(
                          f"{num_layers(lm.model)}")
     ds = open_corpus_datastore(datastore)
     ds.check_compatible(lm.identity(ds.key_point))
-    tg = Targets(targets)
-    tg.check_for(ds)
-    all_pieces = pieces(ds.docs, cfg.seq_len, tg.count)
+    if targets is None:
+        if cfg.alpha != 0:
+            raise KnnlmError(f"training with alpha = {cfg.alpha} needs p_kNN targets (only alpha = 0, next-token CE, "
+                             "trains without)")
+        tg = None
+    else:
+        tg = Targets(targets)
+        tg.check_for(ds)
+    all_pieces = pieces(ds.docs, cfg.seq_len, tg.count if tg is not None else ds.count)
     if len(all_pieces) == 0:
         raise KnnlmError(f"no position of {ds.path} has targets in {tg.path}")
     held, train, held_docs = split_pieces(all_pieces, ds.docs, cfg.heldout, cfg.heldout_unit, cfg.seed)
+    if cfg.train_documents is not None:
+        wanted = np.asarray(cfg.train_documents, dtype=np.int64)
+        bad_docs = wanted[(wanted < 0) | (wanted >= len(ds.docs))]
+        if len(bad_docs):
+            raise KnnlmError(f"train_documents {bad_docs[:5].tolist()} are not documents of {ds.path} "
+                             f"(0..{len(ds.docs) - 1})")
+        if cfg.heldout_unit == "document" and np.isin(wanted, held_docs).any():
+            raise KnnlmError(f"train_documents {wanted[np.isin(wanted, held_docs)][:5].tolist()} are held out")
+        train = train[np.isin(doc_of(train, ds.docs), wanted)]
+        if len(train) == 0:
+            raise KnnlmError("no training piece left in train_documents")
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     eval_every = cfg.eval_every or per_epoch
     data = _Data(np.asarray(ds.tokens), tg, cfg.seq_len)
 
-    same_run = {k: v for k, v in asdict(cfg).items() if k != "max_seconds"}
-    signature = json.loads(json.dumps({"config": same_run, "datastore_id": ds.id, "targets_id": tg.meta["id"],
+    same_run = {k: v for k, v in asdict(cfg).items() if k not in ("max_seconds", "until_train_loss")}
+    tg_id = tg.meta["id"] if tg is not None else None
+    signature = json.loads(json.dumps({"config": same_run, "datastore_id": ds.id, "targets_id": tg_id,
                                        "layers": layers, "init_model": init_model, "lm": lm.fingerprint}))
     partial = out.with_name(out.name + ".partial")
     ckpt_path = partial / "checkpoint.pt"
@@ -248,10 +292,18 @@ def train_decoder(
         history.append(entry)
         if h is None or best is None or h["loss"] < best["heldout"]["loss"]:
             best, bad = entry, 0
-            model.save_pretrained(partial / "best")
-        else:
+            if cfg.keep == "best":
+                model.save_pretrained(partial / "best")
+        elif cfg.keep == "best":
             bad += 1
         return h
+
+    def low_train_loss():
+        """The mean train loss of the epoch just ended is below until_train_loss."""
+        if cfg.until_train_loss is None or step == 0 or step % per_epoch:
+            return False
+        losses = [h["train"]["loss"] for h in history if "train" in h and h["step"] > step - per_epoch]
+        return float(np.mean(losses)) < cfg.until_train_loss
 
     def out_of_time():
         return cfg.max_seconds is not None and seconds + time.perf_counter() - t0 >= cfg.max_seconds
@@ -259,7 +311,7 @@ def train_decoder(
     bar = tqdm(total=total, initial=step, unit="step", desc="memory decoder", disable=not progress)
     t0 = time.perf_counter()
     try:
-        while step < total and bad < cfg.patience and not out_of_time():
+        while step < total and bad < cfg.patience and not out_of_time() and not low_train_loss():
             epoch, i = divmod(step, per_epoch)
             perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
             rows = train[np.sort(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])]
@@ -288,8 +340,12 @@ def train_decoder(
                          "to resume") from None
     finally:
         bar.close()
-    stopped = "patience" if bad >= cfg.patience else "steps" if step >= total else "time"
-    if not (partial / "best").exists():  # stopped before any measurement (a time budget spent early)
+    stopped = ("patience" if bad >= cfg.patience else "steps" if step >= total
+               else "train_loss" if low_train_loss() else "time")
+    if cfg.keep == "last":
+        if not any(h.get("step") == step and "heldout" in h for h in history):  # the kept weights, measured
+            measure()
+    elif not (partial / "best").exists():  # stopped before any measurement (a time budget spent early)
         measure()
     seconds += time.perf_counter() - t0
     train_losses = [h["train"] for h in history if "train" in h]
@@ -302,18 +358,17 @@ def train_decoder(
         "datastore_id": ds.id,
         "corpora": ds.meta["corpora"],
         "tokens_sha256": ds.meta["sha256"].get("tokens.npy"),
-        "targets": str(tg.path),
-        "targets_id": tg.meta["id"],
-        "k": tg.meta["k"],
-        "temperature": tg.meta["temperature"],
-        "keep": tg.meta["keep"],
-        "exclude": tg.meta["exclude"],
+        "targets": str(tg.path) if tg is not None else None,
+        "targets_id": tg_id,
+        **{f: tg.meta[f] if tg is not None else None for f in ("k", "temperature", "keep", "exclude")},
         "alpha": cfg.alpha,
         "config": asdict(cfg),
         "steps": step,
         "stopped": stopped,
-        "best_step": best["step"],
+        "kept": cfg.keep,
+        "best_step": best["step"],  # the best held-out measurement (with keep "last" not the weights kept)
         "heldout": best["heldout"],
+        "last_heldout": next((h["heldout"] for h in reversed(history) if "heldout" in h), None),
         "first_train": train_losses[0] if train_losses else None,
         "last_train": train_losses[-1] if train_losses else None,
         "history": history,
@@ -325,7 +380,10 @@ def train_decoder(
     }
     from transformers import AutoModelForCausalLM
 
-    best_model = AutoModelForCausalLM.from_pretrained(partial / "best", dtype=torch.float32)
+    if cfg.keep == "last":
+        best_model = model.float()
+    else:
+        best_model = AutoModelForCausalLM.from_pretrained(partial / "best", dtype=torch.float32)
     final = save_decoder(best_model, tokenizer, partial / "decoder", meta)
     publish(final, out)
     shutil.rmtree(partial)

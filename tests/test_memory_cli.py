@@ -108,6 +108,21 @@ def test_train_refuses_missing_targets(docs_ds, llama_dir, tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
 
 
+def test_train_without_targets_is_ce_only(docs_ds, llama_dir, tmp_path, capsys):
+    out = succeeds(capsys, ["memory", "train", docs_ds, "-o", tmp_path / "m", "--alpha", "0", "--keep-weights", "last",
+                            "--until-train-loss", "1e9", "--layers", "1", *TRAIN, "--epochs", "3",
+                            *model_args(llama_dir)])
+    meta = json.loads((tmp_path / "m" / "memory.json").read_text())
+    assert meta["targets"] is None and meta["kept"] == "last" and meta["stopped"] == "train_loss"
+    assert "kept: last, stopped: train_loss" in out
+    err = fails(capsys, ["memory", "train", docs_ds, "-o", tmp_path / "n", *TRAIN, *model_args(llama_dir)])
+    assert "alpha = 0.5 needs p_kNN targets" in err
+    assert not (tmp_path / "n").exists() and not (tmp_path / "n.partial").exists()
+    assert "until_train_loss must be > 0" in fails(capsys, ["memory", "train", docs_ds, "-o", tmp_path / "n",
+                                                            "--alpha", "0", "--until-train-loss", "0",
+                                                            *TRAIN, *model_args(llama_dir)])
+
+
 def test_help_has_examples(capsys):
     for cmd in (["memory", "targets"], ["memory", "train"]):
         with pytest.raises(SystemExit):

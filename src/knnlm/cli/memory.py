@@ -34,7 +34,8 @@ def cmd_train(args) -> None:
                       heldout_unit=args.heldout_unit,
                       max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
                       eval_every=args.eval_every, patience=args.patience, save_every=args.save_every,
-                      seed=args.seed, autocast=args.autocast)  # checked before the model loads
+                      seed=args.seed, autocast=args.autocast, keep=args.keep_weights,
+                      until_train_loss=args.until_train_loss)  # checked before the model loads
     if args.layers < 1:
         raise KnnlmError(f"--layers must be >= 1, got {args.layers}")
     lm = load_lm(args, args.datastore)
@@ -44,7 +45,8 @@ def cmd_train(args) -> None:
 
     m = read_meta(out)
     print(table([("memory decoder", str(out)), ("init", f"{m['init']} (L={m['layers']})"),
-                 ("steps", f"{m['steps']} (best at {m['best_step']})"),
+                 ("steps", f"{m['steps']} (best at {m['best_step']}; kept: {m.get('kept', 'best')}, "
+                           f"stopped: {m['stopped']})"),
                  ("train loss first/last", f"{m['first_train']['loss']:.4f} / {m['last_train']['loss']:.4f}"),
                  ("held-out loss", "-" if m["heldout"] is None else f"{m['heldout']['loss']:.4f} "
                   f"(kl {m['heldout']['kl']:.4f}, ce {m['heldout']['ce']:.4f})"),
@@ -92,9 +94,12 @@ def register(sub, add_model_args) -> None:
              "  knnlm memory train ds-wiki --targets ds-wiki-targets -o mem-wiki            # L=2 copy of the LM\n"
              "  knnlm memory train ds --targets t -o mem --layers 4 --epochs 2 --alpha 0.5 --autocast bfloat16\n"
              "  knnlm memory train ds --targets t -o mem --init-model HuggingFaceTB/SmolLM2-135M  # same tokenizer\n"
+             "  knnlm memory train ds -o memorised --alpha 0 --layers 30 --keep-weights last --until-train-loss 0.1\n"
+             "      # the whole LM fine-tuned on the corpus (CE only: no targets), final weights\n"
              "  (Ctrl-C keeps a checkpoint; the same command resumes it)")
     sp.add_argument("datastore", help="the datastore the targets were computed from")
-    sp.add_argument("--targets", required=True, help="targets directory (from `knnlm memory targets`)")
+    sp.add_argument("--targets", default=None,
+                    help="targets directory (from `knnlm memory targets`); not needed with --alpha 0 (CE only)")
     sp.add_argument("-o", "--output", required=True, help="decoder directory to create (an HF model + memory.json)")
     sp.add_argument("--layers", "-L", type=int, default=2, help="decoder layers kept from the LM")
     sp.add_argument("--init-model", default=None, help="start from this HF model (id or path) instead of a copy")
@@ -115,6 +120,10 @@ def register(sub, add_model_args) -> None:
     sp.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     sp.add_argument("--seed", type=int, default=0, help="seed of the data order and held-out split")
     sp.add_argument("--autocast", choices=["none", "bfloat16"], default="none", help="mixed precision")
+    sp.add_argument("--keep-weights", choices=["best", "last"], default="best",
+                    help="the best held-out weights (early stopping), or the final ones (no early stopping)")
+    sp.add_argument("--until-train-loss", type=float, default=None,
+                    help="stop after the first epoch whose mean train loss is below this")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing decoder")
     add_model_args(sp)
 

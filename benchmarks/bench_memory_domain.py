@@ -132,19 +132,11 @@ def phase_finetune(a) -> None:
 
 def phase_ftstore(a) -> None:
     """The datastore of the fine-tuned LM: same corpus, same windows, its own keys."""
-    from knnlm.core.datastore import Datastore, build_datastore
-    from knnlm.core.index import build_index
+    from memory_shared import finetuned_store
 
-    ft = load_lm(a, a.cache / "finetuned")
-    out = a.cache / "ds-finetuned"
-    t0 = time.perf_counter()
-    if not (out / "meta.json").exists():
-        base = Datastore(a.datastore).meta
-        build_datastore(ft, [a.corpus], out, window=int(base["window"]), stride=int(base["stride"]), progress=False)
-        t1 = time.perf_counter()
-        build_index(Datastore(out), "auto", progress=False)
-        save("es-ftstore", {"build_seconds": round(t1 - t0, 1), "index_seconds": round(time.perf_counter() - t1, 1),
-                            "entries": Datastore(out).count, "bytes": dir_bytes(out), "peak_rss_mb": rss_mb()})
+    built = finetuned_store(load_lm(a, a.cache / "finetuned"), [a.corpus], a.datastore, a.cache / "ds-finetuned")
+    if "build_seconds" in built:
+        save("es-ftstore", {**built, "peak_rss_mb": rss_mb()})
 
 
 def plan_logprobs(mem, plan) -> np.ndarray:
@@ -168,15 +160,15 @@ def decoders(a) -> list[str]:
 def phase_quality(a) -> None:
     import json
 
+    from memory_shared import ngram_mix, tuned_knn
+
     from knnlm.core.batching import plan_files
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
     from knnlm.memory.decoder import MemoryDecoder
     from knnlm.memory.mix import mix_memory, sweep_memory
-    from knnlm.memory.ngram import KneserNey
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.selftune import piece_plan
-    from knnlm.run.tune import sweep
 
     lm = load_lm(a)
     ds = open_for_model(lm, a.datastore)
@@ -202,12 +194,7 @@ def phase_quality(a) -> None:
     held, test, tuned = {"lm": sh.lm}, {"lm": st.lm}, {}
 
     def knn_rows(name, h, t):
-        b = sweep(h.lm, h.dists, h.vals, h.targets)["best"]
-        tuned[name] = b
-        held[name] = interpolate(h.lm, knn_target_logprobs(h.dists[:, : b["k"]], h.vals[:, : b["k"]], h.targets,
-                                                           b["temperature"]), b["lambda"])
-        test[name] = interpolate(t.lm, knn_target_logprobs(t.dists[:, : b["k"]], t.vals[:, : b["k"]], t.targets,
-                                                           b["temperature"]), b["lambda"])
+        tuned[name], held[name], test[name] = tuned_knn(h, t)
 
     knn_rows("knnlm", sh, st)
     own_s = ds.settings
@@ -240,19 +227,9 @@ def phase_quality(a) -> None:
     held_set = set(held_docs)
     toks = np.asarray(ds.tokens)
     doc_ids = [toks[int(s) : int(s) + int(n)] for s, n, _ in ds.docs]
-    grid = []
-    for order in (2, 3, 4, 5):
-        kn_h = KneserNey(order, lm.vocab_size).fit(d for i, d in enumerate(doc_ids) if i not in held_set)
-        ng_h = kn_h.target_logprobs(plan_h.tokens, plan_h.docs)
-        sw = sweep_memory(sh.lm, ng_h)
-        grid.append({"order": order, "lambda": sw["best"]["lambda"], "ppl": sw["best"]["ppl"],
-                     "alone": perplexity(ng_h)})
-    best = min(grid, key=lambda g: g["ppl"])
-    kn = KneserNey(best["order"], lm.vocab_size).fit(doc_ids)  # the whole datastore text, as the kNN-LM's
-    ng_t = kn.target_logprobs(plan_t.tokens, plan_t.docs)
-    test["ngram"] = mix_memory(st.lm, ng_t, best["lambda"])
-    test["ngram_alone"] = ng_t
-    tuned["ngram"] = {**best, "grid": grid}
+    ng = ngram_mix(lm.vocab_size, lambda: (d for i, d in enumerate(doc_ids) if i not in held_set),
+                   lambda: doc_ids, plan_h, sh.lm, plan_t, st.lm)  # tuned without the held-out articles
+    test["ngram"], test["ngram_alone"], tuned["ngram"] = ng["test"], ng["test_alone"], ng["tuned"]
     res["tuned"] = tuned
     res["heldout_ppl"] = {n: perplexity(v) for n, v in held.items()}
     res["test_ppl"] = {n: perplexity(v) for n, v in test.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memory_implicit_page import implicit_section
+
 
 def _load(d: Path, name: str) -> dict | None:
     p = d / f"{name}.json"
@@ -153,6 +155,7 @@ def render(results: Path, out: Path) -> None:
                   f"{t['keep']} most likely tokens stored (they held {100 * t['mean_kept_mass']:.1f}% of p_kNN on "
                   f"average), {_mb(t['bytes'])}; {t['seconds']:.0f} s, peak RSS {t['peak_rss_mb']:.0f} MB.", ""]
     lines += domain_lines(results, out)
+    lines += implicit_section(results, out.parent / "img" / "memory-es-implicit.png")
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -201,12 +201,6 @@ def analyses(q: dict, ppl: dict, trains: dict) -> list[str]:
         out.append(f"| ... and clearly better than the base LM | {ppl[best]:.3f} vs {base:.3f} | "
                    f"{'yes' if ppl[best] < 0.98 * base else 'no'} |")
     out += paper_claims(ppl)
-    if "implicit" in ppl:
-        im = ppl["implicit"]
-        out.append(f"| Implicit vs explicit memory (kNN-LM paper, Sec. 6: an LM that memorised the datastore text, "
-                   f"mixed with the original LM, gains little (paper: +0.1 ppl), the kNN-LM much more) | "
-                   f"LM + memorising LM {im:.3f} ({pct(im)}) vs kNN-LM {knn:.3f} ({pct(knn)}) | "
-                   f"{'yes' if (base - im) < 0.25 * (base - knn) else 'no'} |")
     return out + [""]
 
 

@@ -191,8 +191,11 @@ def wikitext_rows(results: Path, row) -> list[str]:
                        ft["test_ppl"]["finetuned"], r.get("finetuned", ""), f"{tr['seconds'] / 60:.1f} min",
                        _mb(tr["bytes"]), f"{tr['peak_rss_mb']:.0f} MB (train)"))
         b = ft["tuned"]
-        out.append(row(f"fine-tuned + kNN (its own datastore, {ft['index']}; k={b['k']}, λ={b['lambda']:g}, "
-                       f"T={b['temperature']:g})", ft["test_ppl"]["finetuned+knn"], r.get("finetuned+knn", ""),
+        how = ("held-out tuning chose λ = 0: no k, T, λ > 0 helped, so it is the fine-tuned LM" if b["lambda"] == 0
+               else f"k={b['k']}, λ={b['lambda']:g}, T={b['temperature']:g}")
+        k_note = f" at k = {sp['k']['finetuned+knn']}" if sp else ""
+        out.append(row(f"fine-tuned + kNN (its own datastore, {ft['index']}; {how})", ft["test_ppl"]["finetuned+knn"],
+                       r["finetuned+knn"] + k_note if "finetuned+knn" in r else "",
                        f"+ {(fs['build_seconds'] + fs['index_seconds']) / 60:.1f} min datastore + index" if fs else "",
                        f"{_mb(tr['bytes'])} + {_mb(fs['bytes'])}" if fs else ""))
     return out

@@ -20,6 +20,11 @@ def _cell(s: str) -> str:
     return s.replace("\n", "\\n").replace("|", "\\|")
 
 
+def _p(x: float) -> str:
+    """A probability with 3 significant digits (1.72e-09, 0.0026, 0.915)."""
+    return f"{x:.3g}"
+
+
 def _label(name: str) -> str:
     if name.startswith("mem-L"):
         layers, temp = name[5:].split("-T")
@@ -178,8 +183,8 @@ def domain_section(results: Path, img: Path | None = None) -> list[str]:
             lines += [f"{title}:", "", "| context | token | p_LM | p_kNN-LM | p_mem | p_LM+mem |",
                       "|---|---|---:|---:|---:|---:|"]
             for x in c[key]:
-                lines.append(f"| …{_cell(x['context'])[-45:]} | `{_cell(x['target'])}` | {x['p_lm']:.3f} | "
-                             f"{x['p_knnlm']:.3f} | {x['p_mem']:.3f} | {x['p_mix']:.3f} |")
+                lines.append(f"| …{_cell(x['context'])[-45:]} | `{_cell(x['target'])}` | {_p(x['p_lm'])} | "
+                             f"{_p(x['p_knnlm'])} | {_p(x['p_mem'])} | {_p(x['p_mix'])} |")
             lines.append("")
     return lines
 

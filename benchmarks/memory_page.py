@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from memory_domain_page import _cell, _load, _mb, _p
 from memory_implicit_page import implicit_section
-
-
-def _load(d: Path, name: str) -> dict | None:
-    p = d / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.0f} MB"
-
-
-def _cell(s: str) -> str:
-    return s.replace("\n", "\\n").replace("|", "\\|")
-
-
-def _p(x: float) -> str:
-    """A probability with 3 significant digits (1.72e-09, 0.0026, 0.915)."""
-    return f"{x:.3g}"
 
 
 def render(results: Path, out: Path) -> None:

@@ -231,7 +231,8 @@ def train_decoder(
         tg.check_for(ds)
     all_pieces = pieces(ds.docs, cfg.seq_len, tg.count if tg is not None else ds.count)
     if len(all_pieces) == 0:
-        raise KnnlmError(f"no position of {ds.path} has targets in {tg.path}")
+        raise KnnlmError(f"no position of {ds.path} has targets in {tg.path}" if tg is not None
+                         else f"{ds.path} has no tokens to train on")
     held, train, held_docs = split_pieces(all_pieces, ds.docs, cfg.heldout, cfg.heldout_unit, cfg.seed)
     if cfg.train_documents is not None:
         wanted = np.asarray(cfg.train_documents, dtype=np.int64)

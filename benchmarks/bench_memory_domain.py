@@ -300,14 +300,19 @@ def phase_speed(a) -> None:
                       "ratio": {n: tps[n] / tps["lm"] for n in tps}, "k": k_of, "peak_rss_mb": rss_mb()})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["targets", "train", "finetune", "ftstore", "quality", "speed"])
+def add_domain_args(ap: argparse.ArgumentParser, cache: Path) -> None:
+    """--domain, --datastore-name, --cache (default `cache`), --model: the options of the new-domain benchmarks."""
     ap.add_argument("--domain", type=Path, default=HERE.parent / "knnlm-demo" / "es-es",
                     help="knnlm demo's folder of one language: datastore-300/, corpus/{datastore,test}.jsonl")
     ap.add_argument("--datastore-name", default="datastore-300", help="the datastore folder inside --domain")
-    ap.add_argument("--cache", type=Path, default=HERE / "cache" / "memory-es")
+    ap.add_argument("--cache", type=Path, default=cache)
     ap.add_argument("--model", default="smollm2-135m")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["targets", "train", "finetune", "ftstore", "quality", "speed"])
+    add_domain_args(ap, cache=HERE / "cache" / "memory-es")
     ap.add_argument("-k", type=int, default=1024, help="neighbours (targets and tuning)")
     ap.add_argument("--temperature", type=float, default=16.0, help="kNN temperature of the training targets")
     ap.add_argument("--clean", action="store_true",

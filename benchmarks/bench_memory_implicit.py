@@ -34,7 +34,7 @@ from pathlib import Path
 import bench_memory
 import numpy as np
 from bench_memory import dir_bytes, rss_mb
-from bench_memory_domain import heldout_documents, load_lm, setup
+from bench_memory_domain import add_domain_args, heldout_documents, load_lm, setup
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
@@ -230,11 +230,7 @@ def phase_quality(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["subset", "train", "store", "quality"])
-    ap.add_argument("--domain", type=Path, default=HERE.parent / "knnlm-demo" / "es-es",
-                    help="knnlm demo's folder of one language: datastore-300/, corpus/{datastore,test}.jsonl")
-    ap.add_argument("--datastore-name", default="datastore-300", help="the datastore folder inside --domain")
-    ap.add_argument("--cache", type=Path, default=HERE / "cache" / "memory-es-implicit")
-    ap.add_argument("--model", default="smollm2-135m")
+    add_domain_args(ap, cache=HERE / "cache" / "memory-es-implicit")
     ap.add_argument("--subset-tokens", type=int, default=13000, help="predicted tokens of the memorised articles")
     ap.add_argument("--seed", type=int, default=0, help="the subset's choice")
     ap.add_argument("-k", type=int, default=1024, help="neighbours (tuning the kNN-LM)")

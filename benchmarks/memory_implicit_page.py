@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memory_domain_page import finish_plot
+
 CLAIM = ("Implicit vs explicit memory (kNN-LM paper, Sec. 6, Fig. 8): an LM trained to memorise the datastore "
          "text (train loss near zero, no dropout), mixed with the original LM, gains little (paper, WikiText-103: "
          "0.1 ppl), the kNN-LM over the same text much more (paper: 1.9 ppl)")
@@ -24,16 +26,8 @@ def plot_curve(tr: dict, out: Path) -> bool:
     ax.plot(range(1, len(train) + 1), train, marker="o", label="train (memorised articles), mean of the epoch")
     ax.plot([e["epoch"] for e in tr["epochs"]], [e["ce"] for e in tr["epochs"]], marker="s",
             label="held-out articles, after the epoch")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("CE (nats/token)")
-    ax.set_title("Full fine-tuning to memorise (no dropout, constant lr)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_plot(fig, ax, "epoch", "CE (nats/token)", "Full fine-tuning to memorise (no dropout, constant lr)",
+                       out)
 
 
 def implicit_section(results: Path, img: Path | None = None) -> list[str]:

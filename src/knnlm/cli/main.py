@@ -276,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm build corpus.txt -o ds --no-tune       # keep the paper's k, lambda, T as defaults\n"
              "  knnlm build wiki.jsonl -o ds-sharded --workers 4       # 4 shards built by a local Ray\n"
              "  knnlm build wiki.jsonl -o ds-sharded --workers 16 --ray-address HEAD:6379\n"
-             "  (.txt = one stream; .jsonl = one document per line, field 'text'; an interrupted\n"
-             "   build resumes when the same command runs again)")
-    sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files")
+             "  knnlm build novels/*.txt.gz -o ds-novels       # gzip files are read as they are\n"
+             "  (.txt = one stream; .jsonl = one document per line, field 'text'; either may be .gz;\n"
+             "   an interrupted build resumes when the same command runs again)")
+    sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("-o", "--output", required=True, help="datastore directory to create")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
     sp.add_argument("--index", default="auto", help="index to build after: auto, Flat, a FAISS factory string, none")
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval wiki.test.raw -d ds-wiki --pointers 64          # RetoMaton: fewer searches\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9\n"
              "  knnlm eval wiki.test.raw --memory mem-wiki --memory-lambda 0.3   # memory decoder, no search")
-    sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("-o", "--output", help="write the result as JSON")
     add_knn_args(sp, cache=True)
     add_fewer_searches_args(sp)
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm tune heldout.txt -d ds --lambdas 0.1,0.25,0.5 --temperatures 1,2 --ks 8,64,1024\n"
              "  knnlm tune heldout.txt -d ds --save          # later commands default to the best setting\n"
              "  knnlm tune heldout.txt --memory mem-wiki [-d ds-wiki]   # the memory decoder's lambda")
-    sp.add_argument("text", nargs="+", help=".txt or .jsonl files (a tuning split, not the test set)")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files, or their .gz (a tuning split, not the test set)")
     sp.add_argument("-o", "--output", default="tune.json", help="JSON with the whole grid and the best setting")
     sp.add_argument("--lambdas", help="comma-separated (default: 0, 0.05, ..., 1)")
     sp.add_argument("--temperatures", help="comma-separated (default: 0.25 ... 16)")
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm explain article.txt -d ds-wiki\n"
              "  knnlm explain article.txt -d ds --top 20 --neighbors 8 -o explain.md\n"
              "  knnlm explain article.txt --memory mem-wiki [-d ds-wiki]  # where the memory decoder disagrees most")
-    sp.add_argument("text", nargs="+", help=".txt or .jsonl files")
+    sp.add_argument("text", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("--top", type=int, default=10, help="tokens shown")
     sp.add_argument("--neighbors", type=int, default=5, help="neighbours shown per token")
     sp.add_argument("-o", "--output", help="write markdown here and JSON beside it")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import Any, Hashable
 
 import numpy as np
 import torch
@@ -28,10 +28,7 @@ import torch.nn.functional as F
 
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import step_logits
-from knnlm.run.decode import Decoder, GenerationRequest, SequenceState, StreamEvent, next_distributions
-
-if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
-    from knnlm.run.generate import KNNLM
+from knnlm.run.decode import Decoder, GenerationRequest, Host, SequenceState, StreamEvent, next_distributions
 
 
 @dataclass
@@ -83,7 +80,7 @@ class BatchGenerator:
     """Up to `max_batch` generations of one KNNLM, stepped together (see the module doc).
     Not thread-safe: one caller at a time, like KNNLM."""
 
-    def __init__(self, knnlm: KNNLM, max_batch: int = 8):
+    def __init__(self, knnlm: Host, max_batch: int = 8):
         if max_batch < 1:
             raise KnnlmError(f"max_batch must be >= 1, got {max_batch}")
         self.knnlm, self.lm, self.max_batch = knnlm, knnlm.lm, max_batch

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 from typing import Sequence as Seq
 
 import numpy as np
@@ -21,9 +21,6 @@ from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.memory.mix import mix_memory_distribution
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup
-
-if TYPE_CHECKING:  # for annotations only: knnlm.run.generate imports this module
-    from knnlm.run.generate import KNNLM
 
 MAX_STOPS = 16
 
@@ -109,6 +106,17 @@ class Retrieval:
         pointer state still has enough candidates (ranked by exact distance instead)."""
         d, i, _ = lookup(lambda rows, q, k: self.searcher.search(q, k), self.searcher.exact, queries, states, self.k)
         return d, i
+
+
+class Host(Protocol):
+    """What decoding needs of the model it runs for (a `knnlm.run.generate.KNNLM`): the LM,
+    a neighbour's source, the most likely tokens of a distribution."""
+
+    lm: object
+
+    def neighbors_of(self, r: Retrieval, dists: np.ndarray, ids: np.ndarray, n: int) -> list[Neighbor]: ...
+
+    def top_tokens(self, logprobs: torch.Tensor, n: int) -> dict[str, float]: ...
 
 
 def settings_of(r: Retrieval | None) -> dict:
@@ -301,7 +309,7 @@ class SequenceState:
     given, tracks the text and stop strings, and says what to feed next (None: done).
     `KNNLM.run` steps one of these alone; `BatchGenerator` steps several together."""
 
-    def __init__(self, knnlm: KNNLM, req: GenerationRequest):
+    def __init__(self, knnlm: Host, req: GenerationRequest):
         self.knnlm, self.req = knnlm, req
         self.gen = torch.Generator()
         if req.seed is None:

@@ -52,3 +52,9 @@ def test_damaged_gzip_is_one_clear_error(corpus, tmp_path, damage):
     packed.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not gzip\n")
     with pytest.raises(KnnlmError, match="not a complete gzip file.*c.txt.gz"):
         read_documents(packed)
+
+
+def test_windows_line_ends_read_as_newlines(tmp_path):
+    (tmp_path / "unix.txt").write_bytes(b"Chapter 1.\n\nIt was a dark night.\n")
+    (tmp_path / "dos.txt").write_bytes(b"Chapter 1.\r\n\r\nIt was a dark night.\r\n")
+    assert read_documents(tmp_path / "dos.txt")[0].text == read_documents(tmp_path / "unix.txt")[0].text

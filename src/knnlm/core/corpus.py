@@ -1,6 +1,7 @@
 """Read a text collection as documents: a `.txt` file is one stream, a `.jsonl` file
 is one document per line (its `text` field); either may be gzip-compressed
-(`.txt.gz`, `.jsonl.gz`) and is then read as it is, decompressed in memory."""
+(`.txt.gz`, `.jsonl.gz`) and is then read as it is, decompressed in memory.  Windows
+line ends (CRLF) are read as plain newlines."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _read_text(path: Path) -> str:
     if b"\x00" in data[: 1 << 16]:
         raise KnnlmError(f"corpus file looks binary (NUL bytes), expected UTF-8 text: {path}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").replace("\r\n", "\n")  # Windows line ends: one token, not two
     except UnicodeDecodeError as e:
         raise KnnlmError(f"corpus file is not valid UTF-8 ({e.reason} at byte {e.start}): {path}") from None
 

@@ -6,16 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from knnlm.core.adapt import mix_target, stream_lambdas
+from knnlm.core.attribution import knn_weights as neighbor_weights  # noqa: F401 (softmax(-d / T) of one row)
 from knnlm.core.datastore import Datastore
 from knnlm.run.evaluate import Scores
-
-
-def neighbor_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(-d / T) over one row of neighbours."""
-    logits = -np.asarray(dists, dtype=np.float64) / temperature
-    logits = logits - logits[np.isfinite(logits)].max(initial=0.0)
-    w = np.exp(logits)
-    return w / w.sum() if w.sum() > 0 else w
 
 
 def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,

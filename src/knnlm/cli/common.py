@@ -43,7 +43,7 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
-    from knnlm.run.evaluate import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
+    from knnlm.run.options import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
 
     g = p.add_argument_group("retrieval (k, lambda and T default to the datastore's tuned settings; see `knnlm info`)")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
@@ -106,6 +106,26 @@ def fewer_searches(args) -> dict:
         raise KnnlmError("--pointer-every needs --pointers THRESHOLD")
     return {"pointers": Pointers(args.pointers, args.pointer_every) if args.pointers is not None else None,
             "adaptive": Adaptive(args.adaptive_signal, args.adaptive) if args.adaptive is not None else None}
+
+
+def settings_from_args(args) -> dict:
+    """The settings groups (knnlm.run.options) the retrieval, mixing, window and cache
+    options of a command name: retrieval=, mixing=, windows=, cache= keyword arguments."""
+    from knnlm.run.options import CacheSettings, MixSettings, RetrievalSettings, WindowSettings
+
+    fewer = fewer_searches(args)
+    return {
+        "retrieval": RetrievalSettings(k=args.k, temperature=args.temperature, index=args.index, nprobe=args.nprobe,
+                                       rerank=False if args.no_rerank else None, **fewer,
+                                       actors=getattr(args, "search_actors", 0),
+                                       ray_address=getattr(args, "ray_address", None),
+                                       paper_defaults=args.paper_defaults),
+        "mixing": MixSettings(lam=args.lam, mode=args.lambda_mode, cache_lambda=getattr(args, "cache_lambda", None),
+                              memory_lambda=getattr(args, "memory_lambda", None)),
+        "windows": WindowSettings(args.window, args.stride, args.batch_tokens),
+        "cache": CacheSettings(**{f: getattr(args, a) for f, a in (("theta", "cache_theta"), ("size", "cache_size"))
+                                  if hasattr(args, a)}),
+    }
 
 
 def searcher_from_args(args, ds):

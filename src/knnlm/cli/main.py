@@ -18,12 +18,12 @@ from knnlm.cli.common import (
     add_knn_args,
     add_model_args,
     add_window_args,
-    fewer_searches,
     load_lm,
     numbers,
     print_tuned,
     quiet_transformers,
     searcher_from_args,
+    settings_from_args,
     subcommand_adder,
     table,
     write_json,
@@ -84,19 +84,12 @@ def cmd_index(args) -> None:
 def cmd_eval(args) -> None:
     from knnlm.run.evaluate import evaluate
 
-    fewer = fewer_searches(args)  # checked before the model loads
     check_text_command(args, datastore_needed=False)
+    settings = settings_from_args(args)  # checked before the model loads
     if args.memory:
         check_memories([args.memory])
     lm = load_lm(args, args.datastore, memory=args.memory)
-    res = evaluate(lm, args.text, datastore=args.datastore, index=args.index, k=args.k, lam=args.lam,
-                   temperature=args.temperature, window=args.window, stride=args.stride,
-                   batch_tokens=args.batch_tokens, nprobe=args.nprobe,
-                   rerank=False if args.no_rerank else None, progress=not args.quiet,
-                   cache_lambda=args.cache_lambda, cache_theta=args.cache_theta, cache_size=args.cache_size,
-                   paper_defaults=args.paper_defaults, memory=args.memory, memory_lambda=args.memory_lambda,
-                   search_actors=args.search_actors, ray_address=args.ray_address,
-                   lambda_mode=args.lambda_mode, **fewer)
+    res = evaluate(lm, args.text, args.datastore, args.memory, **settings, progress=not args.quiet)
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
@@ -104,7 +97,7 @@ def cmd_eval(args) -> None:
                if res["lambda_mode"] == "adaptive" else f"lambda={res['lambda']}")
         rows.append(("settings", f"k={res['k']} {lam} T={res['temperature']} "
                                  f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
-        if res["search_rate"] < 1 or fewer["pointers"] or fewer["adaptive"]:
+        if res["search_rate"] < 1 or settings["retrieval"].pointers or settings["retrieval"].adaptive:
             rows.append(("searches", f"{100 * res['search_rate']:.1f}% of tokens"))
     if "ppl_cache" in res:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
@@ -124,6 +117,7 @@ def cmd_tune(args) -> None:
     from knnlm.core.batching import plan_files
     from knnlm.core.scoring import check_settings
     from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.options import RetrievalSettings
     from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
 
     if args.memory:
@@ -147,7 +141,8 @@ def cmd_tune(args) -> None:
     k = args.k or max([min(1024, ds.count)] + (ks or []))
     searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
-    s = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=not args.quiet)
+    s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True,
+                   progress=not args.quiet)
     res = sweep(s.lm, s.dists, s.vals, s.targets, lambdas, temps, ks, counts=ds.counts_of(s.ids))
     res.update(datastore=str(ds.path), texts=args.text, model=lm.name, k_retrieved=k, **searcher.settings(),
                window=args.window, stride=args.stride)
@@ -173,6 +168,7 @@ def cmd_explain(args) -> None:
     from knnlm.core.scoring import check_settings
     from knnlm.core.settings import resolve
     from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.options import RetrievalSettings
     from knnlm.run.explain import explain, render
 
     if args.memory:
@@ -189,8 +185,8 @@ def cmd_explain(args) -> None:
                 lambda_mode=args.lambda_mode)
     searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
-    s = score_plan(lm, plan, searcher, k=r.k, temperature=r.temperature, keep_neighbors=True,
-                   progress=not args.quiet)
+    s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature),
+                   keep_neighbors=True, progress=not args.quiet)
     items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors,
                     adapt=r.adapt)
     text = render(items)

@@ -173,6 +173,7 @@ def cmd_tune_memory(args) -> None:
     from knnlm.memory.decoder import MemoryDecoder
     from knnlm.memory.mix import MEMORY_LAMBDAS, check_memory_lambda, sweep_memory
     from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.options import RetrievalSettings
     from knnlm.run.tune import DEFAULT_LAMBDAS, DEFAULT_TEMPERATURES, sweep
 
     lambdas = numbers(args.lambdas, float, "--lambdas")
@@ -186,7 +187,8 @@ def cmd_tune_memory(args) -> None:
     mem = MemoryDecoder.load_for(lm, args.memory)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     k = args.k or (min(1024, searcher.ds.count) if searcher else 1)
-    s = score_plan(lm, plan, searcher, k=k, keep_neighbors=searcher is not None, progress=not args.quiet, memory=mem)
+    s = score_plan(lm, plan, searcher, mem, retrieval=RetrievalSettings(k=k), keep_neighbors=searcher is not None,
+                   progress=not args.quiet)
     res = {"memory": str(mem.path), "texts": args.text, "model": lm.name, "tokens": int(plan.count),
            "lm": sweep_memory(s.lm, s.memory, lambdas or MEMORY_LAMBDAS)}
     rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['lm']['ppl_base']:.3f}"),
@@ -214,6 +216,7 @@ def cmd_explain_memory(args) -> None:
     from knnlm.memory.decoder import MemoryDecoder
     from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, disagreements
     from knnlm.run.evaluate import open_for_model, score_plan
+    from knnlm.run.options import RetrievalSettings
 
     check_memory_lambda(args.memory_lambda)
     lm = load_lm(args, args.datastore, memory=args.memory)
@@ -225,8 +228,8 @@ def cmd_explain_memory(args) -> None:
         searcher = searcher_from_args(args, ds)
     mem = MemoryDecoder.load_for(lm, args.memory)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
-    s = score_plan(lm, plan, searcher, k=r.k if r else 1, temperature=r.temperature if r else 1.0,
-                   progress=not args.quiet, memory=mem)
+    s = score_plan(lm, plan, searcher, mem, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature) if r else None,
+                   progress=not args.quiet)
     mlam = DEFAULT_MEMORY_LAMBDA if args.memory_lambda is None else args.memory_lambda
     items = disagreements(s.lm, s.memory, s.knn, mlam, r.lam if r else 0.0, args.top)
     lines = ["| context | token | p_LM | " + ("p_kNN-LM | " if searcher else "") + "p_mem | p_LM+mem |",

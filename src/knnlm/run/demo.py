@@ -71,14 +71,15 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
     from knnlm.core.settings import PAPER
     from knnlm.run.evaluate import score_plan
+    from knnlm.run.options import RetrievalSettings
     from knnlm.run.explain import explain
 
     files = split_leads(ensure_wiki_leads(lang), work / lang / "corpus", articles, heldout)
     ds = _datastore(lm, files["datastore"], work / lang / f"datastore-{articles}", tune_tokens, progress)
     own = ds.settings
     k_read = max(own["k"], min(PAPER["k"], ds.count))
-    s = score_plan(lm, plan_files(lm, [files["test"]], 1024, 512, 4096), Searcher(ds), k=k_read,
-                   keep_neighbors=True, progress=progress)
+    s = score_plan(lm, plan_files(lm, [files["test"]], 1024, 512, 4096), Searcher(ds),
+                   retrieval=RetrievalSettings(k=k_read), keep_neighbors=True, progress=progress)
     kp = min(PAPER["k"], ds.count)
     paper = perplexity(interpolate(s.lm, knn_target_logprobs(s.dists[:, :kp], s.vals[:, :kp], s.targets,
                                                              PAPER["temperature"]), PAPER["lambda"]))

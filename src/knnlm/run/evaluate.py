@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,16 +17,23 @@ from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import (
     cache_target_logprobs,
-    check_cache_settings,
-    check_settings,
     knn_target_logprobs,
     mix_cache,
     perplexity,
 )
 from knnlm.core.settings import PAPER, resolve
 from knnlm.errors import KnnlmError
-from knnlm.retrieval.adaptive import Adaptive, confidence
-from knnlm.retrieval.pointers import Pointers, simulate
+from knnlm.retrieval.adaptive import confidence
+from knnlm.retrieval.pointers import simulate
+from knnlm.run.options import (  # noqa: F401  (DEFAULT_CACHE_THETA: this module's name before options)
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_CACHE_THETA,
+    CacheSettings,
+    MixSettings,
+    RetrievalSettings,
+    WindowSettings,
+    fold,
+)
 from knnlm.scale import open_datastore, open_searcher
 
 LOG = logging.getLogger(__name__)
@@ -34,8 +42,6 @@ DEFAULT_K = PAPER["k"]  # score_plan's k and T when called directly; commands re
 DEFAULT_TEMPERATURE = PAPER["temperature"]
 # Continuous cache (Grave et al., 2017): keys are final hidden states, as in their paper.
 CACHE_KEY_POINT = "final"
-DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
-DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
 
 
 @dataclass
@@ -60,24 +66,24 @@ def score_plan(
     lm,
     plan: Plan,
     searcher: Searcher | None = None,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
+    memory=None,
+    *,
+    retrieval: RetrievalSettings | None = None,
+    cache: CacheSettings | None = None,
     keep_neighbors: bool = False,
-    progress: bool = True,
-    cache_theta: float | None = None,
-    cache_size: int = DEFAULT_CACHE_SIZE,
     keep_cache_keys: bool = False,
     exclude: np.ndarray | None = None,
-    pointers: Pointers | None = None,
-    adaptive: Adaptive | None = None,
-    memory=None,
+    progress: bool = True,
+    **flat,
 ) -> Scores:
     """One forward pass per batch: LM log-probs of every target and, with a searcher, the
     k nearest datastore entries of every query key.
 
-    With `cache_theta` (or `keep_cache_keys`) the same pass also reads the final hidden
+    `retrieval`: k and the kNN temperature (None: the paper's), pointers and adaptive
+    retrieval; the other fields are for opening the searcher and unused here.
+    With `cache` (or `keep_cache_keys`) the same pass also reads the final hidden
     state of every position, the continuous cache's key: `Scores.cache` is then
-    log p_cache(target) over the `cache_size` previous positions of the same document.
+    log p_cache(target) over the `cache.size` previous positions of the same document.
     `exclude` (n,): each target's own datastore entry, left out of its search with its
     neighbourhood (leave-own-document-out, `Searcher.search`); for text from the datastore's corpus.
 
@@ -93,7 +99,14 @@ def score_plan(
 
     from knnlm.core.model import target_logprobs  # torch: imported when a model runs, not with the CLI
 
-    check_settings(temperature=temperature, k=k)
+    if "cache_theta" in flat or "cache_size" in flat:  # the flat signature: cache on iff cache_theta given
+        theta, size = flat.pop("cache_theta", None), flat.pop("cache_size", DEFAULT_CACHE_SIZE)
+        cache = None if theta is None else CacheSettings(theta, size)
+    retrieval = fold("score_plan", flat, retrieval=retrieval)
+    k = DEFAULT_K if retrieval.k is None else retrieval.k
+    temperature = DEFAULT_TEMPERATURE if retrieval.temperature is None else retrieval.temperature
+    pointers, adaptive = retrieval.pointers, retrieval.adaptive
+    cache_theta, cache_size = (cache.theta, cache.size) if cache is not None else (None, DEFAULT_CACHE_SIZE)
     n = plan.count
     targets = plan.targets().astype(np.int64)
     lm_lp = np.empty(n, dtype=np.float32)
@@ -199,74 +212,64 @@ def evaluate(
     lm,
     texts: Sequence[str | Path],
     datastore: str | Path | None = None,
-    index: str | None = None,
-    k: int | None = None,
-    lam: float | None = None,
-    temperature: float | None = None,
-    window: int = 1024,
-    stride: int = 512,
-    batch_tokens: int = 4096,
-    nprobe: int | None = None,
-    rerank: bool | None = None,
-    progress: bool = True,
-    cache_lambda: float | None = None,
-    cache_theta: float = DEFAULT_CACHE_THETA,
-    cache_size: int = DEFAULT_CACHE_SIZE,
-    paper_defaults: bool = False,
-    pointers: Pointers | None = None,
-    adaptive: Adaptive | None = None,
     memory: str | Path | None = None,
-    memory_lambda: float | None = None,
-    search_actors: int = 0,
-    ray_address: str | None = None,
-    lambda_mode: str | None = None,
+    *,
+    retrieval: RetrievalSettings | None = None,
+    mixing: MixSettings | None = None,
+    windows: WindowSettings | None = None,
+    cache: CacheSettings | None = None,
+    progress: bool = True,
+    **flat,
 ) -> dict:
     """Perplexity of the LM and (with a datastore) the kNN-LM; a JSON-ready dict.
 
-    k, lam and temperature left None come from the datastore's tuned settings
-    (`knnlm.core.settings.resolve`; the paper's with `paper_defaults`).  λ adapts to the
-    text as it is read (`lambda_mode` "adaptive", knnlm.core.adapt; the default unless lam is
-    given or paper_defaults) or stays fixed ("fixed"); all `texts` are read as one text.
+    The settings come in groups (knnlm.run.options); the flat keyword arguments of the
+    command line's names (k=, lam=, window=, cache_lambda=, ...) are accepted too.
+    k, λ and T left None come from the datastore's tuned settings
+    (`knnlm.core.settings.resolve`; the paper's with `retrieval.paper_defaults`).  λ adapts
+    to the text as it is read (`mixing.mode` "adaptive", knnlm.core.adapt; the default unless
+    λ is given or paper_defaults) or stays fixed ("fixed"); all `texts` are read as one text.
 
-    With `cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
+    With `mixing.cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
-    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.  `pointers` (RetoMaton) and
-    `adaptive` retrieval search fewer positions; `search_rate` says what share searched.
-    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.
+    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.  Pointers (RetoMaton) and
+    adaptive retrieval search fewer positions; `search_rate` says what share searched.
 
     With a `memory` decoder directory: `ppl_memory` of p = memory_lambda * p_mem +
     (1 - memory_lambda) * p_LM, and with a datastore too `ppl_knnlm_memory` (the decoder
     mixed on top of the kNN-LM); memory_lambda = 0 gives the LM's (kNN-LM's) exactly.
-    A sharded datastore is searched in process, or by `search_actors` Ray actors
-    (on the Ray at `ray_address`, else a local one started and stopped here).
+    A sharded datastore is searched in process, or by `retrieval.actors` Ray actors
+    (on the Ray at `retrieval.ray_address`, else a local one started and stopped here).
     """
-    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory
+    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, mix_memory
 
-    check_settings(lam=lam, temperature=temperature, k=k)
-    check_memory_lambda(memory_lambda)
-    check_cache_settings(lam=cache_lambda)
+    retrieval, mixing, windows, cache = fold("evaluate", flat, retrieval=retrieval, mixing=mixing,
+                                             windows=windows, cache=cache)
+    k, temperature, lam = retrieval.k, retrieval.temperature, mixing.lam
+    window, stride = windows.window, windows.stride
+    cache_lambda, memory_lambda = mixing.cache_lambda, mixing.memory_lambda
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
     searcher = None
     if datastore is not None:
         ds = open_for_model(lm, datastore)
-        chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=paper_defaults, name=str(ds.path),
-                         lambda_mode=lambda_mode)
+        chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=retrieval.paper_defaults,
+                         name=str(ds.path), lambda_mode=mixing.mode)
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
-        searcher = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(lm.device),
-                                 backend="ray" if search_actors else "local", actors=search_actors or None,
-                                 ray_address=ray_address)
+        searcher = open_searcher(ds, retrieval.index, nprobe=retrieval.nprobe, rerank=retrieval.rerank,
+                                 device=str(lm.device), backend="ray" if retrieval.actors else "local",
+                                 actors=retrieval.actors or None, ray_address=retrieval.ray_address)
     if memory is not None:
         from knnlm.memory.decoder import MemoryDecoder
 
         memory = MemoryDecoder.load_for(lm, memory)
-    plan = plan_files(lm, texts, window, stride, batch_tokens)
+    plan = plan_files(lm, texts, window, stride, windows.batch_tokens)
     t0 = time.perf_counter()
     try:
-        s = score_plan(lm, plan, searcher, k=k or DEFAULT_K, temperature=temperature or DEFAULT_TEMPERATURE,
-                       progress=progress,
-                       cache_theta=cache_theta if cache_lambda is not None else None, cache_size=cache_size,
-                       pointers=pointers, adaptive=adaptive, memory=memory)
+        s = score_plan(lm, plan, searcher, memory,
+                       retrieval=dataclasses.replace(retrieval, k=k or DEFAULT_K,
+                                                     temperature=temperature or DEFAULT_TEMPERATURE),
+                       cache=cache if cache_lambda is not None else None, progress=progress)
     finally:
         if hasattr(searcher, "close"):
             searcher.close()
@@ -288,8 +291,8 @@ def evaluate(
         result.update(
             ppl_knnlm=perplexity(knnlm_lp),
             search_rate=float(s.searched.mean()),
-            **(pointers.settings() if pointers is not None else {}),
-            **(adaptive.settings() if adaptive is not None else {}),
+            **(retrieval.pointers.settings() if retrieval.pointers is not None else {}),
+            **(retrieval.adaptive.settings() if retrieval.adaptive is not None else {}),
             k=k,
             **{"lambda": lam},
             lambda_mode=chosen.mode,
@@ -307,7 +310,7 @@ def evaluate(
     if cache_lambda is not None:
         base = knnlm_lp if searcher is not None else s.lm
         result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
-                      cache_theta=cache_theta, cache_size=cache_size, cache_key_point=CACHE_KEY_POINT)
+                      cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
         mlam = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
         result.update(ppl_memory=perplexity(mix_memory(s.lm, s.memory, mlam)), memory=memory.name,

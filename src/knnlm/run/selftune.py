@@ -19,6 +19,7 @@ from knnlm.core.batching import Plan, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
 from knnlm.run.evaluate import score_plan
+from knnlm.run.options import RetrievalSettings
 from knnlm.run.tune import sweep
 
 LOG = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
     k = min(k, ds.count)
     pieces = sample_pieces(ds.docs, sample_tokens, seed)
     plan, own = piece_plan(ds, pieces, batch_tokens)
-    scores = score_plan(lm, plan, searcher, k=k, keep_neighbors=True, progress=progress, exclude=own)
+    scores = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True, exclude=own,
+                        progress=progress)
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
     settings = {

@@ -1,0 +1,52 @@
+"""The package's front door (re-exported as `knnlm.load`, `knnlm.load_lm`, `knnlm.build`):
+the few calls a user needs, each composing the modules below it the way the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from knnlm.run.options import WindowSettings
+
+
+def load_lm(model: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """A causal LM from the Hub or a local path (default: smollm2-135m), as `knnlm.LM`."""
+    from knnlm.core.model import DEFAULT_MODEL, LM
+
+    return LM.load(model or DEFAULT_MODEL, dtype=dtype, device=device)
+
+
+def load(datastores: str | Path | Mapping[str, str | Path] | None = None, model: str | None = None,
+         dtype: str | None = None, device: str = "cpu", **options):
+    """A `knnlm.KNNLM` for generation and scoring: the model (default: the first datastore's)
+    with its datastores (a path, or names -> paths; a single path is named "default").
+    `options` are KNNLM's (default datastore, memories, λ, k, ...)."""
+    from knnlm.run.generate import KNNLM
+
+    if isinstance(datastores, (str, Path)):
+        datastores = {"default": datastores}
+    return KNNLM.load(model, datastores, dtype=dtype, device=device, **options)
+
+
+def build(lm, corpora: Sequence[str | Path], out: str | Path, windows: WindowSettings | None = None,
+          index: str = "auto", tune: bool = True, overwrite: bool = False, progress: bool = True):
+    """What `knnlm build` does: a datastore of `corpora` at `out` (keys of `lm`, an LM or a
+    model name), its `index` ("none": no index, nor tuning) and, with `tune`, its settings
+    tuned on its own corpus (knnlm.run.selftune).  Returns the opened `knnlm.Datastore`."""
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
+
+    if isinstance(lm, str):
+        lm = load_lm(lm)
+    w = windows or WindowSettings()
+    path = build_datastore(lm, corpora, out, window=w.window, stride=w.stride, batch_tokens=w.batch_tokens,
+                           overwrite=overwrite, progress=progress)[0]
+    ds = Datastore(path)
+    if index != "none":
+        build_index(ds, index, progress=progress)
+        if tune:
+            from knnlm.run.selftune import self_tune
+
+            self_tune(lm, ds, batch_tokens=w.batch_tokens, progress=progress)
+            ds = Datastore(path)
+    return ds

@@ -1,0 +1,136 @@
+"""The settings of a scoring or generation call, in four small validated groups:
+
+- `RetrievalSettings`: what a datastore search returns (k, the kNN temperature, the index
+  and how it is searched, fewer searches with pointers or adaptive retrieval);
+- `MixSettings`: how the LM and the memories are mixed (the datastore's λ and whether it
+  adapts to the text, the continuous cache's and a memory decoder's λ);
+- `WindowSettings`: how a text is cut into windows and batched;
+- `CacheSettings`: the continuous cache's similarity scale and size.
+
+A field left None takes the datastore's recorded (self-tuned) setting, else the library's
+default (`knnlm.core.settings.resolve`).  The command line's flags map onto these fields
+one to one (`knnlm eval --help`).
+
+    from knnlm import MixSettings, RetrievalSettings, evaluate
+    evaluate(lm, ["test.txt"], "ds", retrieval=RetrievalSettings(k=64), mixing=MixSettings(lam=0.3))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from knnlm.core.batching import check_windows
+from knnlm.core.scoring import check_cache_settings, check_settings
+from knnlm.core.settings import check_lambda_mode
+from knnlm.errors import KnnlmError
+from knnlm.retrieval.adaptive import Adaptive
+from knnlm.retrieval.pointers import Pointers
+
+DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
+DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """What a datastore search returns and how it runs (None: the datastore's or the default)."""
+
+    k: int | None = None
+    temperature: float | None = None  # of p_kNN: softmax(-d / T)
+    index: str | None = None  # an index of the datastore by name; None: its default
+    nprobe: int | None = None
+    rerank: bool | None = None  # exact distances from the stored keys (None: the index's default)
+    pointers: Pointers | None = None  # RetoMaton: follow the last step's neighbours, search when too few
+    adaptive: Adaptive | None = None  # skip the search where the LM is confident
+    actors: int = 0  # a sharded datastore searched by this many Ray actors (0: in process)
+    ray_address: str | None = None
+    paper_defaults: bool = False  # the paper's k, λ, T instead of the datastore's tuned ones
+
+    def __post_init__(self):
+        check_settings(temperature=self.temperature, k=self.k)
+        if self.nprobe is not None and self.nprobe < 1:
+            raise KnnlmError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.actors < 0:
+            raise KnnlmError(f"search actors must be >= 0, got {self.actors}")
+        if self.pointers is not None and not isinstance(self.pointers, Pointers):
+            raise KnnlmError(f"pointers must be a knnlm.retrieval.pointers.Pointers or None, got {self.pointers!r}")
+        if self.adaptive is not None and not isinstance(self.adaptive, Adaptive):
+            raise KnnlmError(f"adaptive must be a knnlm.retrieval.adaptive.Adaptive or None, got {self.adaptive!r}")
+
+
+@dataclass(frozen=True)
+class MixSettings:
+    """How the LM and the memories are mixed.  `lam`: the datastore's λ (None: its tuned one);
+    `mode` "adaptive" (λ follows the text as it is read, knnlm.core.adapt) or "fixed"
+    (None: adaptive unless `lam` is given); `cache_lambda`: the continuous cache mixed on
+    top (None: no cache); `memory_lambda`: a memory decoder's λ (None: its default)."""
+
+    lam: float | None = None
+    mode: str | None = None
+    cache_lambda: float | None = None
+    memory_lambda: float | None = None
+
+    def __post_init__(self):
+        check_settings(lam=self.lam)
+        check_lambda_mode(self.mode)
+        check_cache_settings(lam=self.cache_lambda)
+        if self.memory_lambda is not None and not 0.0 <= self.memory_lambda <= 1.0:
+            raise KnnlmError(f"memory lambda must be in [0, 1], got {self.memory_lambda}")
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """Windows of `window` tokens every `stride` (each token scored once, with at least
+    window - stride tokens of context after the first window), about `batch_tokens` a batch."""
+
+    window: int = 1024
+    stride: int = 512
+    batch_tokens: int = 4096
+
+    def __post_init__(self):
+        check_windows(self.window, self.stride)
+        if self.batch_tokens < 1:
+            raise KnnlmError(f"batch tokens must be >= 1, got {self.batch_tokens}")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The continuous cache (Grave et al. 2017): p_cache ∝ exp(theta h_t . h_i) over the
+    `size` previous positions of the same document."""
+
+    theta: float = DEFAULT_CACHE_THETA
+    size: int = DEFAULT_CACHE_SIZE
+
+    def __post_init__(self):
+        check_cache_settings(theta=self.theta, size=self.size)
+
+
+# keyword arguments of the flat signatures these settings replaced: name -> (group, field)
+LEGACY = {
+    "k": ("retrieval", "k"), "temperature": ("retrieval", "temperature"), "index": ("retrieval", "index"),
+    "nprobe": ("retrieval", "nprobe"), "rerank": ("retrieval", "rerank"), "pointers": ("retrieval", "pointers"),
+    "adaptive": ("retrieval", "adaptive"), "search_actors": ("retrieval", "actors"),
+    "ray_address": ("retrieval", "ray_address"), "paper_defaults": ("retrieval", "paper_defaults"),
+    "lam": ("mixing", "lam"), "lambda_mode": ("mixing", "mode"), "cache_lambda": ("mixing", "cache_lambda"),
+    "memory_lambda": ("mixing", "memory_lambda"),
+    "window": ("windows", "window"), "stride": ("windows", "stride"), "batch_tokens": ("windows", "batch_tokens"),
+    "cache_theta": ("cache", "theta"), "cache_size": ("cache", "size"),
+}
+GROUPS = {"retrieval": RetrievalSettings, "mixing": MixSettings, "windows": WindowSettings, "cache": CacheSettings}
+
+
+def fold(function: str, flat: dict, **groups):
+    """The settings groups (`groups`: name -> instance or None) with the flat keyword
+    arguments `flat` (the names of the signature these groups replaced) folded in, in the
+    order of GROUPS.  An unknown name is a TypeError, as Python gives for any function."""
+    changes: dict[str, dict] = {}
+    for name, value in flat.items():
+        if name not in LEGACY or LEGACY[name][0] not in groups:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+        group, field = LEGACY[name]
+        changes.setdefault(group, {})[field] = value
+    out = []
+    for name in groups:
+        base = groups[name] if groups[name] is not None else GROUPS[name]()
+        out.append(dataclasses.replace(base, **changes[name]) if name in changes else base)
+    return out[0] if len(out) == 1 else tuple(out)

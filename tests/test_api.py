@@ -1,0 +1,74 @@
+"""The package's top level: cheap to import, a few names that do what the CLI does, and the
+settings groups (knnlm.run.options) that replace long keyword lists."""
+
+import subprocess
+import sys
+
+import pytest
+
+import knnlm
+from knnlm import CacheSettings, KnnlmError, MixSettings, RetrievalSettings, WindowSettings
+
+
+def test_import_is_cheap():
+    """`import knnlm` (and its settings types) loads neither torch nor transformers."""
+    code = ("import sys, knnlm; knnlm.MixSettings; "
+            "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_top_level_names():
+    from knnlm.run.evaluate import evaluate
+    from knnlm.run.generate import KNNLM
+
+    assert knnlm.evaluate is evaluate and knnlm.KNNLM is KNNLM
+    assert set(dir(knnlm)) >= {"load", "load_lm", "build", "evaluate", "KNNLM", "MixSettings"}
+    with pytest.raises(AttributeError):
+        knnlm.no_such_name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: RetrievalSettings(k=0), "k must be >= 1"),
+    (lambda: RetrievalSettings(temperature=0.0), "temperature must be > 0"),
+    (lambda: RetrievalSettings(nprobe=0), "nprobe must be >= 1"),
+    (lambda: RetrievalSettings(pointers=64), "pointers must be"),
+    (lambda: MixSettings(lam=1.5), "lambda must be in [0, 1]"),
+    (lambda: MixSettings(mode="sometimes"), "lambda mode must be one of adaptive, fixed"),
+    (lambda: MixSettings(memory_lambda=-0.1), "memory lambda must be in [0, 1]"),
+    (lambda: WindowSettings(window=8, stride=16), "1 <= stride <= window"),
+    (lambda: CacheSettings(size=0), "cache size must be >= 1"),
+])
+def test_settings_are_checked(make, message):
+    with pytest.raises(KnnlmError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make()
+
+
+def test_settings_are_frozen():
+    with pytest.raises(AttributeError):
+        MixSettings().lam = 0.5
+
+
+def test_grouped_settings_equal_the_flat_keywords(lm, datastore, corpus):
+    """evaluate with the settings groups gives what the command line's names give."""
+    flat = knnlm.evaluate(lm, [corpus], datastore.path, index="flat", k=4, lam=0.3, temperature=2.0,
+                          lambda_mode="fixed", window=32, stride=16, batch_tokens=128, cache_lambda=0.2,
+                          cache_theta=0.5, progress=False)
+    grouped = knnlm.evaluate(lm, [corpus], datastore.path,
+                             retrieval=RetrievalSettings(k=4, temperature=2.0, index="flat"),
+                             mixing=MixSettings(lam=0.3, mode="fixed", cache_lambda=0.2),
+                             windows=WindowSettings(32, 16, 128), cache=CacheSettings(theta=0.5), progress=False)
+    drop = ("seconds", "tokens_per_second", "seconds_lm", "seconds_knn")
+    assert {k: v for k, v in grouped.items() if k not in drop} == {k: v for k, v in flat.items() if k not in drop}
+    assert grouped["ppl_knnlm"] != grouped["ppl_lm"] and grouped["cache_theta"] == 0.5
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lamda'"):
+        knnlm.evaluate(lm, [corpus], datastore.path, lamda=0.3)
+
+
+def test_build_then_evaluate_from_the_top_level(lm, corpus, tmp_path):
+    ds = knnlm.build(lm, [corpus], tmp_path / "ds", windows=WindowSettings(32, 16, 128), index="Flat",
+                     progress=False)
+    assert ds.meta["settings"]["how"].startswith("leave-own-document-out")
+    res = knnlm.evaluate(lm, [corpus], ds.path, windows=WindowSettings(32, 16, 128), progress=False)
+    assert res["settings_source"] == "datastore" and res["lambda"] == ds.meta["settings"]["lambda"]
+    assert res["ppl_knnlm"] <= res["ppl_lm"] * 1.0001  # tuned, adaptive: never much worse than the LM

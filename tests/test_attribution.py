@@ -1,6 +1,8 @@
 import doctest
+import json
 
 import numpy as np
+import pytest
 
 import knnlm.core.attribution as attribution
 from knnlm.core.attribution import attribute, knn_weights
@@ -64,3 +66,49 @@ def test_empty_slots_skipped_positions_and_titles():
     assert [(r["document"], r["title"], r["tokens"], r["target_tokens"]) for r in rows] == [(1, "B", 2, 2),
                                                                                           (0, "A", 1, 0)]
     assert attribute(np.full((2, 3), -1), np.zeros((2, 3)), np.ones(2), np.zeros((2, 3), bool)).documents == []
+
+
+@pytest.fixture(scope="module")
+def docs_ds(lm, jsonl_corpus, tmp_path_factory):
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
+
+    out = build_datastore(lm, [jsonl_corpus], tmp_path_factory.mktemp("attr") / "ds", window=32, stride=16,
+                          progress=False)[0]
+    build_index(Datastore(out), "Flat", progress=False)
+    return out
+
+
+def test_score_attribution_is_the_mixture_s_knn_part(lm, jsonl_corpus, docs_ds):
+    """Through the Python API, per token: Σ_j λ w_j [v_j = y] = p_kNN-LM(y) - (1 - λ) p_LM(y) (λ fixed),
+    and the documents' summary names the datastore's own documents with their titles."""
+    from knnlm.run.generate import KNNLM
+
+    knn = KNNLM(lm, {"docs": docs_ds})
+    text = json.loads(jsonl_corpus.read_text().splitlines()[2])["text"]
+    s = knn.score(text, datastore="docs", lam=0.4, k=8)
+    a = s.attribution()
+    p_mix, p_lm = np.exp([t.logprob for t in s.tokens]), np.exp([t.logprob_lm for t in s.tokens])
+    np.testing.assert_allclose(a.to_target.sum(1), p_mix - 0.6 * p_lm, atol=1e-9)
+    rows = s.documents(3)
+    assert len(rows) == 3 and {r["title"] for r in rows[:2]} == {"doc2", "doc6"}  # the text's two copies
+    assert [r["weight"] for r in rows] == sorted((r["weight"] for r in rows), reverse=True)
+    assert knn.score(text, datastore=None).documents() == []
+
+
+def test_attribute_command(capsys, llama_dir, jsonl_corpus, docs_ds, tmp_path):
+    from knnlm.cli.main import main
+
+    text = tmp_path / "doc5.txt"
+    text.write_text(json.loads(jsonl_corpus.read_text().splitlines()[5])["text"], encoding="utf-8")
+    out = tmp_path / "a.json"
+    assert main(["-q", "attribute", str(text), "-d", str(docs_ds), "--model", str(llama_dir), "--dtype", "float32",
+                 "--device", "cpu", "-k", "8", "--lambda", "0.5", "--window", "32", "--stride", "16", "--top", "3",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    res = json.loads(out.read_text())
+    # the corpus holds the text twice (doc1, doc5): those carry the most, equally
+    assert {d["title"] for d in res["documents"][:2]} == {"doc1", "doc5"} and printed[2].split()[0] == "1"
+    assert len(printed) == 2 + 3 + 1  # the summary line, the header, 3 documents, `wrote`
+    # every position carried λ = 0.5 of the mass between its neighbours
+    assert sum(d["weight"] for d in res["documents"]) == pytest.approx(0.5 * res["tokens"])

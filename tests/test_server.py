@@ -117,6 +117,8 @@ def test_score_endpoint(base, knn):
     assert [t["logprob"] for t in r["tokens"]] == pytest.approx([t.logprob for t in s.tokens], abs=1e-9)
     assert r["ppl"] == pytest.approx(s.ppl) and r["ppl_lm"] == pytest.approx(s.ppl_lm) and r["ppl"] < r["ppl_lm"]
     assert r["tokens"][5]["neighbors"][0]["entry"] == s.tokens[5].neighbors[0].entry
+    assert [(d["title"], d["tokens"]) for d in r["documents"]] == [(d["title"], d["tokens"]) for d in s.documents()]
+    assert r["documents"][0]["weight"] == pytest.approx(s.documents()[0]["weight"]) and r["documents"][0]["tokens"]
     base_only = httpx.post(base + "/v1/score", json={"text": body["text"], "datastore": None}).json()
     assert base_only["datastore"] is None and all(t["logprob_knn"] is None for t in base_only["tokens"])
     assert base_only["ppl"] == pytest.approx(s.ppl_lm, rel=1e-6)

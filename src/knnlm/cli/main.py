@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_memory(sub, add_model_args)
     register_scale(add)
+    from knnlm.cli.edit import register as register_edit
+
+    register_edit(add, add_model_args, add_knn_args, add_window_args)
     return p
 
 

@@ -119,3 +119,16 @@ def attribute(docs: np.ndarray, weights: np.ndarray, lambdas: np.ndarray, matche
     shares = [DocumentShare(int(uniq[u]), float(sums[0][u]), float(sums[1][u]), float(sums[2][u]),
                             int(tokens[u]), int(target_tokens[u]), int(slots[u])) for u in order]
     return Attribution(carried, to_target, shares)
+
+
+def attribute_neighbors(ds, dists: np.ndarray, ids: np.ndarray, targets: np.ndarray, lambdas: np.ndarray,
+                        temperature: float) -> Attribution:
+    """`attribute` for a search's results: dists, ids (n, k) as a searcher returns them (-1:
+    none), the text's targets (n,) and λ (n,); the documents and values are read from `ds`
+    (any datastore: `document_of`, `vals`, `counts_of`)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    real = ids >= 0  # (n, k)
+    safe = np.maximum(ids, 0)
+    docs = np.where(real, np.asarray(ds.document_of(safe.reshape(-1))).reshape(ids.shape), -1)
+    match = real & (np.asarray(ds.vals[safe]) == np.asarray(targets)[:, None])
+    return attribute(docs, knn_weights(dists, temperature, ds.counts_of(ids)), lambdas, match)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from knnlm.core.adapt import mix_target, stream_lambdas
+from knnlm.core.attribution import Attribution, attribute_neighbors
 from knnlm.core.attribution import knn_weights as neighbor_weights  # noqa: F401 (softmax(-d / T) of one row)
 from knnlm.core.datastore import Datastore
 from knnlm.run.evaluate import Scores
@@ -70,6 +71,14 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
             "neighbors": rows,
         })
     return out
+
+
+def attribute_scores(ds, scores: Scores, lam: float, temperature: float, adapt: bool = False) -> Attribution:
+    """Which documents of `ds` the text's kNN-LM probabilities came from (knnlm.core.attribution),
+    from a pass that kept its neighbours (`score_plan(keep_neighbors=True)`), with λ as
+    `explain` and `evaluate` use it."""
+    lams = stream_lambdas(scores.lm, scores.knn, lam, adapt)
+    return attribute_neighbors(ds, scores.dists, scores.ids, scores.targets, lams, temperature)
 
 
 def _one_line(s: str) -> str:

@@ -27,6 +27,7 @@ import torch
 from transformers import LogitsProcessor
 
 from knnlm.core.adapt import mix_target, stream_lambdas
+from knnlm.core.attribution import Attribution, attribute_neighbors
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
@@ -73,10 +74,25 @@ class TextScore:
     tokens: list[TokenScore]
     settings: dict
     following: tuple | None = field(default=None, repr=False)  # score(following=True): see there
+    attributed: object = field(default=None, repr=False)  # computes the attribution when first asked
+    doc_info: Sequence[dict] | None = field(default=None, repr=False)  # the datastore's documents (titles)
 
     @property
     def ppl(self) -> float:
         return perplexity([t.logprob for t in self.tokens])
+
+    def attribution(self) -> Attribution | None:
+        """Which documents of the datastore the tokens' probabilities came from, with every
+        neighbour's contribution (knnlm.core.attribution); None without a datastore."""
+        if callable(self.attributed):
+            self.attributed = self.attributed()
+        return self.attributed
+
+    def documents(self, top: int | None = None) -> list[dict]:
+        """The per-document summary (`Attribution.table`): the `top` documents that carried
+        the most weight, with title and source; [] without a datastore."""
+        a = self.attribution()
+        return [] if a is None else a.table(self.doc_info, top)
 
     @property
     def ppl_lm(self) -> float:
@@ -321,7 +337,11 @@ class KNNLM:
         if following:
             d, n = after if after is not None else (None, None)
             nxt = (*next_distributions(logits[0, -1], r, d, n, m, None if m is None else mem_logits[0, -1]), d, n)
-        return TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
+        out = TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
+        if r is not None:
+            out.attributed = lambda: attribute_neighbors(r.ds, dists, nids, np.array(ids[1:]), lams, r.temperature)
+            out.doc_info = r.ds.doc_info
+        return out
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                   nids: np.ndarray | None, lams: np.ndarray | None, n: int,

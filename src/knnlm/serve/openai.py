@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from knnlm.run.decode import StreamEvent, TokenScore
 
 MAX_NEIGHBORS = 32
+DOCUMENTS_SHOWN = 100  # /v1/score with return_neighbors: the documents that carried the most weight
 MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 

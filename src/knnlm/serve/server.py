@@ -39,6 +39,7 @@ from knnlm.run.decode import GenerationRequest, SequenceState, StreamEvent, sett
 from knnlm.run.generate import DEFAULT, KNNLM
 from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, Guard
 from knnlm.serve.openai import (
+    DOCUMENTS_SHOWN,
     CompletionRequest,
     Echo,
     HTTPError,
@@ -438,10 +439,14 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         if len(req.text) > max_prompt_chars:
             raise HTTPError(400, f"text is longer than {max_prompt_chars} characters", "text")
         kw = dict(settings(req), neighbors=req.return_neighbors)
-        job = await submit(lambda: iter([knnlm.score(req.text, **kw)]))
-        s = await first_item(job)
+        def scored():
+            s = knnlm.score(req.text, **kw)
+            yield s, s.documents(DOCUMENTS_SHOWN) if req.return_neighbors > 0 else None
+
+        s, documents = await first_item(await submit(scored))
         return {"object": "score", "model": name, **s.settings, "ppl": num(s.ppl), "ppl_lm": num(s.ppl_lm),
                 "tokens": [token_json(t, req.return_neighbors > 0) for t in s.tokens],
+                **({"documents": documents} if documents is not None else {}),
                 "usage": {"prompt_tokens": len(s.ids), "total_tokens": len(s.ids)}}
 
     return app

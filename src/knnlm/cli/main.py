@@ -187,6 +187,10 @@ def cmd_explain(args) -> None:
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature),
                    keep_neighbors=True, progress=not args.quiet)
+    if args.html:
+        write_page(args.html, lm, ds, s, r, args.neighbors, ", ".join(str(t) for t in args.text))
+        if not args.output:
+            return
     items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors,
                     adapt=r.adapt)
     text = render(items)
@@ -197,6 +201,20 @@ def cmd_explain(args) -> None:
         out.write_text(text + "\n", encoding="utf-8")
         write_json(out.with_suffix(".json"), items)
         print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def write_page(path: str, lm, ds, scores, resolved, neighbors: int, source: str) -> None:
+    """`knnlm explain --html`: the inspector page with this text's scores in it (no server needed)."""
+    from knnlm.run.inspect import page_score
+    from knnlm.serve.page import render_page
+
+    data = {"model": lm.name, "source": source, "score": page_score(lm, ds, scores, resolved, neighbors)}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_page(data), encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out} ({len(scores.targets)} tokens; open it in a browser)")
 
 
 def cmd_info(args) -> None:
@@ -339,11 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("explain", cmd_explain, "show the tokens where the datastore helped most, with their memories",
              "  knnlm explain article.txt -d ds-wiki\n"
              "  knnlm explain article.txt -d ds --top 20 --neighbors 8 -o explain.md\n"
+             "  knnlm explain article.txt -d ds --html article.html   # the inspector page, no server needed\n"
              "  knnlm explain article.txt --memory mem-wiki [-d ds-wiki]  # where the memory decoder disagrees most")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("--top", type=int, default=10, help="tokens shown")
     sp.add_argument("--neighbors", type=int, default=5, help="neighbours shown per token")
     sp.add_argument("-o", "--output", help="write markdown here and JSON beside it")
+    sp.add_argument("--html", metavar="OUT.html",
+                    help="write the whole text as an interactive page (every token coloured, its memories, "
+                         "λ/T/k sliders) that opens in a browser without a server")
     add_knn_args(sp)
     add_memory_args(sp)
     add_model_args(sp)

@@ -76,6 +76,10 @@ class TextScore:
     following: tuple | None = field(default=None, repr=False)  # score(following=True): see there
     attributed: object = field(default=None, repr=False)  # computes the attribution when first asked
     doc_info: Sequence[dict] | None = field(default=None, repr=False)  # the datastore's documents (titles)
+    # every token's k neighbours as searched, nearest first: distances (T-1, k) float32 (NaN
+    # where no search ran), whether each one's value is the token (T-1, k) bool, and the
+    # entries' counts (T-1, k) of a pruned datastore (None: each counts once); None without one
+    search: tuple | None = field(default=None, repr=False)
 
     @property
     def ppl(self) -> float:
@@ -341,6 +345,8 @@ class KNNLM:
         if r is not None:
             out.attributed = lambda: attribute_neighbors(r.ds, dists, nids, np.array(ids[1:]), lams, r.temperature)
             out.doc_info = r.ds.doc_info
+            hits = (r.ds.vals[np.maximum(nids, 0)] == np.array(ids[1:])[:, None]) & (nids >= 0)
+            out.search = (dists, hits, r.ds.counts_of(nids))
         return out
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,

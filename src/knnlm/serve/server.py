@@ -50,10 +50,12 @@ from knnlm.serve.openai import (
     error_response,
     num,
     prompts_of,
+    search_row,
     sse,
     sse_chunk,
     token_json,
 )
+from knnlm.serve.page import add_routes
 
 LOG = logging.getLogger(__name__)
 
@@ -241,6 +243,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
     app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
     app.state.worker = worker
     app.state.knnlm = knnlm
+    add_routes(app)  # GET /: the inspector page (knnlm.serve.page)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -445,7 +448,8 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
 
         s, documents = await first_item(await submit(scored))
         return {"object": "score", "model": name, **s.settings, "ppl": num(s.ppl), "ppl_lm": num(s.ppl_lm),
-                "tokens": [token_json(t, req.return_neighbors > 0) for t in s.tokens],
+                "tokens": [token_json(t, req.return_neighbors > 0, search_row(s, i) if req.return_knn else None)
+                           for i, t in enumerate(s.tokens)],
                 **({"documents": documents} if documents is not None else {}),
                 "usage": {"prompt_tokens": len(s.ids), "total_tokens": len(s.ids)}}
 

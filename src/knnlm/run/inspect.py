@@ -1,0 +1,84 @@
+"""What the inspector page (knnlm.serve.page) shows, as /v1/score's response: every token's
+log p under the LM, p_kNN and the mixture, all k neighbours' distances and which of them
+predict the token (`knn`, from which the page recomputes the mixture at any λ, T or smaller
+k), and the nearest few neighbours with their source text.
+
+    data = page_score(lm, ds, scores, resolved, neighbors=8)   # scores: score_plan(..., keep_neighbors=True)
+
+The server builds the same shape from `KNNLM.score` (one forward pass over the text); this
+one comes from `score_plan`, the windows `knnlm eval` reads, so a long text is scored the way
+`knnlm eval` scores it, document by document.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def knn_json(dists, hits, counts) -> dict | None:
+    """One token's k neighbours as searched (nearest first): {"distances": [...] (null for an
+    empty slot), "hits": [indices of those whose value is the token], "counts": [...] (a
+    pruned datastore's merged entries only)}; None where no search ran (adaptive retrieval)."""
+    if len(dists) == 0 or math.isnan(float(dists[0])):
+        return None
+    out = {"distances": [d if math.isfinite(d) else None for d in np.asarray(dists, dtype=np.float64).tolist()],
+           "hits": np.asarray(hits).nonzero()[0].tolist()}
+    if counts is not None:
+        out["counts"] = np.asarray(counts).tolist()
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, name: str | None = None) -> dict:
+    """/v1/score's response (with `return_knn` and `return_neighbors`) for a pass of
+    `score_plan(..., keep_neighbors=True)` at `resolved`'s k and T (knnlm.core.settings);
+    the first target of every document after the first carries "new_document": true."""
+    from knnlm.core.adapt import mix_target, stream_lambdas
+    from knnlm.run.explain import neighbor_weights
+
+    name = name or ds.path.name
+    plan, targets = scores.plan, scores.targets
+    lams = stream_lambdas(scores.lm, scores.knn, resolved.lam, resolved.adapt)
+    mix = mix_target(scores.lm, scores.knn, lams)
+    hits = (scores.vals == targets[:, None]) & (scores.ids >= 0)
+    counts = ds.counts_of(scores.ids)
+    starts = set(int(x) for x in plan.docs[1:, 2])
+    shown = scores.ids[:, :neighbors]
+    entries = np.unique(shown[shown >= 0])
+    docs, offs = ds.provenance(entries) if len(entries) else (np.zeros(0, int), np.zeros(0, int))
+    source = {int(e): (int(d), int(o)) for e, d, o in zip(entries, docs, offs)}
+    texts: dict[int, tuple] = {}
+    tokens = []
+    for i, t in enumerate(targets.tolist()):
+        w = neighbor_weights(scores.dists[i], resolved.temperature)
+        rows = []
+        for j in range(min(neighbors, scores.ids.shape[1])):
+            entry = int(scores.ids[i, j])
+            if entry < 0:
+                break
+            if entry not in texts:
+                left, value, right = ds.context(entry, before=context, after=8)
+                texts[entry] = (lm.decode(left), value, lm.decode([value]), lm.decode(right))
+            left, value, value_text, right = texts[entry]
+            doc, off = source[entry]
+            info = ds.doc_info[doc]
+            rows.append({"datastore": name, "entry": entry, "document": doc, "title": info.get("title", ""),
+                         "source": info.get("source", ""), "offset": off, "distance": _finite(float(scores.dists[i, j])),
+                         "weight": float(w[j]), "token": value_text, "token_id": int(value), "context": left,
+                         "after": right})
+        tok = {"token": lm.decode([t]), "id": int(t), "logprob": _finite(float(mix[i])),
+               "logprob_lm": _finite(float(scores.lm[i])), "logprob_knn": _finite(float(scores.knn[i])),
+               "knn": knn_json(scores.dists[i], hits[i], None if counts is None else counts[i]), "neighbors": rows}
+        if i in starts:
+            tok["new_document"] = True
+        tokens.append(tok)
+    ppl = float(np.exp(-mix.mean()))
+    return {"object": "score", "datastore": name, "lambda": resolved.lam, "lambda_mode": resolved.mode,
+            "k": resolved.k, "knn_temperature": resolved.temperature, "ppl": _finite(ppl),
+            "ppl_lm": _finite(float(np.exp(-scores.lm.mean()))), "tokens": tokens,
+            "usage": {"prompt_tokens": len(plan.tokens), "total_tokens": len(plan.tokens)}}

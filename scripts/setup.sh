@@ -18,7 +18,7 @@ fi
 # its driver, installed when missing and we may (root with apt-get); elsewhere those tests skip.
 if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
-  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } \
+  if ! { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } \
       >/tmp/knnlm-setup-chromium.log 2>&1; then
     echo "setup: could not install chromium (see /tmp/knnlm-setup-chromium.log): the browser tests will skip" >&2
   fi

@@ -200,6 +200,24 @@ def test_page_renders_every_token_and_a_click_shows_the_api_neighbours(browser, 
     assert len(neighbour_rows(browser)) == len(api["tokens"][i + 1]["neighbors"])
 
 
+def test_documents_view_lists_the_servers_attribution(browser, base):
+    open_page(browser, base)
+    score_in_page(browser, TEXT, "docs")
+    api = api_score(base, TEXT).json()
+    by_id(browser, "tab-docs").click()
+    shown = js(browser, "return [...document.querySelectorAll('#documents li.doc summary b')].map(b => b.textContent)")
+    assert shown == [d["title"] for d in api["documents"]] and shown
+    # a document opens to its tokens; a token goes back to the text with its memories
+    js(browser, "document.querySelector('#documents li.doc details').open = true")
+    button = js(browser, "return document.querySelector('#documents li.doc .toks button')")
+    label = button.text
+    button.click()
+    assert by_id(browser, "view-text").is_displayed()
+    i = int(js(browser, "return document.getElementById('tokens').getAttribute('aria-activedescendant')")[1:])
+    assert api["documents"][0]["title"] in [r["title"] for r in neighbour_rows(browser)]
+    assert json.dumps(api["tokens"][i]["token"]) == label
+
+
 def test_sliders_give_the_fixed_lambda_evaluation(browser, base, lm, docs_ds, tmp_path):
     """λ, T and a smaller k moved in the page: the perplexity it shows is `evaluate`'s with
     --lambda-mode fixed at those settings, computed from the neighbours it already has."""

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+DOCUMENTS = 100  # documents in the summary (as /v1/score)
+
 
 def knn_json(dists, hits, counts) -> dict | None:
     """One token's k neighbours as searched (nearest first): {"distances": [...] (null for an
@@ -37,9 +39,10 @@ def _finite(x: float) -> float | None:
 def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, name: str | None = None) -> dict:
     """/v1/score's response (with `return_knn` and `return_neighbors`) for a pass of
     `score_plan(..., keep_neighbors=True)` at `resolved`'s k and T (knnlm.core.settings);
-    the first target of every document after the first carries "new_document": true."""
+    the first target of every document after the first carries "new_document": true; "documents"
+    is the attribution summary (knnlm.core.attribution), as /v1/score gives it."""
     from knnlm.core.adapt import mix_target, stream_lambdas
-    from knnlm.run.explain import neighbor_weights
+    from knnlm.run.explain import attribute_scores, neighbor_weights
 
     name = name or ds.path.name
     plan, targets = scores.plan, scores.targets
@@ -81,4 +84,6 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
     return {"object": "score", "datastore": name, "lambda": resolved.lam, "lambda_mode": resolved.mode,
             "k": resolved.k, "knn_temperature": resolved.temperature, "ppl": _finite(ppl),
             "ppl_lm": _finite(float(np.exp(-scores.lm.mean()))), "tokens": tokens,
+            "documents": attribute_scores(ds, scores, resolved.lam, resolved.temperature, resolved.adapt)
+            .table(ds.doc_info, DOCUMENTS),
             "usage": {"prompt_tokens": len(plan.tokens), "total_tokens": len(plan.tokens)}}

@@ -262,32 +262,42 @@
   function renderDocuments() {
     const s = state.score, list = $("documents");
     if ($("view-docs").hidden || !s) return;  // rendered when shown
-    const docs = new Map();
+    // each document's tokens: where it is among the shown neighbours, with their weight now
+    const perDoc = new Map();
     s.tokens.forEach((tok, i) => {
       const ws = neighbourWeights(tok);
       (tok.neighbors || []).forEach((nb, j) => {
-        const key = nb.datastore + "\u0000" + nb.document;
-        let d = docs.get(key);
-        if (!d) docs.set(key, d = {doc: nb.document, title: nb.title, source: nb.source, weight: 0, tokens: new Map()});
+        let d = perDoc.get(nb.document);
+        if (!d) perDoc.set(nb.document, d = {document: nb.document, title: nb.title, weight: 0, toks: new Map()});
         d.weight += ws[j];
-        d.tokens.set(i, (d.tokens.get(i) || 0) + ws[j]);
+        d.toks.set(i, (d.toks.get(i) || 0) + ws[j]);
       });
     });
-    const top = [...docs.values()].sort((a, b) => b.weight - a.weight).slice(0, 50);
-    list.replaceChildren(...top.map((d) => {
-      const toks = [...d.tokens.entries()].sort((a, b) => b[1] - a[1]).slice(0, 60);
+    // the server's (or the file's) attribution, over all k neighbours at the settings scored;
+    // without it, the shown neighbours' kNN weight at the current settings
+    const summary = s.documents || [...perDoc.values()].sort((a, b) => b.weight - a.weight).slice(0, 100)
+      .map((d) => ({document: d.document, title: d.title, knn_weight: d.weight, tokens: d.toks.size}));
+    $("docs-note").textContent = s.documents
+      ? `Documents whose memories carried the most probability over this text: λ·w summed over all ${s.k} neighbours of every token, at the settings scored (λ ${s.lambda}${s.lambda_mode === "adaptive" ? " adaptive" : ""}, T ${s.knn_temperature}, k ${s.k}). Open one for its tokens (their weight at the current settings).`
+      : "Documents whose memories carried the most kNN weight over this text (the shown neighbours' weights, at the current settings).";
+    list.replaceChildren(...summary.map((d) => {
+      const mine = perDoc.get(d.document);
+      const toks = mine ? [...mine.toks.entries()].sort((a, b) => b[1] - a[1]).slice(0, 80) : [];
       const btns = toks.map(([i, w]) => {
-        const b = el("button", {type: "button", title: `weight ${w.toFixed(4)}`}, JSON.stringify(s.tokens[i].token));
+        const b = el("button", {type: "button", title: `kNN weight ${w.toFixed(4)}`}, JSON.stringify(s.tokens[i].token));
         b.addEventListener("click", () => { showTab("tab-text"); select(i, true); });
         return b;
       });
-      const pin = el("a", {href: "#", className: "pin"}, state.pinned === d.doc ? "unpin" : "pin");
-      pin.addEventListener("click", (ev) => { ev.preventDefault(); pinDocument(d.doc); });
-      return el("li", {className: state.pinned === d.doc ? "pinned" : ""}, el("details", {},
-        el("summary", {}, el("b", {}, d.title || `document ${d.doc}`), ` — summed weight ${d.weight.toFixed(3)} over ${d.tokens.size} tokens `, pin),
-        el("div", {className: "toks"}, ...btns)));
+      const pin = el("a", {href: "#", className: "pin"}, state.pinned === d.document ? "unpin" : "pin");
+      pin.addEventListener("click", (ev) => { ev.preventDefault(); pinDocument(d.document); });
+      const nums = d.weight !== undefined
+        ? ` — carried ${d.weight.toFixed(3)} (to the text's tokens ${d.target_weight.toFixed(3)}) over ${d.tokens} tokens `
+        : ` — kNN weight ${d.knn_weight.toFixed(3)} over ${d.tokens} tokens `;
+      return el("li", {className: state.pinned === d.document ? "doc pinned" : "doc"}, el("details", {},
+        el("summary", {}, el("b", {}, d.title || `document ${d.document}`), nums, pin),
+        el("div", {className: "toks"}, ...(btns.length ? btns : [el("span", {className: "muted"}, "not among the tokens' nearest shown neighbours")]))));
     }));
-    if (!top.length) list.replaceChildren(el("li", {className: "muted"}, "no memories (score a text with a datastore)"));
+    if (!summary.length) list.replaceChildren(el("li", {className: "muted"}, "no memories (score a text with a datastore)"));
   }
 
   // ---- tabs ----------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from knnlm.core.scoring import knn_logits
+
 
 def knn_weights(dists: np.ndarray, temperature: float, counts: np.ndarray | None = None) -> np.ndarray:
     """softmax(-d / T) over each row of neighbours (m, k) float64 (a 1-d row gives (k,)); a
@@ -36,7 +38,7 @@ def knn_weights(dists: np.ndarray, temperature: float, counts: np.ndarray | None
     d = np.asarray(dists, dtype=np.float64)
     row = d.ndim == 1
     d = np.atleast_2d(d)  # (m, k)
-    logits = np.where(np.isfinite(d), -d / temperature, -np.inf)
+    logits = np.where(np.isfinite(d), knn_logits(d, temperature), -np.inf)
     if counts is not None:
         logits = logits + np.log(np.atleast_2d(np.asarray(counts, dtype=np.float64)))
     top = logits.max(axis=1, keepdims=True)  # (m, 1)

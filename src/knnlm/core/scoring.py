@@ -31,6 +31,18 @@ def check_cache_settings(lam: float | None = None, theta: float | None = None, s
         raise KnnlmError(f"cache theta must be >= 0, got {theta}")
 
 
+def knn_logits(dists, temperature: float) -> np.ndarray:
+    """-d / T per neighbour (m, k) float64, shifted so each row's nearest is 0 (the kNN
+    softmax is unchanged by a shift): a tiny T gives the nearest neighbour all the weight,
+    its limit, instead of overflowing every logit to -inf.  A missing neighbour (d = inf)
+    stays -inf."""
+    d = np.asarray(dists, dtype=np.float64)
+    real = np.where(np.isnan(d), np.inf, d)  # (a row that was not searched: d = nan)
+    near = real.min(axis=-1, keepdims=True) if d.shape[-1] else np.zeros(d.shape[:-1] + (1,))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return -(d - np.where(np.isfinite(near), near, 0.0)) / temperature
+
+
 def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0,
                         chunk: int = 8192, counts: np.ndarray | None = None):
     """log p_kNN(target) for each row: softmax over -d/T, summed over neighbours whose
@@ -42,7 +54,7 @@ def knn_target_logprobs(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray
                                                    targets[i : i + chunk], temperature, chunk,
                                                    None if counts is None else counts[i : i + chunk])
                                for i in range(0, len(dists), chunk)])
-    logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, k)
+    logits = knn_logits(dists, temperature)  # (m, k)
     if counts is not None:
         logits = logits + np.log(np.asarray(counts, dtype=np.float64))
     top = logits.max(axis=1, keepdims=True)  # (m, 1)
@@ -61,7 +73,7 @@ def knn_target_logprobs_all_k(dists, vals, targets, temperature: float, ks, coun
     exp(logit - first logit) neither overflow nor depend on k.  counts (m, K): merged
     entries' counts (a pruned datastore), each neighbour weighing count * exp(-d/T).
     """
-    logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, K)
+    logits = knn_logits(dists, temperature)  # (m, K)
     first = logits[:, :1]
     w = np.exp(logits - np.where(np.isfinite(first), first, 0.0))
     if counts is not None:
@@ -91,13 +103,12 @@ def knn_probabilities(dists, vals, vocab_size: int, temperature: float = 1.0, co
     (a missing neighbour, d = inf, weighs 0).  counts (m, k) as in `knn_target_logprobs`."""
     import torch
 
-    d = torch.as_tensor(np.asarray(dists, dtype=np.float32))
-    logits = -d / temperature
+    logits = torch.as_tensor(knn_logits(dists, temperature).astype(np.float32))
     if counts is not None:
         logits = logits + torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float32)))
     w = torch.softmax(logits, dim=1)  # (m, k)
     w = torch.nan_to_num(w, nan=0.0)
-    p = torch.zeros(d.shape[0], vocab_size, dtype=torch.float32)
+    p = torch.zeros(logits.shape[0], vocab_size, dtype=torch.float32)
     p.scatter_add_(1, torch.as_tensor(np.asarray(vals, dtype=np.int64)), w)
     return p
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from knnlm.core.scoring import knn_logits
 from knnlm.errors import KnnlmError
 
 DEFAULT_ALPHA = 0.5  # weight of the KL term (Memory Decoder paper)
@@ -40,7 +41,7 @@ def sparse_knn_targets(dists: np.ndarray, ids: np.ndarray, vals: np.ndarray, tem
     p_kNN = {5: 0.6, 7: 0.4}; top_ids = [[5]], top_probs = [[1.0]], mass = [0.6].
     """
     m, k = dists.shape
-    logits = -np.asarray(dists, dtype=np.float64) / temperature  # (m, k)
+    logits = knn_logits(dists, temperature)  # (m, k)
     real = (np.asarray(ids) >= 0) & np.isfinite(logits)
     top = np.where(real, logits, -np.inf).max(axis=1, keepdims=True)  # (m, 1)
     w = np.where(real, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)  # (m, k)

@@ -125,7 +125,9 @@ class DeviceSearcher:
         import torch
 
         d, i = self.search_torch(q, k)
-        logits = -d.double() / temperature  # (m, k)
+        d = d.double()
+        near = d.min(1, keepdim=True).values  # shifted as knn_logits (a tiny T must not overflow)
+        logits = -(d - torch.where(torch.isfinite(near), near, torch.zeros_like(near))) / temperature  # (m, k)
         if self.ds.counts is not None:  # a merged entry weighs as many as it stands for
             if self._log_counts is None:
                 self._log_counts = torch.from_numpy(np.log(np.asarray(self.ds.counts, np.float64))).to(self.device)

@@ -159,7 +159,9 @@ def filter_logprobs(logprobs: torch.Tensor, top_k: int | None = None, top_p: flo
     if top_p is not None and top_p < 1.0:
         lp, order = torch.sort(out, descending=True)  # (V,)
         before = torch.cumsum(lp.softmax(0), 0) - lp.softmax(0)  # mass of the more likely tokens
-        out[order[before >= top_p]] = -math.inf
+        drop = before >= top_p  # (a top_p below float32's smallest number compares as 0: drops them all...)
+        drop[0] = False  # (... but the most likely stays)
+        out[order[drop]] = -math.inf
     return out
 
 
@@ -170,7 +172,10 @@ def sample(logprobs: torch.Tensor, temperature: float = 0.0, top_k: int | None =
     if temperature == 0.0:
         return int(torch.argmax(logprobs))
     lp = filter_logprobs(logprobs.float() / temperature, top_k, top_p)  # (V,)
-    return int(torch.multinomial(torch.softmax(lp, 0), 1, generator=generator))
+    probs = torch.softmax(lp, 0)
+    if not bool(torch.isfinite(probs).all()):  # a temperature so small that log p / T overflows: its limit
+        return int(torch.argmax(logprobs))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:

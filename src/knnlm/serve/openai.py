@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from knnlm.run.inspect import knn_json
 
@@ -29,9 +29,10 @@ MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 # ---- requests ------------------------------------------------------------------------
 class KnnFields(BaseModel):
-    """The knnlm fields every endpoint takes; omitted ones take the server's defaults."""
+    """The knnlm fields every endpoint takes; omitted ones take the server's defaults.
+    Numbers must be finite (JSON's NaN and Infinity extensions are refused)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     model: str | None = Field(default=None, description="the served model's id (GET /v1/models); may be omitted")
     datastore: str | None = Field(
@@ -59,7 +60,7 @@ class KnnFields(BaseModel):
                                         description="weight of p_mem, mixed on top: p = λm p_mem + (1-λm) p")
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]  # a token id is an integer, not true or 2.0
 
 
 class CompletionRequest(KnnFields):
@@ -73,7 +74,7 @@ class CompletionRequest(KnnFields):
     n: Literal[1] = 1
     stream: bool = False
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before them")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="a 64-bit integer")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="log p of each token (prompt's too with echo) and its top N rivals")
     echo: bool = Field(default=False, description="the prompt (and its tokens' log-probs) before the completion")
@@ -98,7 +99,7 @@ class HTTPError(Exception):
 
 
 KINDS = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-         413: "invalid_request_error", 503: "server_overloaded"}
+         405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

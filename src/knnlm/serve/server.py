@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from knnlm import __version__
 from knnlm.errors import KnnlmError
@@ -266,6 +267,18 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
     async def _http_error(request: Request, exc: HTTPError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own errors (an unknown path, a wrong method, a body that is not
+        JSON at all) in OpenAI's shape too."""
+        message = {404: f"no such route: {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code)
+        if message is None and exc.status_code == 400:
+            message, code = "malformed JSON: cannot parse the body (invalid UTF-8, or nested too deeply)", "json_invalid"
+        else:
+            code = None
+        return error_response(exc.status_code, message or str(exc.detail), code=code, headers=exc.headers)
+
     def settings(req: KnnFields) -> dict:
         """The request's retrieval settings as KNNLM keyword arguments; unknown names are 404."""
         if req.model is not None and req.model != name:
@@ -293,6 +306,12 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         if isinstance(p, str):
             if len(p) > max_prompt_chars:
                 raise HTTPError(400, f"prompt is longer than {max_prompt_chars} characters", "prompt")
+            if not p.isascii():
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate (JSON's \ud800): no text to tokenize
+                    raise HTTPError(400, f"prompt is not valid Unicode: {e.reason} at character {e.start}",
+                                    "prompt") from None
             return
         limit = knnlm.lm.max_positions
         if limit and len(p) > limit:

@@ -154,7 +154,7 @@ def test_score_returns_every_neighbour_to_recompute_p_knn(base, knn, docs_ds):
     s = knn.score(TEXT, datastore="docs", k=6, knn_temperature=2.0)
     assert len(r["tokens"]) == len(s.tokens)
     for t, ts in zip(r["tokens"], s.tokens):
-        d = np.array(t["knn"]["distances"], dtype=np.float64)
+        d = np.array(t["knn"]["distances"], dtype=np.float32)  # each one the float32 the search returned
         hit = np.zeros(6, dtype=bool)
         hit[t["knn"]["hits"]] = True
         lp = knn_target_logprobs(d[None], hit[None].astype(int), np.array([1]), 2.0)[0]

@@ -19,16 +19,30 @@ import numpy as np
 DOCUMENTS = 100  # documents in the summary (as /v1/score)
 
 
-def knn_json(dists, hits, counts) -> dict | None:
-    """One token's k neighbours as searched (nearest first): {"distances": [...] (null for an
-    empty slot), "hits": [indices of those whose value is the token], "counts": [...] (a
-    pruned datastore's merged entries only)}; None where no search ran (adaptive retrieval)."""
-    if len(dists) == 0 or math.isnan(float(dists[0])):
-        return None
-    out = {"distances": [d if math.isfinite(d) else None for d in np.asarray(dists, dtype=np.float64).tolist()],
-           "hits": np.asarray(hits).nonzero()[0].tolist()}
-    if counts is not None:
-        out["counts"] = np.asarray(counts).tolist()
+def knn_rows(search: tuple | None, n: int) -> list[dict | None]:
+    """Every token's k neighbours as searched (nearest first), from (distances (n, k),
+    hits (n, k) bool, counts (n, k) or None) or None (no datastore: n Nones): per token
+    {"distances": [...], "hits": [indices of the neighbours whose value is the token],
+    "counts": [...] (a pruned datastore's merged entries only)}, or None where no search ran
+    (adaptive retrieval).  A distance is written as the shortest decimal that reads back as
+    its float32 (null for an empty slot): half the characters of a float64's, and
+    Math.fround (or np.float32) of it is the distance the search returned, exactly."""
+    if search is None:
+        return [None] * n
+    dists, hits, counts = search
+    d32 = np.asarray(dists, dtype=np.float32)
+    short = np.where(np.isfinite(d32), d32, 0).astype(str).astype(np.float64).tolist()  # (n, k)
+    finite = np.isfinite(d32)
+    out = []
+    for i in range(len(d32)):
+        if not d32.shape[1] or np.isnan(d32[i, 0]):
+            out.append(None)
+            continue
+        row = {"distances": short[i] if finite[i].all() else [x if f else None for x, f in zip(short[i], finite[i])],
+               "hits": np.flatnonzero(hits[i]).tolist()}
+        if counts is not None:
+            row["counts"] = np.asarray(counts[i]).tolist()
+        out.append(row)
     return out
 
 
@@ -49,7 +63,7 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
     lams = stream_lambdas(scores.lm, scores.knn, resolved.lam, resolved.adapt)
     mix = mix_target(scores.lm, scores.knn, lams)
     hits = (scores.vals == targets[:, None]) & (scores.ids >= 0)
-    counts = ds.counts_of(scores.ids)
+    knn = knn_rows((scores.dists, hits, ds.counts_of(scores.ids)), len(targets))
     starts = set(int(x) for x in plan.docs[1:, 2])
     shown = scores.ids[:, :neighbors]
     entries = np.unique(shown[shown >= 0])
@@ -76,7 +90,7 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
                          "after": right})
         tok = {"token": lm.decode([t]), "id": int(t), "logprob": _finite(float(mix[i])),
                "logprob_lm": _finite(float(scores.lm[i])), "logprob_knn": _finite(float(scores.knn[i])),
-               "knn": knn_json(scores.dists[i], hits[i], None if counts is None else counts[i]), "neighbors": rows}
+               "knn": knn[i], "neighbors": rows}
         if i in starts:
             tok["new_document"] = True
         tokens.append(tok)

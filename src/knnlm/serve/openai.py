@@ -16,11 +16,8 @@ from typing import TYPE_CHECKING, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from knnlm.run.inspect import knn_json
-
 if TYPE_CHECKING:
     from knnlm.run.decode import StreamEvent, TokenScore
-    from knnlm.run.generate import TextScore
 
 MAX_NEIGHBORS = 32
 DOCUMENTS_SHOWN = 100  # /v1/score with return_neighbors: the documents that carried the most weight
@@ -131,23 +128,13 @@ def num(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def token_json(t: TokenScore, neighbors: bool, knn: tuple | None = None) -> dict:
+def token_json(t: TokenScore, neighbors: bool) -> dict:
     out = {"token": t.text, "id": t.id, "logprob": num(t.logprob), "logprob_lm": num(t.logprob_lm),
            "logprob_knn": num(t.logprob_knn)}
-    if knn is not None:
-        out["knn"] = knn_json(*knn) if knn[0] is not None else None
     if neighbors:
         out["neighbors"] = [{k: num(v) if isinstance(v, float) else v for k, v in vars(n).items()}
                             for n in t.neighbors]
     return out
-
-
-def search_row(s: TextScore, i: int) -> tuple:
-    """Token i's (distances, hits, counts) from a TextScore's search; Nones without one."""
-    if s.search is None:
-        return None, None, None
-    d, h, c = s.search
-    return d[i], h[i], None if c is None else c[i]
 
 
 class Echo:

@@ -38,6 +38,7 @@ from knnlm.retrieval.pointers import Pointers
 from knnlm.run.batch import BatchGenerator
 from knnlm.run.decode import GenerationRequest, SequenceState, StreamEvent, settings_of
 from knnlm.run.generate import DEFAULT, KNNLM
+from knnlm.run.inspect import knn_rows
 from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, Guard
 from knnlm.serve.openai import (
     DOCUMENTS_SHOWN,
@@ -51,7 +52,6 @@ from knnlm.serve.openai import (
     error_response,
     num,
     prompts_of,
-    search_row,
     sse,
     sse_chunk,
     token_json,
@@ -466,9 +466,12 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
             yield s, s.documents(DOCUMENTS_SHOWN) if req.return_neighbors > 0 else None
 
         s, documents = await first_item(await submit(scored))
+        tokens = [token_json(t, req.return_neighbors > 0) for t in s.tokens]
+        if req.return_knn:
+            for t, row in zip(tokens, knn_rows(s.search, len(tokens))):
+                t["knn"] = row
         return {"object": "score", "model": name, **s.settings, "ppl": num(s.ppl), "ppl_lm": num(s.ppl_lm),
-                "tokens": [token_json(t, req.return_neighbors > 0, search_row(s, i) if req.return_knn else None)
-                           for i, t in enumerate(s.tokens)],
+                "tokens": tokens,
                 **({"documents": documents} if documents is not None else {}),
                 "usage": {"prompt_tokens": len(s.ids), "total_tokens": len(s.ids)}}
 

@@ -24,14 +24,15 @@
     const m = Math.max(a, b);
     return m + Math.log(Math.exp(a - m) + Math.exp(b - m));
   }
-  // log p_kNN(token) from its first k neighbours at temperature T (null: no search here)
+  // log p_kNN(token) from its first k neighbours at temperature T (null: no search here); a
+  // distance comes as the shortest decimal of a float32: Math.fround gives that float32 back
   function knnLogprob(knn, k, T) {
     if (!knn) return null;
     const d = knn.distances, c = knn.counts, n = Math.min(k, d.length);
     let top = -Infinity;
     const logits = new Float64Array(n);
     for (let j = 0; j < n; j++) {
-      logits[j] = d[j] === null ? -Infinity : -d[j] / T + (c ? Math.log(c[j]) : 0);
+      logits[j] = d[j] === null ? -Infinity : -Math.fround(d[j]) / T + (c ? Math.log(c[j]) : 0);
       if (logits[j] > top) top = logits[j];
     }
     if (!isFinite(top)) top = 0;
@@ -176,7 +177,7 @@
   function weights(knn, k, T) {
     const d = knn.distances, c = knn.counts, n = Math.min(k, d.length);
     const lg = [];
-    for (let j = 0; j < n; j++) lg.push(d[j] === null ? -Infinity : -d[j] / T + (c ? Math.log(c[j]) : 0));
+    for (let j = 0; j < n; j++) lg.push(d[j] === null ? -Infinity : -Math.fround(d[j]) / T + (c ? Math.log(c[j]) : 0));
     const top = Math.max(...lg.filter(isFinite), 0);
     const w = lg.map((x) => Math.exp(x - top)), sum = w.reduce((a, b) => a + b, 0);
     return w.map((x) => sum > 0 ? x / sum : 0);

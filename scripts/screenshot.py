@@ -1,6 +1,7 @@
 """Regenerate the README's picture of the inspector page (docs/img/inspector.png).
 
     python scripts/screenshot.py                       # the demo's Spanish datastore (`knnlm demo` first)
+    python scripts/screenshot.py --datastore /tmp/knnlm-demo/es-es/datastore-300   # another --workdir
     python scripts/screenshot.py --datastore DS --text article.txt --out shot.png
 
 Serves the default model with the datastore on 127.0.0.1 (`knnlm serve`'s app, in this
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = Path.home() / ".knnlm" / "demo"
+DEMO = ROOT / "knnlm-demo"  # `knnlm demo`'s default --workdir, run from the repository
 
 
 def browser(width: int, height: int):
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, help="text to score (default: the demo's first held-out articles)")
     ap.add_argument("--articles", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "inspector.png")
-    ap.add_argument("--size", default="1400x900")
+    ap.add_argument("--size", default="1400x1000")
     args = ap.parse_args()
 
     from knnlm import KNNLM

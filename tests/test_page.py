@@ -324,3 +324,9 @@ def test_embedded_data_cannot_close_the_script():
     assert html.count("</script>") == 2 and "\\u003c/script>" in html
 
 
+
+
+def test_explain_html_refuses_a_memory_decoder(capsys, tmp_path):
+    assert main(["-q", "explain", "t.txt", "--html", str(tmp_path / "p.html"), "--memory", "mem"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --html shows a datastore's memories: it does not take --memory"
+    assert not (tmp_path / "p.html").exists()

@@ -171,6 +171,8 @@ def cmd_explain(args) -> None:
     from knnlm.run.options import RetrievalSettings
     from knnlm.run.explain import explain, render
 
+    if args.memory and args.html:
+        raise KnnlmError("--html shows a datastore's memories: it does not take --memory")
     if args.memory:
         from knnlm.cli.memory import cmd_explain_memory
 

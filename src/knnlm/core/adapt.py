@@ -19,7 +19,8 @@ plus -log(its prior weight): never more than log(1/w_0) nats (log 4 = 1.39 for �
 worse than the LM alone over the whole text, and never more than log 2 worse than the fixed
 tuned λ0.  Only earlier tokens are used: nothing is peeked at.
 
-Pure array math; positions whose p_kNN is NaN (no search there: pointers, adaptive
+The mixing itself (several memories at once) is `knnlm.core.mix`; this module is its
+one-memory case under the names the kNN-LM's code has used.  Pure array math; positions whose p_kNN is NaN (no search there: pointers, adaptive
 retrieval) carry no evidence and leave the weights unchanged.
 """
 
@@ -27,52 +28,31 @@ from __future__ import annotations
 
 import numpy as np
 
-MODES = ("adaptive", "fixed")
-
-
-def candidates(lam0: float) -> tuple[np.ndarray, np.ndarray]:
-    """The weights Λ and their prior (both (G,)), prior mean = lam0.  λ0 of 0 or 1 has
-    nothing to adapt between: Λ = {λ0}."""
-    if lam0 <= 0.0 or lam0 >= 1.0:
-        return np.array([float(lam0)]), np.array([1.0])
-    hi = min(2.0 * lam0, (1.0 + lam0) / 2.0)
-    w_hi = 0.5 * lam0 / hi
-    return np.array([0.0, lam0, hi]), np.array([0.5 - w_hi, 0.5, w_hi])
+from knnlm.core.mix import MODES, Mixture, Weight, candidates, mix_targets  # noqa: F401  (MODES, candidates: here before core.mix)
+from knnlm.core.mix import mix_text as _mix_text
 
 
 class Posterior:
-    """The weights' posterior over one text, read left to right (`update` in order)."""
+    """The weights' posterior over one text, read left to right (`update` in order): the
+    one-memory case of `knnlm.core.mix.Mixture`."""
 
     def __init__(self, lam0: float):
-        self.grid, prior = candidates(lam0)
-        self.log_w = np.log(prior)
+        self.mixture = Mixture([Weight(float(lam0), adapt=True)])
+        self.grid = self.mixture.grid[:, 0]
 
     @property
     def lam(self) -> float:
         """λ for the next position: the posterior mean."""
-        w = np.exp(self.log_w - self.log_w.max())
-        return float(w @ self.grid / w.sum())
+        return float(self.mixture.lams[0])
 
     def update(self, lm_logprobs, knn_logprobs) -> np.ndarray:
         """λ_t for each of these positions (n,), in order, each from the positions before it
         (earlier `update`s included); then takes their tokens in as evidence."""
         ll = np.atleast_1d(np.asarray(lm_logprobs, dtype=np.float64))
-        lk = np.atleast_1d(np.asarray(knn_logprobs, dtype=np.float64))
-        if len(self.grid) == 1 or not len(ll):
-            return np.full(len(ll), self.lam)
-        none = np.isnan(lk)
-        with np.errstate(divide="ignore"):
-            lg = np.log(self.grid)[None, :]
-            l1 = np.log1p(-self.grid)[None, :]
-            mix = np.logaddexp(lg + np.where(none, -np.inf, lk)[:, None], l1 + ll[:, None])  # (n, G)
-        gain = np.where(none[:, None], 0.0, mix - ll[:, None])  # relative to the LM: same argmax, no overflow
-        before = np.vstack([np.zeros((1, len(self.grid))), np.cumsum(gain, axis=0)[:-1]])  # (n, G)
-        log_w = self.log_w[None, :] + before
-        w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
-        lams = (w @ self.grid) / w.sum(axis=1)
-        self.log_w = self.log_w + before[-1] + gain[-1]
-        self.log_w -= self.log_w.max()
-        return lams
+        if not len(ll):
+            return np.empty(0)
+        self.mixture.step(ll, np.atleast_1d(np.asarray(knn_logprobs, dtype=np.float64))[:, None])
+        return self.mixture.last_lams[:, 0]
 
 
 def stream_lambdas(lm_logprobs, knn_logprobs, lam0: float, adapt: bool = True) -> np.ndarray:
@@ -89,17 +69,12 @@ def mix_target(lm_logprobs, knn_logprobs, lams) -> np.ndarray:
     ll = np.asarray(lm_logprobs, dtype=np.float64)
     lk = np.asarray(knn_logprobs, dtype=np.float64)
     lams = np.broadcast_to(np.asarray(lams, dtype=np.float64), ll.shape)
-    none = np.isnan(lk) | (lams == 0.0)
-    with np.errstate(divide="ignore"):
-        mixed = np.logaddexp(np.log(lams) + np.where(none, -np.inf, lk), np.log1p(-lams) + ll)
-    return np.where(none, ll, mixed)
+    return mix_targets(ll, lk[:, None], np.where(np.isnan(lk), 0.0, lams)[:, None])
 
 
 def mix_text(lm_logprobs, knn_logprobs, lam0: float, adapt: bool) -> tuple[np.ndarray, float]:
     """The kNN-LM's log p(target) over one text read in order (n,), and the λ it ends with:
     λ adapting from lam0 (`adapt`) or lam0 throughout."""
-    if not adapt:
-        return mix_target(lm_logprobs, knn_logprobs, lam0), float(lam0)
-    post = Posterior(lam0)
-    lams = post.update(lm_logprobs, knn_logprobs)
-    return mix_target(lm_logprobs, knn_logprobs, lams), post.lam
+    lp, _, lams = _mix_text(lm_logprobs, np.asarray(knn_logprobs, dtype=np.float64)[:, None],
+                               [Weight(float(lam0), adapt)])
+    return lp, float(lams[0])

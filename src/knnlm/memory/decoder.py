@@ -174,9 +174,16 @@ class MemoryUse:
     name: str
     decoder: MemoryDecoder
     lam: float
+    adapt: bool = False  # λ adapts to the text from `lam` (knnlm.core.mix)
+
+    @property
+    def weight(self):
+        from knnlm.core.mix import Weight
+
+        return Weight(self.lam, self.adapt)
 
     def settings(self) -> dict:
-        return {"memory": self.name, "memory_lambda": self.lam}
+        return {"memory": self.name, "memory_lambda": self.lam, **({"memory_lambda_mode": "adaptive"} if self.adapt else {})}
 
 
 @torch.inference_mode()
@@ -192,10 +199,11 @@ def window_target_logprobs(mem: MemoryDecoder, input_ids: torch.Tensor, windows:
     return target_logprobs(rows, t).cpu().numpy()
 
 
-def step_logits(mem: MemoryDecoder, ids: torch.Tensor, cache=None, attention_mask=None, position_ids=None):
+def step_logits(mem: MemoryDecoder, ids: torch.Tensor, cache=None, attention_mask=None, position_ids=None,
+                every: bool = False):
     """One decoding step of the decoder with its KV cache: (logits at the last position
-    (B, V_mem), the new cache)."""
+    (B, V_mem), or at every position (B, t, V_mem) with `every`; the new cache)."""
     kw = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
     with torch.inference_mode():
         out = mem.lm.model(input_ids=ids.to(mem.lm.device), past_key_values=cache, use_cache=True, **kw)
-    return out.logits[:, -1], out.past_key_values
+    return (out.logits if every else out.logits[:, -1]), out.past_key_values

@@ -107,7 +107,8 @@ class BatchGenerator:
             raise KnnlmError(f"the batch is full ({len(self.rows)} generations)")
         if tag in self.tags:
             raise KnnlmError(f"tag {tag!r} is already in the batch")
-        seq, dec = SequenceState(self.knnlm, req), Decoder(self.lm, req.r, req.m)
+        seq = SequenceState(self.knnlm, req)
+        dec = Decoder(self.lm, req.r, req.m, seq.mixing)
         dec.feed(req.ids)
         events, token = seq.advance(*dec.distribution(seq.pointers), dec.dists, dec.ids)
         if token is not None:
@@ -156,7 +157,8 @@ class BatchGenerator:
         results, keep = {}, []
         for i, row in enumerate(rows):
             dists, ids = found.get(i, (None, None))
-            dist = next_distributions(logits[i], row.seq.req.r, dists, ids, row.seq.req.m, mem_logits.get(i))
+            dist = next_distributions(logits[i], row.seq.req.r, dists, ids, row.seq.req.m, mem_logits.get(i),
+                                      row.seq.mixing)
             events, token = row.seq.advance(*dist, dists, ids)
             results[row.tag] = events
             if token is not None:

@@ -15,10 +15,10 @@ import torch
 
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
-from knnlm.core.scoring import knn_probabilities
+from knnlm.core.mix import Mixture, Weight, mix_vocab
+from knnlm.core.scoring import knn_probabilities, knn_target_logprobs
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
-from knnlm.memory.mix import mix_memory_distribution
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup
 
@@ -79,11 +79,15 @@ class Retrieval:
     temperature: float
     pointers: Pointers | None = None  # RetoMaton: follow the last step's neighbours, search when too few
     adaptive: Adaptive | None = None  # skip the search where the LM is confident
-    adapt: bool = False  # scoring a text: λ adapts from `lam` as it is read (knnlm.core.adapt); generation: fixed
+    adapt: bool = False  # λ adapts from `lam` as the text (prompt and generated tokens) is read (knnlm.core.mix)
 
     @property
     def ds(self) -> Datastore:
         return self.searcher.ds
+
+    @property
+    def weight(self) -> Weight:
+        return Weight(self.lam, self.adapt)
 
     def settings(self) -> dict:
         out = {"datastore": self.name, "lambda": self.lam, "lambda_mode": "adaptive" if self.adapt else "fixed",
@@ -121,6 +125,44 @@ class Host(Protocol):
 
 def settings_of(r: Retrieval | None) -> dict:
     return r.settings() if r is not None else {"datastore": None}
+
+
+class MixState:
+    """One sequence's mixing (knnlm.core.mix): the datastore's p_kNN, then a memory
+    decoder's p_mem, each on top of the mixture before it, with the λ policy of each (fixed,
+    or adapting to the tokens read so far).  `mix` gives the next token's distribution;
+    `observe` takes the token that came as evidence; `read` a whole text's tokens at once."""
+
+    def __init__(self, r: Retrieval | None, m: MemoryUse | None = None):
+        self.slots = (r is not None, m is not None)  # which memories this sequence mixes
+        self.mixture = Mixture([x.weight for x in (r, m) if x is not None])
+        self.pending: tuple | None = None  # the last `mix`'s (lm, memories) log-probs, until `observe`
+
+    @property
+    def adapts(self) -> bool:
+        return self.mixture.adapts
+
+    def mix(self, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, hit: torch.Tensor | None,
+            mem_lp: torch.Tensor | None) -> torch.Tensor:
+        """log p(next token) (V,) from the LM's, p_kNN's (None: no retrieval here; -inf
+        outside `hit`) and p_mem's log-probs (V,)."""
+        mems = [x for x, on in zip((knn_lp, mem_lp), self.slots) if on]
+        hits = [x for x, on in zip((hit, None), self.slots) if on]
+        omega = self.mixture.omega([x is not None for x in mems])
+        self.pending = (lm_lp, mems) if self.adapts else None
+        return mix_vocab(lm_lp, mems, omega, hits)
+
+    def observe(self, token: int) -> None:
+        if self.pending is not None:
+            lm_lp, mems = self.pending
+            self.mixture.observe(float(lm_lp[token]), [math.nan if x is None else float(x[token]) for x in mems])
+        self.pending = None
+
+    def read(self, lm_logprobs: np.ndarray, knn_logprobs: np.ndarray | None, mem_logprobs: np.ndarray | None):
+        """A text's targets (n,) each: their flat weights (n, J), taken in as evidence."""
+        cols = [x for x, on in zip((knn_logprobs, mem_logprobs), self.slots) if on]
+        mems = np.stack(cols, axis=1) if cols else np.zeros((len(lm_logprobs), 0))
+        return self.mixture.step(lm_logprobs, mems), mems
 
 
 @dataclass
@@ -215,19 +257,16 @@ def _shown_up_to(text: str, stops: list[str]) -> int:
 
 def mix_distributions(lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, lam: float) -> torch.Tensor:
     """log(λ p_kNN + (1-λ) p_LM) over the vocabulary (..., V); λ = 0 returns lm_lp itself."""
-    if knn_lp is None or lam == 0.0:
-        return lm_lp
-    if lam == 1.0:
-        return knn_lp
-    return torch.logaddexp(math.log(lam) + knn_lp, math.log1p(-lam) + lm_lp)
+    return lm_lp if knn_lp is None else mix_vocab(lm_lp, [knn_lp], [lam])
 
 
 class Decoder:
     """One sequence stepped through the model with its KV cache: `feed` new tokens, then
     read the next-token distributions at the last position."""
 
-    def __init__(self, lm, r: Retrieval | None, m: MemoryUse | None = None):
+    def __init__(self, lm, r: Retrieval | None, m: MemoryUse | None = None, mixing: MixState | None = None):
         self.lm, self.r, self.m = lm, r, m
+        self.mixing = mixing if mixing is not None else MixState(r, m)  # an adaptive λ reads the prompt too
         self.mem_cache = self.mem_logits = None  # the memory decoder's own KV cache and last logits
         self.cache = None
         self.logits: torch.Tensor | None = None  # (V,) at the last position
@@ -238,16 +277,35 @@ class Decoder:
     def feed(self, ids: list[int]) -> None:
         x = torch.tensor([ids], device=self.lm.device)  # (1, t)
         kps = [self.r.ds.key_point] if self.r else []
+        evidence = self.mixing.adapts and len(ids) > 1  # the prompt's own tokens, read as scoring reads a text
         with self.lm._capture(kps) as captured:
             out = self.lm.model(input_ids=x, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.logits = out.logits[0, -1]  # (V,)
+        keys = mem_all = None
         if self.r is not None:
-            key = captured[self.r.ds.key_point]
-            self.key = key.reshape(1, x.shape[1], -1)[:, -1].float().cpu().numpy()  # (1, d)
+            keys = captured[self.r.ds.key_point].reshape(x.shape[1], -1).float().cpu().numpy()  # (t, d)
+            self.key = keys[-1:]  # (1, d)
         if self.m is not None:
-            logits, self.mem_cache = step_logits(self.m.decoder, x, self.mem_cache)
-            self.mem_logits = logits[0]  # (V_mem,)
+            logits, self.mem_cache = step_logits(self.m.decoder, x, self.mem_cache, every=evidence)
+            mem_all = logits[0] if evidence else None  # (t, V_mem)
+            self.mem_logits = logits[0, -1] if evidence else logits[0]  # (V_mem,)
+        if evidence:
+            self._read(ids, out.logits[0], keys, mem_all)
+
+    def _read(self, ids: list[int], logits: torch.Tensor, keys: np.ndarray | None,
+              mem_logits: torch.Tensor | None) -> None:
+        """Take the fed tokens ids[1:] in as the mixing's evidence (a plain search for each)."""
+        targets = torch.tensor(ids[1:], device=logits.device)[:, None]  # (t-1, 1)
+        lm = torch.log_softmax(logits[:-1].float(), -1).gather(1, targets)[:, 0].cpu().numpy()  # (t-1,)
+        knn = mem = None
+        if self.r is not None:
+            d, i = self.r.searcher.search(keys[:-1], self.r.k)  # (t-1, k)
+            knn = target_knn_logprobs(self.r, d, i, np.asarray(ids[1:]))
+        if self.m is not None:
+            mem_lp = torch.log_softmax(mem_logits[:-1].float(), -1)
+            mem = mem_lp.gather(1, targets.to(mem_lp.device))[:, 0].cpu().numpy()
+        self.mixing.read(lm, knn, mem)
 
     def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor | None]:
@@ -256,33 +314,39 @@ class Decoder:
         self.dists = self.ids = None
         if self.r is not None and not self.r.skips(self.logits):
             self.dists, self.ids = self.r.retrieve(self.key, [state])  # (1, k)
-        return next_distributions(self.logits, self.r, self.dists, self.ids, self.m, self.mem_logits)
+        return next_distributions(self.logits, self.r, self.dists, self.ids, self.m, self.mem_logits, self.mixing)
+
+
+def target_knn_logprobs(r: Retrieval, dists: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p_kNN(target) (n,) from each position's neighbours (n, k); NaN where a position
+    has no neighbour at all (skipped, or an IVF probe that found none): p_LM alone there."""
+    out = knn_target_logprobs(dists, r.ds.vals[np.maximum(ids, 0)], targets, r.temperature,
+                              counts=r.ds.counts_of(ids))
+    out[(ids < 0).all(axis=1) | np.isnan(dists[:, 0])] = np.nan
+    return out
 
 
 @torch.inference_mode()
 def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                        ids: np.ndarray | None, m: MemoryUse | None = None,
-                       mem_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       mem_logits: torch.Tensor | None = None,
+                       mixing: MixState | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(mix, lm, knn) log-probs (V,) from the LM's logits (V,) at one position and that
     position's neighbours (dists, ids: (1, k)) in r's datastore (r None: the base LM;
     dists None: no retrieval at this position, p_LM alone); with a memory decoder m and
-    its logits at the position, p_mem is mixed on top."""
-    mix, lm_lp, knn_lp = _knn_distributions(logits, r, dists, ids)
+    its logits at the position, p_mem is mixed on top.  `mixing`: the sequence's mixing
+    state (its λ so far); None: the settings' λ."""
+    lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
+    knn_lp = hit = mem_lp = None
+    if r is not None and dists is not None:
+        vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
+        knn_lp, hit = sparse_knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature, r.ds.counts_of(ids))
     if m is not None:
         mem_lp = align_vocab(torch.log_softmax(mem_logits.float(), -1).cpu(), lm_lp.shape[-1])  # (V,)
-        mix = mix_memory_distribution(mix, mem_lp, m.lam)
+    mixing = mixing if mixing is not None else MixState(r, m)
+    speaks = knn_lp is not None and len(hit) > 0  # no neighbour at all (an IVF probe found none): p_LM
+    mix = mixing.mix(lm_lp, knn_lp if speaks else None, hit, mem_lp)
     return mix, lm_lp, knn_lp
-
-
-def _knn_distributions(logits, r, dists, ids):
-    lm_lp = torch.log_softmax(logits.float(), -1).cpu()  # (V,)
-    if r is None or dists is None:
-        return lm_lp, lm_lp, None
-    vals = r.ds.vals[np.maximum(ids, 0)]  # (1, k); a missing neighbour weighs 0
-    knn_lp, hit = sparse_knn_distribution(dists, vals, lm_lp.shape[-1], r.temperature, r.ds.counts_of(ids))
-    if not len(hit):  # no neighbour at all (an IVF probe found none)
-        return lm_lp, lm_lp, knn_lp
-    return mix_at(lm_lp, knn_lp, hit, r.lam), lm_lp, knn_lp
 
 
 def sparse_knn_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, temperature: float,
@@ -299,14 +363,9 @@ def sparse_knn_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int
 
 
 def mix_at(lm_lp: torch.Tensor, knn_lp: torch.Tensor, hit: torch.Tensor, lam: float) -> torch.Tensor:
-    """`mix_distributions(lm_lp, knn_lp, lam)` (V,) when knn_lp is -inf outside `hit`:
-    log(1-λ) + log p_LM everywhere (what logaddexp gives where p_kNN = 0), the full
-    logaddexp only at the hit tokens."""
-    if lam == 0.0 or lam == 1.0:
-        return mix_distributions(lm_lp, knn_lp, lam)
-    mix = math.log1p(-lam) + lm_lp  # (V,)
-    mix[hit] = torch.logaddexp(math.log(lam) + knn_lp[hit], mix[hit])
-    return mix
+    """`mix_distributions(lm_lp, knn_lp, lam)` (V,) when knn_lp is -inf outside `hit`: the
+    logaddexp runs only at the hit tokens (knnlm.core.mix.mix_vocab)."""
+    return mix_vocab(lm_lp, [knn_lp], [lam], [hit])
 
 
 class SequenceState:
@@ -326,6 +385,7 @@ class SequenceState:
         self.shown, self.text = 0, ""
         r = req.r
         self.pointers = PointerState(r.pointers) if r is not None and r.pointers is not None else None
+        self.mixing = MixState(r, req.m)  # the λ of each memory, as this generation reads its tokens
 
     def advance(self, mix: torch.Tensor, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None,
                 dists: np.ndarray | None, ids: np.ndarray | None) -> tuple[list[StreamEvent], int | None]:
@@ -333,6 +393,7 @@ class SequenceState:
         the last event carries the finish reason)."""
         req, knnlm = self.req, self.knnlm
         tok = sample(mix, req.temperature, req.top_k, req.top_p, self.gen)
+        self.mixing.observe(tok)
         eos = tok == self.eos and not req.ignore_eos
         if eos and not req.report_eos:
             return [self._end("stop")], None

@@ -11,14 +11,13 @@ from typing import Sequence
 
 import numpy as np
 
-from knnlm.core.adapt import mix_text
+from knnlm.core.mix import Weight, mix_text
 from knnlm.core.batching import Plan, plan_files
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import (
     cache_target_logprobs,
     knn_target_logprobs,
-    mix_cache,
     perplexity,
 )
 from knnlm.core.settings import PAPER, resolve
@@ -164,7 +163,9 @@ def score_plan(
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
             d, i = searcher.search(q, k, exclude=None if exclude is None else exclude[sel])
             v = searcher.ds.vals[np.maximum(i, 0)]
-            knn_lp[sel] = knn_target_logprobs(d, v, targets[sel], temperature, counts=searcher.ds.counts_of(i))
+            lp = knn_target_logprobs(d, v, targets[sel], temperature, counts=searcher.ds.counts_of(i))
+            lp[(i < 0).all(axis=1)] = np.nan  # no neighbour at all (an IVF probe found none): p_LM alone
+            knn_lp[sel] = lp
             if keep_neighbors:
                 dists[sel], ids[sel] = d, i
             t_search += time.perf_counter() - t1
@@ -241,7 +242,7 @@ def evaluate(
     A sharded datastore is searched in process, or by `retrieval.actors` Ray actors
     (on the Ray at `retrieval.ray_address`, else a local one started and stopped here).
     """
-    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, mix_memory
+    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA
 
     retrieval, mixing, windows, cache = fold("evaluate", flat, retrieval=retrieval, mixing=mixing,
                                              windows=windows, cache=cache)
@@ -285,9 +286,15 @@ def evaluate(
         "seconds": round(total, 3),
         "tokens_per_second": round(plan.count / total, 2) if total > 0 else None,
     }
-    knnlm_lp = None
+    knn = [(s.knn, Weight(lam, chosen.adapt))] if searcher is not None else []  # (log-probs, λ) of the datastore
+
+    def mixed(*memories) -> np.ndarray:  # the LM and these memories through the one mixer (knnlm.core.mix)
+        lp, _, _ = mix_text(s.lm, np.stack([m for m, _ in memories], axis=1), [w for _, w in memories])
+        return lp
+
     if searcher is not None:
-        knnlm_lp, lam_end = mix_text(s.lm, s.knn, lam, chosen.adapt)
+        knnlm_lp, _, lams = mix_text(s.lm, s.knn[:, None], [knn[0][1]])
+        lam_end = float(lams[0])
         result.update(
             ppl_knnlm=perplexity(knnlm_lp),
             search_rate=float(s.searched.mean()),
@@ -308,14 +315,13 @@ def evaluate(
             seconds_knn=round(s.seconds["knn"], 3),
         )
     if cache_lambda is not None:
-        base = knnlm_lp if searcher is not None else s.lm
-        result.update(ppl_cache=perplexity(mix_cache(base, s.cache, cache_lambda)), cache_lambda=cache_lambda,
+        result.update(ppl_cache=perplexity(mixed(*knn, (s.cache, Weight(cache_lambda)))), cache_lambda=cache_lambda,
                       cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
         mlam = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
-        result.update(ppl_memory=perplexity(mix_memory(s.lm, s.memory, mlam)), memory=memory.name,
+        result.update(ppl_memory=perplexity(mixed((s.memory, Weight(mlam)))), memory=memory.name,
                       memory_lambda=mlam, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
                       seconds_memory=round(s.seconds["memory"], 3))
         if searcher is not None:
-            result["ppl_knnlm_memory"] = perplexity(mix_memory(knnlm_lp, s.memory, mlam))
+            result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, Weight(mlam))))
     return result

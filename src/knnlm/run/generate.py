@@ -26,30 +26,31 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from knnlm.core.adapt import mix_target, stream_lambdas
 from knnlm.core.attribution import Attribution, attribute_neighbors
+from knnlm.core.mix import mix_targets, mix_vocab
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
-from knnlm.core.scoring import check_settings, knn_distribution, knn_target_logprobs, perplexity
+from knnlm.core.scoring import check_settings, knn_distribution, perplexity
 from knnlm.core.settings import check_lambda_mode, resolve
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, MemoryUse, align_vocab
-from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, mix_memory, mix_memory_distribution
+from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda
 from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
     Decoder,
     GenerationRequest,
+    MixState,
     Neighbor,
     Retrieval,
     SequenceState,
     StreamEvent,
     TokenScore,
     check_sampling,
-    mix_distributions,
     next_distributions,
     parse_stops,
     settings_of,
+    target_knn_logprobs,
 )
 from knnlm.run.explain import neighbor_weights
 from knnlm.scale import open_datastore, open_searcher
@@ -285,8 +286,9 @@ class KNNLM:
         after the text, from the same pass: `TextScore.following` = (mix, lm, knn, dists,
         ids), what `SequenceState.advance` takes to pick a first generated token.
         A memory decoder (`memory`, `memory_lambda`) is mixed on top of the (kNN-)LM.
-        λ adapts from its setting as the text is read (`lambda_mode`, knnlm.core.adapt), as
-        `knnlm eval` does; the `following` distributions use the setting itself, as generation does.
+        The mixing is generation's (knnlm.core.mix): λ adapts from its setting as the text is
+        read (`lambda_mode`), as `knnlm eval` does, and the `following` distributions use the
+        λ the text ended with, as generation after this text as a prompt would.
         """
         r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
         m = self.memory_use(memory, memory_lambda)
@@ -301,7 +303,7 @@ class KNNLM:
         targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
         lm_all = torch.log_softmax(logits[0, :-1].float(), -1)  # (T-1, V)
         lm_lp = lm_all.gather(1, targets[:, None])[:, 0].cpu().numpy().astype(np.float64)  # (T-1,)
-        knn_lp, mix, dists, nids, after, lams = None, lm_lp, None, None, None, None
+        knn_lp, dists, nids, after = None, None, None, None
         if r is not None:
             plain = r.pointers is None and r.adaptive is None
             if following and not plain:
@@ -313,23 +315,20 @@ class KNNLM:
                     dists, nids, after = dists[:-1], nids[:-1], (dists[-1:], nids[-1:])  # (T-1, k); (1, k)
             else:
                 dists, nids = _left_to_right(r, q, logits[0, :-1], ids[1:])
-            knn_lp = knn_target_logprobs(dists, r.ds.vals[np.maximum(nids, 0)], np.array(ids[1:]), r.temperature,
-                                         counts=r.ds.counts_of(nids))
-            knn_lp[np.isnan(dists[:, 0])] = np.nan  # skipped by adaptive retrieval: p_LM alone
-            lams = stream_lambdas(lm_lp, knn_lp, r.lam, r.adapt)
-            mix = mix_target(lm_lp, knn_lp, lams)
+            knn_lp = target_knn_logprobs(r, dists, nids, np.array(ids[1:]))  # NaN where skipped: p_LM alone
         mem_lp = mem_logits = mem_all = None
         if m is not None:
             _, mem_logits = m.decoder.lm.forward(torch.tensor([ids]), [], logits=True)  # (1, T, V_mem)
             mem_all = torch.log_softmax(mem_logits[0, :-1].float(), -1)  # (T-1, V_mem)
             mem_lp = mem_all.gather(1, targets[:, None].to(mem_all.device))[:, 0].cpu().numpy().astype(np.float64)
-            mix = mix_memory(mix, mem_lp, m.lam)
-        tops = (self._top_rows(lm_all, r, dists, nids, lams, top_logprobs,
-                                 None if m is None else (m.lam, mem_all))
+        mixing = MixState(r, m)  # the one mixer, as generation uses it: λ read from the tokens so far
+        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp)  # (T-1, J) each
+        mix = mix_targets(lm_lp, mems, omega)
+        tops = (self._top_rows(lm_all, r, dists, nids, omega, top_logprobs, mem_all)
                 if top_logprobs else [{} for _ in mix])
         tokens = []
         for i, t in enumerate(ids[1:]):
-            found = r is not None and not np.isnan(dists[i, 0])
+            found = knn_lp is not None and not np.isnan(knn_lp[i])
             nb = self.neighbors_of(r, dists[i], nids[i], neighbors) if found and neighbors else []
             text_i, top = self.lm.decode([t]), tops[i]
             if text_i in top and abs(top[text_i] - mix[i]) < 1e-4:
@@ -340,9 +339,11 @@ class KNNLM:
         nxt = None
         if following:
             d, n = after if after is not None else (None, None)
-            nxt = (*next_distributions(logits[0, -1], r, d, n, m, None if m is None else mem_logits[0, -1]), d, n)
+            nxt = (*next_distributions(logits[0, -1], r, d, n, m, None if m is None else mem_logits[0, -1], mixing),
+                   d, n)
         out = TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
         if r is not None:
+            lams = omega[:, 0]  # the datastore's share of each position's mixture
             out.attributed = lambda: attribute_neighbors(r.ds, dists, nids, np.array(ids[1:]), lams, r.temperature)
             out.doc_info = r.ds.doc_info
             hits = (r.ds.vals[np.maximum(nids, 0)] == np.array(ids[1:])[:, None]) & (nids >= 0)
@@ -350,25 +351,22 @@ class KNNLM:
         return out
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
-                  nids: np.ndarray | None, lams: np.ndarray | None, n: int,
-                  memory: tuple[float, torch.Tensor] | None = None, chunk: int = 256) -> list[dict[str, float]]:
-        """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM and the
-        rows' neighbours (m, k), mixed with each row's λ (lams (m,)), then a memory decoder's
-        (λ_mem, log p_mem (m, V_mem)) on top; (chunk, V) of p_kNN at a time."""
+                  nids: np.ndarray | None, omega: np.ndarray, n: int, mem_all: torch.Tensor | None = None,
+                  chunk: int = 256) -> list[dict[str, float]]:
+        """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM, the rows'
+        neighbours (m, k) and a memory decoder's log p_mem (m, V_mem), mixed with each row's
+        weights omega (m, J) (knnlm.core.mix); (chunk, V) of p_kNN at a time."""
         out = []
         for i in range(0, lm_all.shape[0], chunk):
-            mix = lm_all[i : i + chunk].cpu()  # (c, V)
+            lm = lm_all[i : i + chunk].cpu()  # (c, V)
+            mems = []
             if r is not None:
                 vals = r.ds.vals[np.maximum(nids[i : i + chunk], 0)]  # (c, k)
-                knn = knn_distribution(dists[i : i + chunk], vals, mix.shape[-1], r.temperature,
-                                       r.ds.counts_of(nids[i : i + chunk]))
-                skipped = torch.from_numpy(np.isnan(dists[i : i + chunk, 0]))  # adaptive retrieval: p_LM alone
-                lam = torch.from_numpy(np.asarray(lams[i : i + chunk], dtype=np.float32))[:, None]  # (c, 1)
-                mixed = torch.logaddexp(torch.log(lam) + knn, torch.log1p(-lam) + mix)
-                mix = torch.where(skipped[:, None] | (lam == 0), mix, mixed)
-            if memory is not None:
-                mem = align_vocab(memory[1][i : i + chunk].cpu(), mix.shape[-1])  # (c, V)
-                mix = mix_memory_distribution(mix, mem, memory[0])
+                mems.append(knn_distribution(dists[i : i + chunk], vals, lm.shape[-1], r.temperature,
+                                             r.ds.counts_of(nids[i : i + chunk])))
+            if mem_all is not None:
+                mems.append(align_vocab(mem_all[i : i + chunk].cpu(), lm.shape[-1]))  # (c, V)
+            mix = mix_vocab(lm, mems, omega[i : i + chunk])
             out += [self.top_tokens(row, n) for row in mix]
         return out
 
@@ -429,7 +427,8 @@ class KNNLM:
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""
-        seq, step = SequenceState(self, req), Decoder(self.lm, req.r, req.m)
+        seq = SequenceState(self, req)
+        step = Decoder(self.lm, req.r, req.m, seq.mixing)
         step.feed(req.ids)
         while True:
             events, tok = seq.advance(*step.distribution(seq.pointers), step.dists, step.ids)
@@ -540,15 +539,21 @@ class KNNLogitsProcessor(LogitsProcessor):
     def __init__(self, lm, r: Retrieval | None):
         self.lm, self.r = lm, r
         self.captured: dict[str, torch.Tensor] = {}
+        self.mixing: list[MixState] = []  # one per row: λ adapts to the tokens generated (not the prompt)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lm_lp = torch.log_softmax(scores.float(), -1)  # (B, V)
         if self.r is None:
             return lm_lp
         b = scores.shape[0]
+        if len(self.mixing) != b:
+            self.mixing = [MixState(self.r) for _ in range(b)]
+        for row, state in enumerate(self.mixing):  # the token chosen after the last call is its evidence
+            state.observe(int(input_ids[row, -1]))
         key = self.captured[self.r.ds.key_point].reshape(b, -1, self.r.ds.dim)  # (B, t, d)
         dists, ids = self.r.searcher.search(key[:, -1].float().cpu().numpy(), self.r.k)  # (B, k)
         vals = self.r.ds.vals[np.maximum(ids, 0)]
         knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature,
                                   self.r.ds.counts_of(ids)).to(lm_lp.device)  # (B, V)
-        return mix_distributions(lm_lp, knn_lp, self.r.lam)
+        return torch.stack([state.mix(lm_lp[row], knn_lp[row] if (ids[row] >= 0).any() else None, None, None)
+                            for row, state in enumerate(self.mixing)])

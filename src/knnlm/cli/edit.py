@@ -1,4 +1,5 @@
-"""`knnlm attribute`: which documents of a datastore a text's probabilities came from."""
+"""Datastore edits on the command line (`knnlm remove`, `knnlm compact`) and `knnlm attribute`:
+which documents of a datastore a text's probabilities came from."""
 
 from __future__ import annotations
 
@@ -51,7 +52,87 @@ def render(rows: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
+def cmd_remove(args) -> None:
+    from knnlm.core.edit import open_for_edit, remove_documents, select_documents
+
+    ds = open_for_edit(args.datastore)
+    decode = None
+    if args.text_match is not None:
+        decode = _decoder(ds)
+    ids = [int(x) for part in args.doc for x in part.split(",") if x.strip()] if args.doc else []
+    docs = select_documents(ds, ids, args.title or (), args.source or (), args.match, args.text_match, decode)
+    entries = int((ds.docs[docs, 1] - 1).sum())
+    if args.dry_run:
+        print(f"would remove {len(docs)} documents ({entries} entries) of {ds.path}:")
+        for d in docs[:SHOWN]:
+            info = ds.doc_info[d]
+            print(f"  {d:>6}  {info.get('title', '')[:70]} ({info.get('source', '')}, line {info.get('line', '?')})")
+        if len(docs) > SHOWN:
+            print(f"  ... and {len(docs) - SHOWN} more")
+        return
+    e = remove_documents(ds.path, docs)
+    print(f"removed {e['count']} documents ({e['entries']} entries) from {ds.path}: version {e['version']}; "
+          f"no search returns them now (`knnlm compact {ds.path}` reclaims their space)")
+
+
+SHOWN = 50  # documents a dry run lists
+
+
+def _decoder(ds):
+    """token ids -> text with the datastore's tokenizer (loaded alone, no model)."""
+    from transformers import AutoTokenizer
+
+    from knnlm.core.model import DEFAULT_MODEL
+
+    path = ds.meta["identity"]["model"]
+    if path == DEFAULT_MODEL:
+        from knnlm.core.assets import ensure_default_model
+
+        path = str(ensure_default_model())
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from None
+    return lambda ids: tok.decode([int(i) for i in ids])
+
+
+def cmd_compact(args) -> None:
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.edit import compact
+
+    before = _bytes(args.datastore)
+    e = compact(args.datastore)
+    after = _bytes(args.datastore)
+    print(f"compacted {args.datastore}: {e['documents']} removed documents, {e['entries']} entries dropped, "
+          f"{(before - after) / 2**20:.1f} MiB reclaimed; version {e['version']}, "
+          f"{Datastore(args.datastore).count} entries")
+
+
+def _bytes(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def register(add, add_model_args, add_knn_args, add_window_args) -> None:
+    sp = add("remove", cmd_remove, "remove documents from a datastore: no search returns them from then on",
+             "  knnlm remove ds --doc 12 --dry-run            # list what would go\n"
+             "  knnlm remove ds --doc 12,13 --title 'Some article'\n"
+             "  knnlm remove ds --source private.jsonl         # every document of that corpus file\n"
+             "  knnlm remove ds --match '^Draft' --text-match 'do not (copy|train)'   # regular expressions\n"
+             "  knnlm compact ds                               # later: rewrite the files without them")
+    sp.add_argument("datastore")
+    sp.add_argument("--doc", action="append", help="document ids (comma-separated; repeatable)")
+    sp.add_argument("--title", action="append", help="exact document title (repeatable)")
+    sp.add_argument("--source", action="append", help="corpus file the documents came from (repeatable)")
+    sp.add_argument("--match", default=None, metavar="REGEX", help="documents whose title matches")
+    sp.add_argument("--text-match", default=None, metavar="REGEX",
+                    help="documents whose text matches (reads every document with the datastore's tokenizer)")
+    sp.add_argument("--dry-run", action="store_true", help="list the documents that would go; change nothing")
+
+    sp = add("compact", cmd_compact, "rewrite a datastore and its indexes without its removed documents",
+             "  knnlm compact ds\n"
+             "  (an IVF index keeps its training and takes the remaining keys again; entry ids change)")
+    sp.add_argument("datastore")
+
     sp = add("attribute", cmd_attribute, "which documents of the datastore a text's probabilities came from",
              "  knnlm attribute article.txt -d ds-wiki\n"
              "  knnlm attribute article.txt -d ds-wiki --top 50 -o attribution.json\n"

@@ -235,6 +235,10 @@ def cmd_info(args) -> None:
         *([("shards", f"{len(parts)}: " + ", ".join(str(p.count) for p in parts) + " entries")]
           if hasattr(ds, "shards") else []),
         ("entries", str(ds.count)),
+        *([("removed", f"{len(m.get('removed', []))} documents, {ds.count - ds.live} entries: no search returns "
+                       "them (`knnlm compact` rewrites the files without them)")] if ds.live < ds.count else []),
+        *([("version", f"{ds.version} ({len(m.get('edits', []))} edits; last: {m['edits'][-1]['op']} at "
+                       f"{m['edits'][-1]['when']})")] if m.get("edits") else []),
         ("documents", str(m["documents"])),
         ("dim", str(ds.dim)),
         ("key point", ds.key_point),

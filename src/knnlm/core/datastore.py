@@ -85,6 +85,17 @@ class Datastore:
         self.counts = self._load("counts.npy", (self.count,), np.int32) if self.pruning else None
         self.origin = self._load("origin.npy", (self.count,), np.int64) if self.pruning else None
         self._transform = None
+        # edits (knnlm.core.edit): the version, and the documents removed since the last compaction,
+        # whose entries every search leaves out (`removed`: (count,) bool, None when there are none)
+        self.version = int(self.meta.get("version", 0))
+        self.set_removed(self.meta.get("removed", []))
+
+    def set_removed(self, documents) -> None:
+        """Leave these documents' entries out of every search (`removed`, `live`); a sharded
+        datastore's manifest sets its shards' this way."""
+        self.removed_documents = np.array(sorted(int(d) for d in documents), dtype=np.int64)
+        self.removed = self._removed_mask() if len(self.removed_documents) else None
+        self.live = self.count - (0 if self.removed is None else int(self.removed.sum()))  # entries a search sees
 
     def _read_meta(self, meta_path: Path) -> dict:
         """meta.json, with every field the library reads present and well typed."""
@@ -125,6 +136,19 @@ class Datastore:
                 f"{shape} {np.dtype(dtype).name}: the datastore is corrupted"
             )
         return arr
+
+    def _removed_mask(self) -> np.ndarray:
+        """(count,) bool: the entries of the removed documents."""
+        docs = self.removed_documents
+        if docs[-1] >= len(self.docs) or docs[0] < 0:
+            raise KnnlmError(f"corrupted meta.json in {self.path}: removed documents beyond its {len(self.docs)}")
+        if self.origin is not None:
+            return np.isin(self.document_of(np.arange(self.count)), docs)
+        mark = np.zeros(self.count + 1, dtype=np.int64)
+        first = self.docs[docs, 2]
+        np.add.at(mark, first, 1)  # +1 at each removed document's first entry, -1 one past its last
+        np.add.at(mark, first + self.docs[docs, 1] - 1, -1)
+        return np.cumsum(mark[:-1]) > 0
 
     def __len__(self) -> int:
         return self.count

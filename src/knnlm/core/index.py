@@ -227,8 +227,12 @@ class Searcher:
         """
         if k > self.ds.count:
             raise KnnlmError(f"k={k} is larger than the datastore ({self.ds.count} entries)")
-        if exclude is not None:
-            return search_excluding(self.search, self.ds.document_of, queries, k, exclude, self.ds.count)
+        if exclude is not None or self.ds.removed is not None:
+            return search_live(self._search, self.ds, queries, k, exclude)
+        return self._search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search` over every entry of the index, removed ones included."""
         q = np.ascontiguousarray(self.ds.to_key_space(queries))  # (m, d) float32; refuses another d
         if self.scan_few and len(q) < FEW_QUERIES:
             if self._fp16 is None:  # made on first use (N x d x 2 bytes more RAM); batches never need it
@@ -242,9 +246,10 @@ class Searcher:
 
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances (m, c) float32 from each query (m, d) to the entries
-        ids (m, c) (their stored float16 keys); inf where an id is -1."""
+        ids (m, c) (their stored float16 keys); inf where an id is -1 or a removed entry (so
+        pointers never follow one)."""
         q = self.ds.to_key_space(queries)  # (m, d) float32
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = live_ids(self.ds, ids)
         out = np.full(ids.shape, np.inf, dtype=np.float32)
         for row in range(len(ids)):
             real = np.nonzero(ids[row] >= 0)[0]
@@ -260,6 +265,27 @@ class Searcher:
 # radius left the rest of the query's article in, and self-tuning chose lambda 0.2 where 0.1
 # was best on the test text (benchmarks/results/defaults.md).
 EXCLUDE_RADIUS = 8192
+
+
+def live_ids(ds, ids: np.ndarray) -> np.ndarray:
+    """ids (any shape) with the entries of removed documents turned into -1."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ds.removed is None:
+        return ids
+    return np.where((ids >= 0) & ds.removed[np.maximum(ids, 0)], -1, ids)
+
+
+def search_live(search, ds, queries: np.ndarray, k: int,
+                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`search_excluding` over a backend's plain `search`, leaving out the entries of the
+    datastore's removed documents (`ds.removed`) and, with `exclude`, each query's own
+    neighbourhood.  With r removed entries and no `exclude`, the first fetch is k + r (up
+    to 2k), so an exact index answers in one round what a datastore without them would."""
+    removed = ds.removed
+    n_removed = ds.count - ds.live if removed is not None else 0
+    own = np.full(len(queries), -1, dtype=np.int64) if exclude is None else exclude
+    first = k + n_removed if exclude is None and n_removed <= k else None
+    return search_excluding(search, ds.document_of, queries, k, own, ds.count, first=first, left_out=removed)
 
 
 def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.ndarray, count: int,
@@ -291,7 +317,8 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
         real = i >= 0
         near = np.zeros(i.shape, dtype=bool)
         rows = np.nonzero(real)[0]
-        near[real] = (document_of(i[real]) == own_doc[todo][rows]) & (np.abs(i[real] - own[todo][rows]) < radius)
+        if (own >= 0).any():
+            near[real] = (document_of(i[real]) == own_doc[todo][rows]) & (np.abs(i[real] - own[todo][rows]) < radius)
         if left_out is not None:
             near[real] |= left_out[i[real]]
         keep = real & ~near

@@ -115,6 +115,21 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def removed_since(meta: dict) -> int:
+    """How many documents of the datastore a decoder was trained on have been removed from it
+    since (its edit log, knnlm.core.edit); 0 when that datastore is gone or is another one."""
+    try:
+        ds = json.loads((Path(meta["datastore"]) / "meta.json").read_text("utf-8"))
+        edits = ds.get("edits", [])
+        mine = meta.get("datastore_id")
+        if ds.get("id") != mine and not any(e.get("from_id") == mine for e in edits):
+            return 0
+        since = int(meta.get("datastore_version", 0))
+        return sum(int(e.get("count", 0)) for e in edits if e.get("op") == "remove" and e.get("version", 0) > since)
+    except (KeyError, OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 class MemoryDecoder:
     """A loaded memory decoder: a knnlm LM (its model and tokenizer) plus its metadata."""
 
@@ -136,6 +151,10 @@ class MemoryDecoder:
             raise KnnlmError(f"corrupted memory decoder {path}: {str(e).strip().splitlines()[0]}") from None
         if lm.tokenizer_fingerprint != meta["tokenizer_fingerprint"]:
             raise KnnlmError(f"corrupted memory decoder {path}: its tokenizer is not the one memory.json records")
+        gone = removed_since(meta)
+        if gone:
+            LOG.warning("memory decoder %s was trained on %d document(s) since removed from %s: a decoder cannot "
+                        "forget them (retrain it to)", path, gone, meta["datastore"])
         return cls(lm, meta, path)
 
     def check_compatible(self, lm) -> None:

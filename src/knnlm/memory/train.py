@@ -233,6 +233,8 @@ def train_decoder(
     if len(all_pieces) == 0:
         raise KnnlmError(f"no position of {ds.path} has targets in {tg.path}" if tg is not None
                          else f"{ds.path} has no tokens to train on")
+    if ds.removed is not None:  # documents removed from the datastore are not trained on (nor held out)
+        all_pieces = all_pieces[~np.isin(doc_of(all_pieces, ds.docs), ds.removed_documents)]
     held, train, held_docs = split_pieces(all_pieces, ds.docs, cfg.heldout, cfg.heldout_unit, cfg.seed)
     if cfg.train_documents is not None:
         wanted = np.asarray(cfg.train_documents, dtype=np.int64)
@@ -357,6 +359,8 @@ def train_decoder(
         **how,
         "datastore": str(ds.path),
         "datastore_id": ds.id,
+        "datastore_version": ds.version,
+        "datastore_removed": ds.removed_documents.tolist(),  # not trained on
         "corpora": ds.meta["corpora"],
         "tokens_sha256": ds.meta["sha256"].get("tokens.npy"),
         "targets": str(tg.path) if tg is not None else None,

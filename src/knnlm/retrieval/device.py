@@ -47,6 +47,10 @@ class DeviceSearcher:
         self.keys16 = keys.to(self.device)  # the stored keys, for exact re-ranking
         self.keys = self.keys16 if dtype == torch.float16 else self.keys16.float()  # (N, d) for the products
         self.sqnorm = (self.keys16.float() ** 2).sum(1)  # (N,) float32
+        self.removed = None
+        if ds.removed is not None:  # removed documents' entries: infinitely far (never among the top k)
+            self.removed = torch.from_numpy(np.asarray(ds.removed)).to(self.device)
+            self.sqnorm[self.removed] = float("inf")
         self.vals = torch.from_numpy(np.asarray(ds.vals, dtype=np.int64)).to(self.device)  # (N,)
         self.rerank = True
         self.nprobe = None
@@ -102,6 +106,8 @@ class DeviceSearcher:
                 cat_d, cat_i = torch.cat([best_d, top_d], 1), torch.cat([best_i, top_i], 1)
                 best_d, pick = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
                 best_i = torch.gather(cat_i, 1, pick)
+        if self.removed is not None:  # fewer live entries than k: removed ones (infinitely far) fill the rest
+            best_i = torch.where(torch.isinf(best_d), torch.full_like(best_i, -1), best_i)
         exact = self.exact_torch(q, best_i)  # (b, k): re-ranked with exact distances
         exact, order = torch.sort(exact, dim=1, stable=True)
         return exact, torch.gather(best_i, 1, order)
@@ -152,7 +158,9 @@ class DeviceSearcher:
         import torch
 
         q = torch.from_numpy(np.ascontiguousarray(self.ds.to_key_space(queries))).to(self.device)
-        return self.exact_torch(q, torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)).cpu().numpy()
+        from knnlm.core.index import live_ids
+
+        return self.exact_torch(q, torch.from_numpy(live_ids(self.ds, ids)).to(self.device)).cpu().numpy()
 
 
 def usable_device(device: str):

@@ -147,7 +147,8 @@ class ShardedDatastore:
         first = self.shards[0].meta
         self.meta = {**first, "id": m["id"], "created": m["created"], "count": self.count,
                      "documents": int(self.doc_offsets[-1]), "shards": len(self.shards),
-                     "corpora": m.get("corpora", first["corpora"]), "sha256": {}, "settings": m.get("settings")}
+                     "corpora": m.get("corpora", first["corpora"]), "sha256": {}, "settings": m.get("settings"),
+                     "version": m.get("version", 0), "edits": m.get("edits", []), "removed": m.get("removed", [])}
         self.keys = _Rows([s.keys for s in self.shards], self.offsets)
         self.vals = _Rows([s.vals for s in self.shards], self.offsets)
         self.doc_info = _Docs([s.doc_info for s in self.shards], self.doc_offsets)
@@ -161,9 +162,24 @@ class ShardedDatastore:
         self.pruning = getattr(self.shards[0], "pruning", None)
         if any(s.reduction != self.reduction for s in self.shards):
             raise KnnlmError(f"the shards of {self.path} hold keys reduced in different ways")
+        # documents removed (knnlm.core.edit), recorded in the manifest by global document id: each
+        # shard leaves its own out of its searches; the global mask is theirs concatenated
+        self.version = int(m.get("version", 0))
+        self.removed_documents = np.array(sorted(int(d) for d in m.get("removed", [])), dtype=np.int64)
+        for s, local in zip(self.shards, self.shard_removed()):
+            s.set_removed(set(s.removed_documents.tolist()) | set(local))
+        self.removed = (np.concatenate([s.removed if s.removed is not None else np.zeros(s.count, bool)
+                                        for s in self.shards]) if len(self.removed_documents) else None)
+        self.live = sum(s.live for s in self.shards)
         has_counts = [s.counts is not None for s in self.shards]
         self.counts = _Rows([s.counts if s.counts is not None else np.ones(s.count, np.int32) for s in self.shards],
                             self.offsets) if any(has_counts) else None
+
+    def shard_removed(self) -> list[list[int]]:
+        """The removed documents of each shard, as its own document ids."""
+        docs = self.removed_documents
+        shard = np.searchsorted(self.doc_offsets, docs, side="right") - 1
+        return [(docs[shard == i] - self.doc_offsets[i]).tolist() for i in range(len(self.shards))]
 
     def __len__(self) -> int:
         return self.count

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher, index_info, rerank_from_keys, search_excluding
+from knnlm.core.index import Searcher, index_info, live_ids, rerank_from_keys, search_excluding
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -64,7 +64,8 @@ class ShardGroup:
     process and as the body of a Ray actor."""
 
     def __init__(self, paths: Sequence[str], offsets: Sequence[int], index: str, nprobe: int | None,
-                 rerank: bool | None, mmap: bool, trained: str | None = None, threads: int | None = None):
+                 rerank: bool | None, mmap: bool, trained: str | None = None, threads: int | None = None,
+                 removed: Sequence[Sequence[int]] | None = None):
         if threads:
             try:
                 import faiss
@@ -74,8 +75,11 @@ class ShardGroup:
                 pass
         self.offsets = [int(o) for o in offsets]
         self.searchers = []
-        for p in paths:
-            s = Searcher(Datastore(p), index, nprobe=nprobe, rerank=rerank, mmap=mmap)
+        for n, p in enumerate(paths):
+            ds = Datastore(p)
+            if removed:  # the manifest's removed documents of this shard (its own ids)
+                ds.set_removed(set(ds.removed_documents.tolist()) | set(removed[n]))
+            s = Searcher(ds, index, nprobe=nprobe, rerank=rerank, mmap=mmap)
             if trained is not None and s.info.get("trained_sha256") != trained:
                 raise KnnlmError(f"the index {index!r} of shard {p} was trained apart from the other shards' "
                                  "(another training): rebuild the sharded index")
@@ -115,7 +119,9 @@ class ShardedSearcher:
         n = len(ds.shards)
         groups = min(actors or n, n) if backend == "ray" else n
         self.groups = [list(range(g, n, groups)) for g in range(groups)]  # shards round-robin over groups
-        args = [([str(ds.shards[s].path) for s in g], [int(ds.offsets[s]) for s in g]) for g in self.groups]
+        gone = ds.shard_removed()
+        args = [([str(ds.shards[s].path) for s in g], [int(ds.offsets[s]) for s in g], [gone[s] for s in g])
+                for g in self.groups]
         # In process, the shards' approximate candidates (comparable: one training) are merged
         # first and only the k best re-ranked, as in one index; Ray actors re-rank their own.
         want = self.info.get("rerank", False) if rerank is None else rerank
@@ -124,7 +130,7 @@ class ShardedSearcher:
                       trained=trained)
         self._started_ray = False
         if backend == "local":
-            self.parts = [ShardGroup(p, o, **common) for p, o in args]
+            self.parts = [ShardGroup(p, o, removed=r, **common) for p, o, r in args]
             self._settings = {**self.parts[0].settings(), "rerank": bool(want)}
         else:
             from knnlm.scale.cluster import connect, ray_module
@@ -133,7 +139,7 @@ class ShardedSearcher:
             self._started_ray = connect(ray_address)
             actor = ray.remote(num_cpus=0, max_restarts=retries, max_task_retries=retries)(ShardGroup)
             threads = max(1, (os.cpu_count() or 1) // groups)
-            self.parts = [actor.remote(p, o, threads=threads, **common) for p, o in args]
+            self.parts = [actor.remote(p, o, threads=threads, removed=r, **common) for p, o, r in args]
             self._settings = self._get(0, self.parts[0].settings.remote())
         LOG.info("sharded search over %d shards (%s, %d group(s))", n, backend, len(self.groups))
 
@@ -167,7 +173,7 @@ class ShardedSearcher:
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances (m, c) float32 to the global entries ids (m, c); inf where -1."""
         q = self.ds.to_key_space(queries)  # (m, d) float32
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = live_ids(self.ds, ids)  # a removed entry is as far as none
         x = np.asarray(self.ds.keys[np.maximum(ids, 0)], dtype=np.float32)  # (m, c, d)
         diff = x - q[:, None, :]
         return np.where(ids >= 0, np.einsum("mcd,mcd->mc", diff, diff), np.inf).astype(np.float32)

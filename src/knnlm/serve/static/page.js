@@ -141,11 +141,15 @@
     const s = state.score;
     if (!s) return;
     const toks = s.tokens, n = toks.length;
-    const ll = new Float64Array(n), lk = new Array(n), mix = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-      ll[i] = toks[i].logprob_lm;
-      lk[i] = state.kMax ? knnLogprob(toks[i].knn, state.k, state.T) : null;
+    const ll = new Float64Array(n), mix = new Float64Array(n);
+    for (let i = 0; i < n; i++) ll[i] = toks[i].logprob_lm;
+    const key = `${state.k}|${state.T}`;  // p_kNN depends on k and T only: a λ move reuses it
+    if (state.lkKey !== key || state.lkFor !== s) {
+      state.lkAll = new Array(n);
+      for (let i = 0; i < n; i++) state.lkAll[i] = state.kMax ? knnLogprob(toks[i].knn, state.k, state.T) : null;
+      state.lkKey = key; state.lkFor = s;
     }
+    const lk = state.lkAll;
     const lams = lambdas(ll, lk, state.lam, state.mode);
     for (let i = 0; i < n; i++) mix[i] = state.kMax ? mixOne(ll[i], lk[i], lams[i]) : (toks[i].logprob ?? -Infinity);
     state.lk = lk; state.mix = mix; state.lams = lams;

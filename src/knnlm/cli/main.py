@@ -220,12 +220,15 @@ def write_page(path: str, lm, ds, scores, resolved, neighbors: int, source: str)
 
 
 def cmd_info(args) -> None:
-    from knnlm.core.index import list_indexes
+    from knnlm.core.index import list_indexes, verify_indexes
     from knnlm.scale import open_datastore
 
+    if (Path(args.datastore) / "memory.json").is_file():
+        return cmd_info_decoder(args)
     ds = open_datastore(args.datastore)
     if args.verify:
         ds.verify()
+        index_files = verify_indexes(ds)
     m = ds.meta
     parts = getattr(ds, "shards", [ds])
     bytes_total = sum((p.path / f).stat().st_size for p in parts
@@ -260,7 +263,19 @@ def cmd_info(args) -> None:
     rows.append(("lambda mode", "adaptive by default: starts at the lambda above and follows the text being scored "
                                 "(--lambda-mode fixed keeps it)"))
     if args.verify:
-        rows.append(("checksums", "ok" + (f" (all {len(parts)} shards)" if hasattr(ds, "shards") else "")))
+        rows.append(("checksums", "ok" + (f" (all {len(parts)} shards)" if hasattr(ds, "shards") else "")
+                     + (f", {len(index_files)} index files" if index_files else "")))
+    print(table(rows))
+
+
+def cmd_info_decoder(args) -> None:
+    from knnlm.memory.decoder import read_meta, verify_decoder
+
+    m = read_meta(args.datastore)
+    rows = [("memory decoder", args.datastore), ("base model", str(m["base_model"])), ("layers", str(m["layers"]))]
+    if args.verify:
+        files = verify_decoder(args.datastore)
+        rows.append(("checksums", f"ok ({len(files)} files)" if files else "none recorded"))
     print(table(rows))
 
 
@@ -377,11 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(sp)
     add_window_args(sp)
 
-    sp = add("info", cmd_info, "describe a datastore",
+    sp = add("info", cmd_info, "describe a datastore or a memory decoder",
              "  knnlm info ds-wiki\n"
-             "  knnlm info ds-wiki --verify                 # recompute checksums")
-    sp.add_argument("datastore")
-    sp.add_argument("--verify", action="store_true", help="check every file against its sha256")
+             "  knnlm info ds-wiki --verify                 # recompute checksums (indexes' too)\n"
+             "  knnlm info mem-wiki --verify                # a memory decoder's")
+    sp.add_argument("datastore", help="a datastore (sharded or not) or a memory decoder directory")
+    sp.add_argument("--verify", action="store_true",
+                    help="check every file against the sha256 recorded when it was written")
 
     sp = add("demo", cmd_demo, "the whole pipeline on the built-in model and Wikipedia lead sections",
              "  knnlm demo\n"

@@ -110,7 +110,7 @@ class Datastore:
         version = meta["format_version"]
         if version != FORMAT_VERSION:
             raise KnnlmError(f"datastore format {version} is not supported (this knnlm reads {FORMAT_VERSION}): "
-                             f"{self.path}")
+                             f"{meta_path}")
         identity = meta.get("identity")
         missing = [f for f in _META_FIELDS if f not in meta] + [
             f"identity.{f}" for f in _IDENTITY_FIELDS if not isinstance(identity, dict) or f not in identity]
@@ -264,8 +264,13 @@ class Datastore:
 
 # ---- building ------------------------------------------------------------------------
 def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file, flush it to disk, rename it over `path`: a reader
+    (or a power loss) sees the old file or the new one, never a part."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -408,10 +413,61 @@ def _partial_intact(p: Path, count: int, dim: int) -> bool:
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Move a finished build into place; an old datastore is removed only after."""
+    """Move a finished build (a directory) into place, replacing an old one.
+
+    Its files are flushed to disk first (fsync): otherwise, after a power loss, the
+    rename could be on disk before the data, leaving a complete-looking directory of
+    zeros under the final name.  An old directory is swapped out in one step where the
+    filesystem can (Linux's renameat2 RENAME_EXCHANGE), so at every instant `final` is
+    the complete old or the complete new one; elsewhere it is renamed aside first, and a
+    later publish puts it back if a kill came between the two renames.  The old one is
+    removed last."""
     old = final.with_name(final.name + ".old")
-    if final.exists():
+    if old.exists() and not final.exists():  # a publish killed between its two renames
+        os.replace(old, final)
+    elif old.exists():  # a publish killed while removing the old one
+        shutil.rmtree(old)
+    _fsync_tree(partial)
+    if not final.exists():
+        os.replace(partial, final)
+    elif _exchange(partial, final):
+        os.replace(partial, old)  # (now the old one: never left under the partial's name)
+    else:
         os.replace(final, old)
-    os.replace(partial, final)
+        os.replace(partial, final)
+    _fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -1,7 +1,9 @@
 """FAISS indexes over a datastore's keys, and search with exact re-ranking.
 
 An index lives in `<datastore>/indexes/<name>/` as `index.faiss` + `index.json`; the
-json records the datastore id it was built for, and loading refuses any other.
+json records its format version, the datastore id it was built for (loading refuses any
+other) and index.faiss's sha256 (checked by `verify_indexes`, `knnlm info --verify`: a
+flipped byte in the codes reads without error).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm.core.datastore import Datastore
+from knnlm.core.corpus import file_sha256
+from knnlm.core.datastore import Datastore, publish
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
 
+INDEX_FORMAT_VERSION = 1  # index.json's; one without (built before it was recorded) reads as 1
 FLAT_BELOW = 100_000  # `auto`: exact search below this many entries, IVF-PQ above
 # A Flat index answers fewer queries than this at once (generation: one per sequence) by a
 # scan of the stored float16 keys (`fp16_index`) instead of its float32 copy: the same exact
@@ -112,6 +115,7 @@ def build_index(
         bar.update(min(chunk, ds.count - i))
     bar.close()
     info = {
+        "format_version": INDEX_FORMAT_VERSION,
         "factory": factory,
         "metric": "l2",
         "dim": ds.dim,
@@ -129,10 +133,9 @@ def build_index(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     faiss.write_index(index, str(tmp / "index.faiss"))
+    info["sha256"] = file_sha256(tmp / "index.faiss")
     (tmp / "index.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish(tmp, final)
     return final
 
 
@@ -164,12 +167,37 @@ def index_info(ds: Datastore, name: str | None = None) -> tuple[str, Path, dict]
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise KnnlmError(f"corrupted index.json in {d}: {e}") from None
+    version = info.get("format_version", INDEX_FORMAT_VERSION)
+    if version != INDEX_FORMAT_VERSION:
+        raise KnnlmError(f"index format {version} is not supported (this knnlm reads {INDEX_FORMAT_VERSION}): "
+                         f"{d / 'index.json'}")
     if info.get("datastore_id") != ds.id:
         raise KnnlmError(
             f"index {d} was built for datastore {info.get('datastore_id')}, not for {ds.path} ({ds.id});"
             " rebuild it with `knnlm index --overwrite`"
         )
     return name, d, info
+
+
+def verify_indexes(ds) -> list[str]:
+    """Check every index of `ds` (each shard's too) against the sha256 its index.json
+    records; returns the index files checked.  (A Flat index.faiss with a flipped byte
+    reads without error and answers wrongly: only this finds it.)"""
+    checked = []
+    for part in [ds, *getattr(ds, "shards", [])]:
+        for name in list_indexes(part):
+            d = part.path / "indexes" / name
+            _, _, info = index_info(part, name)
+            for file, key in (("index.faiss", "sha256"), ("trained.faiss", "trained_sha256")):
+                if key not in info or file == "trained.faiss" and not (d / file).exists():
+                    continue  # (a shard's index records the trained index's sum; the sharded one holds it)
+                if not (d / file).exists():
+                    raise KnnlmError(f"index file missing: {d / file}")
+                if file_sha256(d / file) != info[key]:
+                    raise KnnlmError(f"{d / file} does not match its checksum: the index is corrupted "
+                                     "(rebuild it with `knnlm index --overwrite`)")
+                checked.append(str(d / file))
+    return checked
 
 
 class Searcher:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import publish, write_json_atomic
 from knnlm.errors import KnnlmError
 
@@ -86,9 +87,24 @@ def save_decoder(model, tokenizer, out: str | Path, meta: dict) -> Path:
         shutil.rmtree(partial)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    write_json_atomic(partial / META, {"kind": "memory-decoder", "format_version": FORMAT_VERSION, **meta})
+    sums = {f.name: file_sha256(f) for f in sorted(partial.iterdir()) if f.is_file()}
+    write_json_atomic(partial / META, {"kind": "memory-decoder", "format_version": FORMAT_VERSION, **meta,
+                                       "sha256": sums})
     publish(partial, out)
     return out
+
+
+def verify_decoder(path: str | Path) -> list[str]:
+    """Check each file of a memory decoder against the sha256 memory.json records (a
+    flipped byte in the weights loads without error); returns the files checked."""
+    path = Path(path)
+    sums = read_meta(path).get("sha256", {})
+    for name, digest in sums.items():
+        if not (path / name).is_file():
+            raise KnnlmError(f"memory decoder file missing: {path / name}")
+        if file_sha256(path / name) != digest:
+            raise KnnlmError(f"{name} in {path} does not match its checksum: the memory decoder is corrupted")
+    return sorted(sums)
 
 
 def read_meta(path: str | Path) -> dict:
@@ -111,7 +127,7 @@ def read_meta(path: str | Path) -> dict:
                                                             "memory decoder"))
     if meta["format_version"] != FORMAT_VERSION:
         raise KnnlmError(f"memory decoder format {meta['format_version']} is not supported (this knnlm reads "
-                         f"{FORMAT_VERSION}): {path}")
+                         f"{FORMAT_VERSION}): {path / META}")
     return meta
 
 

@@ -261,7 +261,7 @@ def read_manifest(path: Path) -> dict:
         raise KnnlmError(f"corrupted manifest {f}: format is {m.get('format')!r}, not {MANIFEST_FORMAT!r}")
     if m.get("format_version") != MANIFEST_VERSION:
         raise KnnlmError(f"sharded datastore format {m.get('format_version')} is not supported (this knnlm reads "
-                         f"{MANIFEST_VERSION}): {path}")
+                         f"{MANIFEST_VERSION}): {f}")
     need = ("id", "created", "identity", "key_point", "dim", "count", "shards")
     missing = [k for k in need if k not in m]
     if missing:

@@ -120,6 +120,7 @@
     kSel.replaceChildren(...ks.map((k) => new Option(String(k), String(k), false, k === state.k)));
     if (!FILE && state.kMax) for (const k of KS.filter((k) => k > state.kMax)) kSel.add(new Option(k + " (fetch)", String(k)));
     $("knobs").hidden = !state.kMax;
+    $("scored").hidden = false;
     $("lambda").value = state.lam; $("lambda-mode").value = state.mode;
     $("temperature").value = Math.log2(state.T);
     const box = $("tokens"), frag = document.createDocumentFragment();

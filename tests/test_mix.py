@@ -137,3 +137,29 @@ def test_vocabulary_mixture_gives_the_targets_numbers():
         want = mix_targets([float(lm[tok])], [[float(sparse[tok]), float(dense[tok])]], om)[0]
         assert float(full[tok]) == pytest.approx(want, abs=1e-5)
     assert mix_vocab(lm, [sparse, None], [0.0, 0.0]) is lm
+
+
+# ---- λ by the nearest neighbour's distance (knnlm.core.neighbor) ----------------------
+def test_distance_table_golden():
+    """The module doc's worked example."""
+    from knnlm.core.neighbor import DistanceLambda
+
+    t = DistanceLambda((10.0, 20.0), (0.6, 0.3, 0.05))
+    assert t([4.0, 15.0, 20.0, np.nan]).tolist() == [0.6, 0.3, 0.05, 0.0]
+    assert DistanceLambda.from_dict(t.as_dict()) == t
+    assert DistanceLambda.from_dict({"edges": [2, 1], "lambdas": [0, 0, 0]}) is None  # not ascending: unreadable
+
+
+def test_fit_finds_the_buckets_where_the_memory_helps():
+    """Near neighbours are right (p_kNN = 0.9), far ones wrong (1e-4): the table trusts the near."""
+    from knnlm.core.neighbor import fit
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    d = rng.uniform(0, 100, n)
+    ll = np.full(n, math.log(0.2))
+    lk = np.where(d < 50, math.log(0.9), math.log(1e-4))
+    t = fit(ll, lk, d, fallback=0.25)
+    lam = t(d)
+    assert lam[d < 40].min() >= 0.9 and lam[d > 60].max() == 0.0
+    assert mix_targets(ll, lk[:, None], lam[:, None]).sum() > mix_targets(ll, lk[:, None], [0.25]).sum()

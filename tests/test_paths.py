@@ -40,9 +40,27 @@ def mem_dir(lm, tmp_path_factory):
     return train_decoder(lm, root / "ds", root / "t", root / "mem", layers=1, config=cfg, progress=False)
 
 
-def _knn(lm, datastore, mem_dir, mode, memory):
-    return KNNLM(lm, {"ds": datastore.path}, memories={"mem": mem_dir} if memory else None, lam=0.3, k=8,
-                 knn_temperature=2.0, memory_lambda=0.4, lambda_mode=mode)
+@pytest.fixture(scope="module")
+def tabled(datastore, tmp_path_factory):
+    """The datastore with a recorded λ-by-distance table (as `knnlm build` tunes one)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tabled") / "ds"
+    shutil.copytree(datastore.path, out)
+    ds = Datastore(out)
+    near = np.quantile(np.load(out / "keys.npy").astype(np.float32).var(0).sum() * np.array([0.5, 1.0]), [0, 1])
+    ds.record_settings({"k": 8, "lambda": 0.3, "temperature": 2.0,
+                        "lambda_by_distance": {"edges": near.tolist(), "lambdas": [0.7, 0.3, 0.05]}})
+    return Datastore(out)
+
+
+def _knn(lm, datastore, mem_dir, mode, memory, tabled=None):
+    """mode: "fixed", "adaptive", or "adaptive+distance" (λ from the recorded distance table)."""
+    by_distance = mode.endswith("+distance")
+    ds = tabled if by_distance else datastore
+    return KNNLM(lm, {"ds": ds.path}, memories={"mem": mem_dir} if memory else None, lam=0.3, k=8,
+                 knn_temperature=2.0, memory_lambda=0.4, lambda_mode=mode.split("+")[0],
+                 lambda_by_distance=by_distance or None)
 
 
 def _reference(knn, ids, start):
@@ -97,12 +115,14 @@ PATHS = {"generate": path_generate, "batch": path_batch, "teacher_forced": path_
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
-@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+@pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive+distance"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_every_path_gives_the_same_logprobs(lm, datastore, mem_dir, path, mode, memory):
+def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, mem_dir, path, mode, memory):
     if path == "logits_processor" and memory:
         pytest.skip("transformers' generate takes the datastore only")
-    knn = _knn(lm, datastore, mem_dir, mode, memory)
+    knn = _knn(lm, datastore, mem_dir, mode, memory, tabled)
+    if mode.endswith("+distance"):
+        assert "lambda_by_distance" in knn.retrieval().settings()
     prompt = lm.encode(TEXT[:40])
     ids, got = PATHS[path](knn, lm, prompt)
     start = len(ids) - len(got)
@@ -113,17 +133,20 @@ def test_every_path_gives_the_same_logprobs(lm, datastore, mem_dir, path, mode, 
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
-@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
-def test_evaluate_gives_scores_perplexity(lm, datastore, mem_dir, corpus, tmp_path, mode, memory):
+@pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive+distance"])
+def test_evaluate_gives_scores_perplexity(lm, datastore, tabled, mem_dir, corpus, tmp_path, mode, memory):
     """`evaluate` of a text read in one window: the perplexity of KNNLM.score's log-probs."""
     text = TEXT[:300]
     f = tmp_path / "t.txt"
     f.write_text(text)
-    knn = _knn(lm, datastore, mem_dir, mode, memory)
+    knn = _knn(lm, datastore, mem_dir, mode, memory, tabled)
     ids = lm.encode(text)
-    res = evaluate(lm, [f], datastore.path, mem_dir if memory else None, index="flat", k=8, lam=0.3,
-                   temperature=2.0, lambda_mode=mode, memory_lambda=0.4, window=len(ids), stride=len(ids),
+    by_distance = mode.endswith("+distance")
+    res = evaluate(lm, [f], (tabled if by_distance else datastore).path, mem_dir if memory else None, index="flat",
+                   k=8, lam=0.3, temperature=2.0, lambda_mode=mode.split("+")[0], memory_lambda=0.4,
+                   lambda_by_distance=by_distance or None, window=len(ids), stride=len(ids),
                    batch_tokens=len(ids), progress=False)
+    assert ("lambda_by_distance" in res) == by_distance
     want = float(np.exp(-np.mean(_reference(knn, ids, 1))))
     assert res["ppl_knnlm_memory" if memory else "ppl_knnlm"] == pytest.approx(want, rel=1e-5)
 

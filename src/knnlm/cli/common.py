@@ -61,8 +61,12 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                        help="use the paper's k=1024, lambda=0.25, T=1 instead of the datastore's tuned settings")
         g.add_argument("--lambda-mode", choices=["adaptive", "fixed"], default=None,
                        help="adaptive: lambda starts at its setting and follows the text being scored (a datastore "
-                            "that does not fit the text falls back to the LM); fixed: as set (default: adaptive, "
-                            "fixed when --lambda or --paper-defaults is given; generation always uses it fixed)")
+                            "that does not fit the text falls back to the LM, generation adapts to the prompt and "
+                            "its own tokens); fixed: as set (default: adaptive, fixed when --lambda or "
+                            "--paper-defaults is given)")
+        g.add_argument("--no-lambda-by-distance", dest="lambda_by_distance", action="store_false", default=None,
+                       help="one lambda for every position, not the datastore's lambda per nearest-neighbour "
+                            "distance (used by default when the datastore recorded one and --lambda is not given)")
     else:
         g.add_argument("-k", "--k", type=int, default=None,
                        help="neighbours retrieved (default: 1024, or the datastore's size if smaller)")
@@ -120,7 +124,8 @@ def settings_from_args(args) -> dict:
                                        actors=getattr(args, "search_actors", 0),
                                        ray_address=getattr(args, "ray_address", None),
                                        paper_defaults=args.paper_defaults),
-        "mixing": MixSettings(lam=args.lam, mode=args.lambda_mode, cache_lambda=getattr(args, "cache_lambda", None),
+        "mixing": MixSettings(lam=args.lam, mode=args.lambda_mode, by_distance=getattr(args, "lambda_by_distance", None),
+                              cache_lambda=getattr(args, "cache_lambda", None),
                               memory_lambda=getattr(args, "memory_lambda", None)),
         "windows": WindowSettings(args.window, args.stride, args.batch_tokens),
         "cache": CacheSettings(**{f: getattr(args, a) for f, a in (("theta", "cache_theta"), ("size", "cache_size"))

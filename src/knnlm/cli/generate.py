@@ -45,7 +45,8 @@ def cmd_generate(args) -> None:
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
     knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                 lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
-                memories=memories(args), memory_lambda=args.memory_lambda, lambda_mode=args.lambda_mode, **fewer)
+                memories=memories(args), memory_lambda=args.memory_lambda, lambda_mode=args.lambda_mode,
+                lambda_by_distance=getattr(args, "lambda_by_distance", None), **fewer)
     options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
                    seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
                    k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
@@ -117,7 +118,7 @@ def cmd_serve(args) -> None:
     lm = load_lm(args, next(iter(datastores.values()), None), memory=next(iter(mems.values()), None))
     knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
                 paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
-                lambda_mode=args.lambda_mode,
+                lambda_mode=args.lambda_mode, lambda_by_distance=getattr(args, "lambda_by_distance", None),
                 default_memory=None if args.default_memory in (None, "none") else args.default_memory,
                 index=args.index, nprobe=args.nprobe,
                 rerank=False if args.no_rerank else None,

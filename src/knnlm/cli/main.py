@@ -95,6 +95,8 @@ def cmd_eval(args) -> None:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
         lam = (f"lambda={res['lambda']} adaptive (ended at {res['lambda_adapted']:.3g})"
                if res["lambda_mode"] == "adaptive" else f"lambda={res['lambda']}")
+        if "lambda_by_distance" in res:
+            lam += f" by nearest distance ({len(res['lambda_by_distance']['lambdas'])} buckets)"
         rows.append(("settings", f"k={res['k']} {lam} T={res['temperature']} "
                                  f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
         if res["search_rate"] < 1 or settings["retrieval"].pointers or settings["retrieval"].adaptive:
@@ -184,7 +186,7 @@ def cmd_explain(args) -> None:
     lm = load_lm(args, args.datastore)
     ds = open_for_model(lm, args.datastore)
     r = resolve(ds.meta, ds.count, args.k, args.lam, args.temperature, paper=args.paper_defaults, name=str(ds.path),
-                lambda_mode=args.lambda_mode)
+                lambda_mode=args.lambda_mode, by_distance=args.lambda_by_distance)
     searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature),
@@ -194,7 +196,7 @@ def cmd_explain(args) -> None:
         if not args.output:
             return
     items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors,
-                    adapt=r.adapt)
+                    adapt=r.adapt, by_distance=r.by_distance)
     text = render(items)
     print(text)
     if args.output:

@@ -11,7 +11,9 @@ text they can make perplexity worse than the LM alone, hence the datastore's own
 λ is "adaptive" (knnlm.core.adapt: starts at the resolved λ and follows the text being
 scored, so a datastore that does not fit the text falls back to the LM) unless λ is given
 explicitly or --paper-defaults is asked for, which use it "fixed", as written; `lambda_mode`
-says so explicitly either way.
+says so explicitly either way.  A datastore tuned with a λ-by-distance table
+(knnlm.core.neighbor) has each position's λ read from its nearest neighbour's distance,
+unless λ is given.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from knnlm.core.adapt import MODES
+from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.scoring import check_settings
 from knnlm.errors import KnnlmError
 
@@ -36,6 +39,7 @@ class Resolved:
     temperature: float
     source: str  # where the settings not given explicitly came from: "datastore", "paper" or "explicit"
     adapt: bool = False  # λ adapts to the text being scored (knnlm.core.adapt), starting from `lam`
+    by_distance: DistanceLambda | None = None  # λ read from the nearest neighbour's distance (knnlm.core.neighbor)
 
     @property
     def mode(self) -> str:
@@ -43,7 +47,8 @@ class Resolved:
 
     def as_dict(self) -> dict:
         return {"k": self.k, "lambda": self.lam, "lambda_mode": self.mode, "temperature": self.temperature,
-                "settings_source": self.source}
+                "settings_source": self.source,
+                **({"lambda_by_distance": self.by_distance.as_dict()} if self.by_distance else {})}
 
 
 def recorded(meta: dict) -> dict | None:
@@ -56,10 +61,12 @@ def recorded(meta: dict) -> dict | None:
 
 def resolve(meta: dict | None, count: int | None = None, k: int | None = None, lam: float | None = None,
             temperature: float | None = None, paper: bool = False, name: str = "",
-            lambda_mode: str | None = None) -> Resolved:
+            lambda_mode: str | None = None, by_distance: bool | None = None) -> Resolved:
     """The settings a call uses (see the module doc).  `count` (the datastore's size) caps
     a k that was not given explicitly; an explicit k above it is the caller's error to report.
-    `lambda_mode` "adaptive" or "fixed"; None: adaptive unless `lam` is given or `paper`."""
+    `lambda_mode` "adaptive" or "fixed"; None: adaptive unless `lam` is given or `paper`.
+    `by_distance`: the datastore's recorded λ-by-distance table (knnlm.core.neighbor) as the
+    base λ of each position; None: when recorded and λ is not given; False: never."""
     check_settings(lam=lam, temperature=temperature, k=k)
     check_lambda_mode(lambda_mode)
     given = {"k": k, "lambda": lam, "temperature": temperature}
@@ -78,7 +85,10 @@ def resolve(meta: dict | None, count: int | None = None, k: int | None = None, l
     if k is None and count is not None:
         out["k"] = min(int(out["k"]), count)  # the default k shrinks to a small datastore
     adapt = lambda_mode == "adaptive" if lambda_mode is not None else (lam is None and not paper)
-    return Resolved(int(out["k"]), float(out["lambda"]), float(out["temperature"]), source, adapt)
+    table = None
+    if source in ("datastore", "explicit") and not paper and by_distance is not False and (lam is None or by_distance):
+        table = DistanceLambda.from_dict((recorded(meta or {}) or {}).get("lambda_by_distance"))
+    return Resolved(int(out["k"]), float(out["lambda"]), float(out["temperature"]), source, adapt, table)
 
 
 def check_lambda_mode(mode: str | None) -> None:

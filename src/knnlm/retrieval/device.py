@@ -125,9 +125,10 @@ class DeviceSearcher:
             out[a : a + step] = ((keys - q[a : a + step].float()[:, None, :]) ** 2).sum(-1)
         return torch.where(ids >= 0, out, torch.full_like(out, float("inf")))
 
-    def target_logprobs(self, q, targets, k: int, temperature: float):
+    def target_logprobs(self, q, targets, k: int, temperature: float, with_nearest: bool = False):
         """log p_kNN(target) (m,) float64 on the device: search, re-rank and the kNN softmax
-        without leaving it; -inf where no neighbour has the target."""
+        without leaving it; -inf where no neighbour has the target.  `with_nearest`: also
+        the nearest neighbour's distance (m,)."""
         import torch
 
         d, i = self.search_torch(q, k)
@@ -141,7 +142,7 @@ class DeviceSearcher:
         hit = self.vals[i] == targets.to(self.device)[:, None]
         all_lse = torch.logsumexp(logits, 1)
         hit_lse = torch.logsumexp(torch.where(hit, logits, torch.full_like(logits, -float("inf"))), 1)
-        return hit_lse - all_lse
+        return (hit_lse - all_lse, near[:, 0]) if with_nearest else hit_lse - all_lse
 
     # ---- the Searcher interface (numpy in, numpy out) ------------------------------------
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):

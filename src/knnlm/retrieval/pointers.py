@@ -151,6 +151,7 @@ class Replay:
     knn: np.ndarray
     searched: np.ndarray
     candidates: np.ndarray  # (n,) candidates at each position (0 where it searched for want of them)
+    nearest: np.ndarray | None = None  # (n,) the nearest neighbour's distance (NaN where none was looked up)
 
     @property
     def search_rate(self) -> float:
@@ -186,6 +187,7 @@ def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, va
     knn = np.full((n, len(temperatures)), np.nan)
     searched = np.zeros(n, dtype=bool)
     ncand = np.zeros(n, dtype=np.int32)
+    nearest = np.full(n, np.nan)
     order = np.argsort(-lengths, kind="stable")  # longest first: the active documents are a prefix
     bar = tqdm(total=n, unit="tok", desc="pointers", disable=not progress)
     for j in range(int(lengths.max(initial=0))):
@@ -202,6 +204,7 @@ def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, va
             d, i, did = lookup(lambda rows, q, kk: search(p[rows], q, kk), exact, queries[p], st, k)
             searched[p] = did
             v = vals[np.maximum(i, 0)]  # (b, k)
+            nearest[p] = d[:, 0]
             for col, t in enumerate(temperatures):
                 knn[p, col] = knn_target_logprobs(d, v, targets[p], t, counts=ds.counts_of(i))
             for row, s in enumerate(st):
@@ -209,4 +212,4 @@ def simulate(queries: np.ndarray, targets: np.ndarray, doc_first: np.ndarray, va
                     s.follow(i[row], v[row], int(targets[p[row]]), docs)
         bar.update(len(active))
     bar.close()
-    return Replay(knn, searched, ncand)
+    return Replay(knn, searched, ncand, nearest)

@@ -16,6 +16,7 @@ import torch
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.mix import Mixture, Weight, mix_vocab
+from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.scoring import knn_probabilities, knn_target_logprobs
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
@@ -80,6 +81,7 @@ class Retrieval:
     pointers: Pointers | None = None  # RetoMaton: follow the last step's neighbours, search when too few
     adaptive: Adaptive | None = None  # skip the search where the LM is confident
     adapt: bool = False  # λ adapts from `lam` as the text (prompt and generated tokens) is read (knnlm.core.mix)
+    by_distance: DistanceLambda | None = None  # each position's base λ from its nearest distance
 
     @property
     def ds(self) -> Datastore:
@@ -92,6 +94,8 @@ class Retrieval:
     def settings(self) -> dict:
         out = {"datastore": self.name, "lambda": self.lam, "lambda_mode": "adaptive" if self.adapt else "fixed",
                "k": self.k, "knn_temperature": self.temperature}
+        if self.by_distance is not None:
+            out["lambda_by_distance"] = self.by_distance.as_dict()
         if self.pointers is not None:
             out.update(self.pointers.settings())
         if self.adaptive is not None and self.adaptive.threshold is not None:
@@ -136,33 +140,49 @@ class MixState:
     def __init__(self, r: Retrieval | None, m: MemoryUse | None = None):
         self.slots = (r is not None, m is not None)  # which memories this sequence mixes
         self.mixture = Mixture([x.weight for x in (r, m) if x is not None])
-        self.pending: tuple | None = None  # the last `mix`'s (lm, memories) log-probs, until `observe`
+        self.table = r.by_distance if r is not None else None
+        self.lams = [x.lam for x in (r, m) if x is not None]
+        self.pending: tuple | None = None  # the last `mix`'s (lm, memories, base) log-probs, until `observe`
 
     @property
     def adapts(self) -> bool:
         return self.mixture.adapts
 
+    def base(self, nearest) -> np.ndarray | None:
+        """Each memory's base λ (n, J) at positions whose nearest neighbours are at `nearest`
+        (n,): the datastore's from its distance table; None without a table."""
+        if self.table is None:
+            return None
+        d = np.atleast_1d(np.asarray(nearest, dtype=np.float64))
+        cols = [self.table(d)] + [np.full(len(d), lam) for lam in self.lams[1:]]
+        return np.stack(cols, axis=1)
+
     def mix(self, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, hit: torch.Tensor | None,
-            mem_lp: torch.Tensor | None) -> torch.Tensor:
+            mem_lp: torch.Tensor | None, nearest: float | None = None) -> torch.Tensor:
         """log p(next token) (V,) from the LM's, p_kNN's (None: no retrieval here; -inf
-        outside `hit`) and p_mem's log-probs (V,)."""
+        outside `hit`) and p_mem's log-probs (V,); `nearest`: the nearest neighbour's distance."""
         mems = [x for x, on in zip((knn_lp, mem_lp), self.slots) if on]
         hits = [x for x, on in zip((hit, None), self.slots) if on]
-        omega = self.mixture.omega([x is not None for x in mems])
-        self.pending = (lm_lp, mems) if self.adapts else None
+        base = None if nearest is None else self.base([nearest])
+        base = None if base is None else base[0]
+        omega = self.mixture.omega([x is not None for x in mems], base)
+        self.pending = (lm_lp, mems, base) if self.adapts else None
         return mix_vocab(lm_lp, mems, omega, hits)
 
     def observe(self, token: int) -> None:
         if self.pending is not None:
-            lm_lp, mems = self.pending
-            self.mixture.observe(float(lm_lp[token]), [math.nan if x is None else float(x[token]) for x in mems])
+            lm_lp, mems, base = self.pending
+            self.mixture.observe(float(lm_lp[token]), [math.nan if x is None else float(x[token]) for x in mems], base)
         self.pending = None
 
-    def read(self, lm_logprobs: np.ndarray, knn_logprobs: np.ndarray | None, mem_logprobs: np.ndarray | None):
-        """A text's targets (n,) each: their flat weights (n, J), taken in as evidence."""
+    def read(self, lm_logprobs: np.ndarray, knn_logprobs: np.ndarray | None, mem_logprobs: np.ndarray | None,
+             nearest: np.ndarray | None = None):
+        """A text's targets (n,) each: their flat weights (n, J), taken in as evidence;
+        nearest (n,): each position's nearest neighbour's distance (NaN: none)."""
         cols = [x for x, on in zip((knn_logprobs, mem_logprobs), self.slots) if on]
         mems = np.stack(cols, axis=1) if cols else np.zeros((len(lm_logprobs), 0))
-        return self.mixture.step(lm_logprobs, mems), mems
+        base = None if nearest is None else self.base(nearest)
+        return self.mixture.step(lm_logprobs, mems, base), mems
 
 
 @dataclass
@@ -298,14 +318,15 @@ class Decoder:
         """Take the fed tokens ids[1:] in as the mixing's evidence (a plain search for each)."""
         targets = torch.tensor(ids[1:], device=logits.device)[:, None]  # (t-1, 1)
         lm = torch.log_softmax(logits[:-1].float(), -1).gather(1, targets)[:, 0].cpu().numpy()  # (t-1,)
-        knn = mem = None
+        knn = mem = nearest = None
         if self.r is not None:
             d, i = self.r.searcher.search(keys[:-1], self.r.k)  # (t-1, k)
             knn = target_knn_logprobs(self.r, d, i, np.asarray(ids[1:]))
+            nearest = d[:, 0]
         if self.m is not None:
             mem_lp = torch.log_softmax(mem_logits[:-1].float(), -1)
             mem = mem_lp.gather(1, targets.to(mem_lp.device))[:, 0].cpu().numpy()
-        self.mixing.read(lm, knn, mem)
+        self.mixing.read(lm, knn, mem, nearest)
 
     def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor | None]:
@@ -345,7 +366,7 @@ def next_distributions(logits: torch.Tensor, r: Retrieval | None, dists: np.ndar
         mem_lp = align_vocab(torch.log_softmax(mem_logits.float(), -1).cpu(), lm_lp.shape[-1])  # (V,)
     mixing = mixing if mixing is not None else MixState(r, m)
     speaks = knn_lp is not None and len(hit) > 0  # no neighbour at all (an IVF probe found none): p_LM
-    mix = mixing.mix(lm_lp, knn_lp if speaks else None, hit, mem_lp)
+    mix = mixing.mix(lm_lp, knn_lp if speaks else None, hit, mem_lp, float(dists[0, 0]) if speaks else None)
     return mix, lm_lp, knn_lp
 
 

@@ -58,6 +58,7 @@ class Scores:
     cache_keys: np.ndarray | None = None  # (n, d) float32 final hidden states, when kept
     searched: np.ndarray | None = None  # (n,) bool: positions that searched (all of them without pointers/adaptive)
     memory: np.ndarray | None = None  # (n,) log p_mem(target) of a memory decoder
+    nearest: np.ndarray | None = None  # (n,) the nearest neighbour's squared distance (NaN: not searched)
     seconds: dict = field(default_factory=dict)
 
 
@@ -110,6 +111,7 @@ def score_plan(
     targets = plan.targets().astype(np.int64)
     lm_lp = np.empty(n, dtype=np.float32)
     knn_lp = np.empty(n, dtype=np.float64) if searcher else None
+    nearest = np.full(n, np.nan) if searcher else None
     if searcher is not None and k > searcher.ds.count:
         raise KnnlmError(f"k={k} is larger than the datastore ({searcher.ds.count} entries)")
     replay = searcher is not None and (pointers is not None or adaptive is not None)
@@ -157,7 +159,8 @@ def score_plan(
         elif getattr(searcher, "on_device", False) and not keep_neighbors and exclude is None:
             # search, re-rank and p_kNN on the model's device: only (m,) numbers come back
             t_sel = torch.from_numpy(targets[sel])
-            knn_lp[sel] = searcher.target_logprobs(torch.cat(qs), t_sel, k, temperature).cpu().numpy()
+            lp, near = searcher.target_logprobs(torch.cat(qs), t_sel, k, temperature, with_nearest=True)
+            knn_lp[sel], nearest[sel] = lp.cpu().numpy(), near.cpu().numpy()
             t_search += time.perf_counter() - t1
         elif searcher is not None:
             q = torch.cat(qs).float().cpu().numpy()  # (m, d)
@@ -165,7 +168,7 @@ def score_plan(
             v = searcher.ds.vals[np.maximum(i, 0)]
             lp = knn_target_logprobs(d, v, targets[sel], temperature, counts=searcher.ds.counts_of(i))
             lp[(i < 0).all(axis=1)] = np.nan  # no neighbour at all (an IVF probe found none): p_LM alone
-            knn_lp[sel] = lp
+            knn_lp[sel], nearest[sel] = lp, d[:, 0]
             if keep_neighbors:
                 dists[sel], ids[sel] = d, i
             t_search += time.perf_counter() - t1
@@ -183,12 +186,12 @@ def score_plan(
         run = simulate(all_q, targets, plan.docs[:, 2], searcher.ds.vals, searcher.ds,
                        lambda pos, q, kk: searcher.search(q, kk), searcher.exact, k, pointers, (temperature,),
                        skip=skip if skip.any() else None, progress=progress)
-        knn_lp, searched = run.knn[:, 0], run.searched
+        knn_lp, searched, nearest = run.knn[:, 0], run.searched, run.nearest
         t_search += time.perf_counter() - t1
     elif searcher is not None:
         searched = np.ones(n, dtype=bool)
     out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search, "memory": t_mem},
-                 searched=searched, memory=mem_lp)
+                 searched=searched, memory=mem_lp, nearest=nearest)
     if keep_neighbors and searcher is not None:
         out.dists, out.ids = dists, ids
         out.vals = searcher.ds.vals[np.maximum(ids, 0)]
@@ -255,7 +258,7 @@ def evaluate(
     if datastore is not None:
         ds = open_for_model(lm, datastore)
         chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=retrieval.paper_defaults,
-                         name=str(ds.path), lambda_mode=mixing.mode)
+                         name=str(ds.path), lambda_mode=mixing.mode, by_distance=mixing.by_distance)
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
         searcher = open_searcher(ds, retrieval.index, nprobe=retrieval.nprobe, rerank=retrieval.rerank,
                                  device=str(lm.device), backend="ray" if retrieval.actors else "local",
@@ -288,12 +291,17 @@ def evaluate(
     }
     knn = [(s.knn, Weight(lam, chosen.adapt))] if searcher is not None else []  # (log-probs, λ) of the datastore
 
-    def mixed(*memories) -> np.ndarray:  # the LM and these memories through the one mixer (knnlm.core.mix)
-        lp, _, _ = mix_text(s.lm, np.stack([m for m, _ in memories], axis=1), [w for _, w in memories])
-        return lp
+    table = chosen.by_distance if searcher is not None else None
+
+    def mixed(*memories) -> tuple[np.ndarray, np.ndarray]:  # the LM and memories through the one mixer
+        base = None  # each position's base λ: the datastore's from its distance table, the others' own
+        if table is not None:
+            base = np.stack([table(s.nearest)] + [np.full(len(s.lm), w.lam) for _, w in memories[1:]], axis=1)
+        lp, _, lams = mix_text(s.lm, np.stack([m for m, _ in memories], axis=1), [w for _, w in memories], base)
+        return lp, lams
 
     if searcher is not None:
-        knnlm_lp, _, lams = mix_text(s.lm, s.knn[:, None], [knn[0][1]])
+        knnlm_lp, lams = mixed(*knn)
         lam_end = float(lams[0])
         result.update(
             ppl_knnlm=perplexity(knnlm_lp),
@@ -304,6 +312,7 @@ def evaluate(
             **{"lambda": lam},
             lambda_mode=chosen.mode,
             **({"lambda_adapted": round(lam_end, 6)} if chosen.adapt else {}),
+            **({"lambda_by_distance": table.as_dict()} if table is not None else {}),
             temperature=temperature,
             settings_source=chosen.source,
             datastore=str(searcher.ds.path),
@@ -315,13 +324,13 @@ def evaluate(
             seconds_knn=round(s.seconds["knn"], 3),
         )
     if cache_lambda is not None:
-        result.update(ppl_cache=perplexity(mixed(*knn, (s.cache, Weight(cache_lambda)))), cache_lambda=cache_lambda,
+        result.update(ppl_cache=perplexity(mixed(*knn, (s.cache, Weight(cache_lambda)))[0]), cache_lambda=cache_lambda,
                       cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
         mlam = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
-        result.update(ppl_memory=perplexity(mixed((s.memory, Weight(mlam)))), memory=memory.name,
+        result.update(ppl_memory=perplexity(mix_text(s.lm, s.memory[:, None], [Weight(mlam)])[0]), memory=memory.name,
                       memory_lambda=mlam, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
                       seconds_memory=round(s.seconds["memory"], 3))
         if searcher is not None:
-            result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, Weight(mlam))))
+            result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, Weight(mlam)))[0])
     return result

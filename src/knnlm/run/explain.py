@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnlm.core.adapt import mix_target, stream_lambdas
+from knnlm.core.mix import Weight, mix_text
 from knnlm.core.attribution import Attribution, attribute_neighbors
 from knnlm.core.attribution import knn_weights as neighbor_weights  # noqa: F401 (softmax(-d / T) of one row)
 from knnlm.core.datastore import Datastore
@@ -14,17 +14,17 @@ from knnlm.run.evaluate import Scores
 
 def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
             neighbors: int = 5, context: int = 24, min_context: int = 4, by: str = "log",
-            adapt: bool = False) -> list[dict]:
+            adapt: bool = False, by_distance=None) -> list[dict]:
     """The `top` targets with the largest gain log p_kNN-LM - log p_LM (`by="prob"`: the
     largest p_kNN-LM - p_LM, the probability the datastore added), as dicts.  With `adapt`,
-    λ adapts from `lam` as the text is read (knnlm.core.adapt), as `evaluate` does.
+    λ adapts from `lam` as the text is read (knnlm.core.adapt), as `evaluate` does; with a
+    `by_distance` table (knnlm.core.neighbor) each position's λ starts from its nearest distance.
 
     Targets with fewer than `min_context` tokens of their document before them are
     skipped: a document's first words are predicted from the same empty context everywhere.
     """
     plan = scores.plan
-    lams = stream_lambdas(scores.lm, scores.knn, lam, adapt)
-    mix = mix_target(scores.lm, scores.knn, lams)
+    mix, lams = knn_mixture(scores, lam, adapt, by_distance)
     if by not in ("log", "prob"):
         raise ValueError(f"by must be 'log' or 'prob', got {by!r}")
     gain = mix - scores.lm if by == "log" else np.exp(mix) - np.exp(scores.lm)
@@ -73,11 +73,21 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
     return out
 
 
-def attribute_scores(ds, scores: Scores, lam: float, temperature: float, adapt: bool = False) -> Attribution:
+def knn_mixture(scores: Scores, lam: float, adapt: bool = False, by_distance=None) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN-LM's log p(target) (n,) and the datastore's weight at each position (n,), as
+    `evaluate` mixes them (knnlm.core.mix; a `by_distance` table reads the nearest distances)."""
+    nearest = scores.nearest if scores.nearest is not None else (None if scores.dists is None else scores.dists[:, 0])
+    base = None if by_distance is None or nearest is None else by_distance(nearest)[:, None]
+    mix, omega, _ = mix_text(scores.lm, scores.knn[:, None], [Weight(lam, adapt)], base)
+    return mix, omega[:, 0]
+
+
+def attribute_scores(ds, scores: Scores, lam: float, temperature: float, adapt: bool = False,
+                     by_distance=None) -> Attribution:
     """Which documents of `ds` the text's kNN-LM probabilities came from (knnlm.core.attribution),
     from a pass that kept its neighbours (`score_plan(keep_neighbors=True)`), with λ as
     `explain` and `evaluate` use it."""
-    lams = stream_lambdas(scores.lm, scores.knn, lam, adapt)
+    _, lams = knn_mixture(scores, lam, adapt, by_distance)
     return attribute_neighbors(ds, scores.dists, scores.ids, scores.targets, lams, temperature)
 
 

@@ -146,10 +146,11 @@ class KNNLM:
                  context: int = 24, paper_defaults: bool = False, pointers: Pointers | None = None,
                  adaptive: Adaptive | None = None, memories: Mapping[str, str | Path] | None = None,
                  memory_lambda: float | None = None, default_memory: str | None = None,
-                 lambda_mode: str | None = None):
+                 lambda_mode: str | None = None, lambda_by_distance: bool | None = None):
         check_settings(lam=lam, temperature=knn_temperature, k=k)
         check_lambda_mode(lambda_mode)
         self.lambda_mode = lambda_mode  # None: adaptive unless lam is given (knnlm.core.settings.resolve)
+        self.lambda_by_distance = lambda_by_distance  # None: the datastore's λ-by-distance table when recorded
         check_memory_lambda(memory_lambda)
         self.pointers, self.adaptive = _checked(pointers, adaptive)  # defaults of every call (None: off)
         self.lm = lm
@@ -247,10 +248,10 @@ class KNNLM:
         r = resolve(s.ds.meta, s.ds.count, self.k if k is None else k, self.lam if lam is None else lam,
                     self.knn_temperature if knn_temperature is None else knn_temperature,
                     paper=self.paper_defaults, name=name,
-                    lambda_mode=self.lambda_mode)
+                    lambda_mode=self.lambda_mode, by_distance=self.lambda_by_distance)
         if r.k > s.ds.count:
             raise KnnlmError(f"k={r.k} is larger than datastore {name!r} ({s.ds.count} entries)")
-        return Retrieval(name, s, r.lam, r.k, r.temperature, pointers, adaptive, r.adapt)
+        return Retrieval(name, s, r.lam, r.k, r.temperature, pointers, adaptive, r.adapt, r.by_distance)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt: a string gets the prefix token (BOS) first; ids are kept as given."""
@@ -322,7 +323,7 @@ class KNNLM:
             mem_all = torch.log_softmax(mem_logits[0, :-1].float(), -1)  # (T-1, V_mem)
             mem_lp = mem_all.gather(1, targets[:, None].to(mem_all.device))[:, 0].cpu().numpy().astype(np.float64)
         mixing = MixState(r, m)  # the one mixer, as generation uses it: λ read from the tokens so far
-        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp)  # (T-1, J) each
+        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp, None if dists is None else dists[:, 0])  # (T-1, J) each
         mix = mix_targets(lm_lp, mems, omega)
         tops = (self._top_rows(lm_all, r, dists, nids, omega, top_logprobs, mem_all)
                 if top_logprobs else [{} for _ in mix])
@@ -555,5 +556,6 @@ class KNNLogitsProcessor(LogitsProcessor):
         vals = self.r.ds.vals[np.maximum(ids, 0)]
         knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature,
                                   self.r.ds.counts_of(ids)).to(lm_lp.device)  # (B, V)
-        return torch.stack([state.mix(lm_lp[row], knn_lp[row] if (ids[row] >= 0).any() else None, None, None)
+        return torch.stack([state.mix(lm_lp[row], knn_lp[row] if (ids[row] >= 0).any() else None, None, None,
+                                      float(dists[row, 0]))
                             for row, state in enumerate(self.mixing)])

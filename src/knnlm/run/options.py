@@ -63,10 +63,13 @@ class MixSettings:
     """How the LM and the memories are mixed.  `lam`: the datastore's λ (None: its tuned one);
     `mode` "adaptive" (λ follows the text as it is read, knnlm.core.adapt) or "fixed"
     (None: adaptive unless `lam` is given); `cache_lambda`: the continuous cache mixed on
-    top (None: no cache); `memory_lambda`: a memory decoder's λ (None: its default)."""
+    top (None: no cache); `memory_lambda`: a memory decoder's λ (None: its default);
+    `by_distance`: each position's λ read from its nearest neighbour's distance with the
+    datastore's recorded table (knnlm.core.neighbor; None: when recorded and λ not given)."""
 
     lam: float | None = None
     mode: str | None = None
+    by_distance: bool | None = None
     cache_lambda: float | None = None
     memory_lambda: float | None = None
 
@@ -112,7 +115,7 @@ LEGACY = {
     "adaptive": ("retrieval", "adaptive"), "search_actors": ("retrieval", "actors"),
     "ray_address": ("retrieval", "ray_address"), "paper_defaults": ("retrieval", "paper_defaults"),
     "lam": ("mixing", "lam"), "lambda_mode": ("mixing", "mode"), "cache_lambda": ("mixing", "cache_lambda"),
-    "memory_lambda": ("mixing", "memory_lambda"),
+    "memory_lambda": ("mixing", "memory_lambda"), "lambda_by_distance": ("mixing", "by_distance"),
     "window": ("windows", "window"), "stride": ("windows", "stride"), "batch_tokens": ("windows", "batch_tokens"),
     "cache_theta": ("cache", "theta"), "cache_size": ("cache", "size"),
 }

@@ -5,7 +5,8 @@ read by the LM as if they were new text, each position retrieves its neighbours 
 own document left out (`Searcher.search(..., exclude=)`: the same document within 8192
 tokens, i.e. a whole article, or a neighbourhood in a long .txt stream), so the sweep sees
 what unseen text of the same kind sees.  λ, T and k are swept from that one retrieval
-(`knnlm.run.tune.sweep`) and recorded in meta.json; commands default to them.
+(`knnlm.run.tune.sweep`), then λ per bucket of the nearest neighbour's distance at the best
+k and T (knnlm.core.neighbor), and recorded in meta.json; commands default to them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 from knnlm.core.batching import Plan, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
+from knnlm.core.mix import mix_targets
+from knnlm.core.neighbor import DistanceLambda, fit
+from knnlm.core.scoring import knn_target_logprobs, perplexity
 from knnlm.run.evaluate import score_plan
 from knnlm.run.options import RetrievalSettings
 from knnlm.run.tune import sweep
@@ -68,6 +72,18 @@ def piece_plan(ds, pieces: list[tuple[int, int, int]], batch_tokens: int = 4096)
     return plan, own
 
 
+def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | None]:
+    """λ per bucket of the nearest neighbour's distance (knnlm.core.neighbor), fitted on the
+    same leave-own-document-out positions at the best k and T, and its perplexity there;
+    (None, None) when there are too few positions for more than one bucket."""
+    k, t = best["k"], best["temperature"]
+    knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)  # as `sweep` scores
+    table = fit(scores.lm, knn, scores.dists[:, 0], fallback=best["lambda"])
+    if len(table.lams) < 2:
+        return None, None
+    return table, perplexity(mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0])[:, None]))
+
+
 def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAMPLE_TOKENS, k: int = 1024,
               batch_tokens: int = 4096, seed: int = 0, progress: bool = True, record: bool = True) -> dict:
     """Tune λ, T and k on the datastore's own corpus with leave-own-document-out retrieval;
@@ -81,6 +97,7 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
                         progress=progress)
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
+    table, by_distance = distance_table(scores, best)
     settings = {
         "k": int(best["k"]), "lambda": float(best["lambda"]), "temperature": float(best["temperature"]),
         "how": "leave-own-document-out on the datastore's corpus",
@@ -88,6 +105,8 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
         "index": searcher.settings(), "ppl_lm": res["ppl_lm"], "ppl_knnlm": float(best["ppl"]),
         "seconds": round(time.perf_counter() - t0, 1), "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if table is not None:
+        settings.update(lambda_by_distance=table.as_dict(), ppl_knnlm_by_distance=by_distance)
     LOG.info("tuned on %d positions of %s: k=%d lambda=%.2f T=%g (ppl %.3f -> %.3f)", plan.count, ds.path,
              settings["k"], settings["lambda"], settings["temperature"], res["ppl_lm"], best["ppl"])
     if record:

@@ -16,7 +16,7 @@ from test_bad_input import fails, model_args, succeeds
 from knnlm.core.batching import plan_files
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.edit import compact, edit_lock, remove_documents, select_documents
-from knnlm.core.index import Searcher, build_index
+from knnlm.core.index import Searcher, build_index, verify_indexes
 from knnlm.errors import KnnlmError
 from knnlm.run.evaluate import score_plan
 
@@ -274,3 +274,114 @@ def lm_decode(model_dir):
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     return lambda ids: tok.decode([int(i) for i in ids])
+
+
+# ---- add ---------------------------------------------------------------------------------
+@pytest.fixture
+def first4(built, tmp_path, lm):
+    """A datastore of documents 0..3 (Flat and IVF indexes), and the file of documents 4 and 5."""
+    path = build_datastore(lm, [write_docs(tmp_path / "first4.jsonl", range(4))], tmp_path / "ds", **BUILD)[0]
+    build_index(Datastore(path), "Flat", progress=False)
+    return path, write_docs(tmp_path / "more.jsonl", [4, 5])
+
+
+def same_as(a_path, b_path, k=10):
+    """Two datastores hold the same entries, provenance and Flat search results."""
+    a, b = Datastore(a_path), Datastore(b_path)
+    for name in ("keys", "vals", "tokens", "docs"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+    assert [x["title"] for x in a.doc_info] == [x["title"] for x in b.doc_info]
+    q = np.asarray(b.keys, dtype=np.float32)
+    d, i = canonical(*Searcher(a, "flat").search(q, k))
+    d0, i0 = canonical(*Searcher(b, "flat").search(q, k))
+    np.testing.assert_array_equal(i, i0)
+    np.testing.assert_array_equal(d, d0)
+
+
+def test_add_equals_a_build_with_them(lm, first4, built):
+    from knnlm.core.edit import add_documents
+
+    path, more = first4
+    build_index(Datastore(path), "IVF4,Flat", nprobe=4, progress=False)
+    e = add_documents(lm, path, [more], batch_tokens=32, progress=False)
+    assert (e["op"], e["count"], e["version"], e["first_document"]) == ("add", 2, 1, 4)
+    full = Datastore(built[0])
+    assert Datastore(path).count == full.count
+    assert np.load(path / "keys.npy").shape == full.keys.shape  # the header says so too
+    Datastore(path).verify()
+    same_as(path, built[0])
+    assert Datastore(path).doc_info[4]["version"] == 1  # provenance: the version that added it
+    _, i = Searcher(Datastore(path), "ivf4-flat").search(np.asarray(full.keys[-5:], np.float32), 1)
+    assert (i[:, 0] >= Datastore(built[0]).docs[4, 2]).all()  # the IVF index took the new codes
+    assert sorted(p.name for p in (path / "indexes" / "flat").iterdir()) == ["index.faiss", "index.json"]
+
+
+def test_add_then_remove_gives_the_original_results(lm, first4):
+    from knnlm.core.edit import add_documents
+
+    path, more = first4
+    q = np.asarray(Datastore(path).keys, dtype=np.float32)
+    before = Searcher(Datastore(path), "flat").search(q, 8)
+    add_documents(lm, path, [more], batch_tokens=32, progress=False)
+    remove_documents(path, [4, 5])
+    after = Searcher(Datastore(path), "flat").search(q, 8)
+    np.testing.assert_array_equal(canonical(*after)[1], canonical(*before)[1])
+    np.testing.assert_array_equal(canonical(*after)[0], canonical(*before)[0])
+
+
+@pytest.mark.parametrize("step", ["keys", "files", "index flat", "committed"])
+def test_interrupted_add_leaves_before_or_after_and_reruns(lm, first4, built, tmp_path, step):
+    from knnlm.core.edit import add_documents
+
+    path, more = first4
+    saved = tmp_path / "saved"
+    shutil.copytree(path, saved)
+
+    def boom(name):
+        if name == step:
+            raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError):
+        add_documents(lm, path, [more], batch_tokens=32, progress=False, on_step=boom)
+    if step == "committed":
+        same_as(path, built[0])  # after (the index file is renamed by the next edit)
+    else:
+        same_as(path, saved)  # before: readers see the rows meta.json names
+        add_documents(lm, path, [more], batch_tokens=32, progress=False)  # the same command again
+        same_as(path, built[0])
+    with edit_lock(path):
+        pass  # settles the files
+    Datastore(path).verify()
+    verify_indexes(Datastore(path))
+    same_as(path, built[0])
+
+
+def test_killed_add_process(first4, built, llama_dir):
+    """`knnlm add` killed (os._exit) after appending the rows, before the commit: the datastore
+    is as before (and byte for byte after the next edit settles it); the same command finishes."""
+    path, more = first4
+    before = Datastore(path).meta["sha256"]
+    code = ("import os, sys\nimport knnlm.core.edit as e\nreal = e.add_documents\n"
+            "def killed(*a, **kw):\n    return real(*a, **kw, on_step=lambda n: os._exit(9) if n == 'files' else None)\n"
+            "e.add_documents = killed\nfrom knnlm.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
+    argv = ["-q", "add", str(path), str(more), *model_args(llama_dir), "--batch-tokens", "32"]
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert r.returncode == 9, r.stderr
+    assert Datastore(path).count < Datastore(built[0]).count
+    with edit_lock(path):
+        pass
+    assert Datastore(path).meta["sha256"] == before
+    Datastore(path).verify()
+    r = subprocess.run([sys.executable, "-m", "knnlm", *argv], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("added 2 documents"), r.stderr
+    same_as(path, built[0])
+
+
+def test_add_refusals_change_nothing(first4, model_dirs, capsys):
+    path, more = first4
+    before = (path / "meta.json").read_text()
+    other = next(d for a, d in model_dirs.items() if a != "llama")
+    assert "was built with" in fails(capsys, ["add", path, more, *model_args(other)])
+    with edit_lock(path):
+        assert "being edited" in fails(capsys, ["add", path, more, *model_args(model_dirs["llama"])])
+    assert (path / "meta.json").read_text() == before

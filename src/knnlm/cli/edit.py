@@ -3,6 +3,7 @@ which documents of a datastore a text's probabilities came from."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from knnlm.errors import KnnlmError
@@ -96,6 +97,25 @@ def _decoder(ds):
     return lambda ids: tok.decode([int(i) for i in ids])
 
 
+def cmd_add(args) -> None:
+    from knnlm.cli.checks import check_texts
+    from knnlm.cli.common import load_lm, print_tuned
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.edit import add_documents, open_for_edit
+
+    check_texts(args.corpus)
+    ds = open_for_edit(args.datastore)
+    lm = load_lm(args, args.datastore)
+    t0 = time.perf_counter()
+    e = add_documents(lm, ds.path, args.corpus, batch_tokens=args.batch_tokens, progress=not args.quiet)
+    print(f"added {e['count']} documents ({e['entries']} entries) to {ds.path} in {time.perf_counter() - t0:.1f} s: "
+          f"version {e['version']}, {Datastore(ds.path).count} entries")
+    if args.retune:
+        from knnlm.run.selftune import self_tune
+
+        print_tuned(self_tune(lm, Datastore(ds.path), sample_tokens=args.tune_tokens, progress=not args.quiet))
+
+
 def cmd_compact(args) -> None:
     from knnlm.core.datastore import Datastore
     from knnlm.core.edit import compact
@@ -127,6 +147,19 @@ def register(add, add_model_args, add_knn_args, add_window_args) -> None:
     sp.add_argument("--text-match", default=None, metavar="REGEX",
                     help="documents whose text matches (reads every document with the datastore's tokenizer)")
     sp.add_argument("--dry-run", action="store_true", help="list the documents that would go; change nothing")
+
+    sp = add("add", cmd_add, "add documents to a datastore: one forward pass over them, no index retraining",
+             "  knnlm add ds-wiki more.jsonl\n"
+             "  knnlm add ds-wiki new-articles.jsonl --retune   # and tune k, lambda, T again on the grown corpus\n"
+             "  (the datastore's model, window and stride; its indexes take the new keys as they are trained;\n"
+             "   interrupted, the datastore stays as it was: run the same command again)")
+    sp.add_argument("datastore")
+    sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files (or their .gz)")
+    sp.add_argument("--retune", action="store_true",
+                    help="tune k, lambda and T again on the datastore's corpus after adding (leave-own-document-out)")
+    sp.add_argument("--tune-tokens", type=int, default=16384, help="with --retune: positions of the corpus read")
+    sp.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+    add_model_args(sp)
 
     sp = add("compact", cmd_compact, "rewrite a datastore and its indexes without its removed documents",
              "  knnlm compact ds\n"

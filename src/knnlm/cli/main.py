@@ -32,6 +32,7 @@ from knnlm.cli.memory import add_memory_args
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger("knnlm")
+RETUNE_SHARE = 0.1  # `knnlm info` advises re-tuning once this share of the entries was added since tuning
 SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's defaults", "explicit": "as given"}
 
 
@@ -262,6 +263,10 @@ def cmd_info(args) -> None:
         rows.append(("settings", f"k={t['k']} lambda={t['lambda']} T={t['temperature']}, {t.get('how', 'tuned')} "
                                  f"({t.get('tokens', '?')} tokens: ppl {t.get('ppl_lm', float('nan')):.3f} -> "
                                  f"{t.get('ppl_knnlm', float('nan')):.3f})"))
+    added = int(m.get("added_since_tuning", 0))
+    if t is not None and added >= RETUNE_SHARE * ds.count:
+        rows.append(("re-tuning", f"advised: {added / ds.count:.0%} of the entries were added since these settings "
+                                  "were tuned (`knnlm tune HELDOUT -d DS --save`, or `knnlm add --retune`)"))
     rows.append(("lambda mode", "adaptive by default: starts at the lambda above and follows the text being scored "
                                 "(--lambda-mode fixed keeps it)"))
     if args.verify:

@@ -67,13 +67,14 @@ class Datastore:
         self.key_point = self.meta["key_point"]
         self.keys = self._load("keys.npy", (self.count, self.dim), KEY_DTYPE)
         self.vals = self._load("vals.npy", (self.count,), VAL_DTYPE)
-        self.tokens = self._load("tokens.npy", None, np.int32)
-        self.docs = self._load("docs.npy", None, np.int64)
+        self.tokens = self._load("tokens.npy", (int(self.meta["tokens"]),) if "tokens" in self.meta else None, np.int32)
+        self.docs = self._load("docs.npy", (int(self.meta["documents"]), 3), np.int64)
         docs_jsonl = self.path / "docs.jsonl"
         if not docs_jsonl.exists():
             raise KnnlmError(f"datastore file missing: {docs_jsonl}")
-        try:
-            self.doc_info = [json.loads(line) for line in docs_jsonl.read_text("utf-8").splitlines()]
+        try:  # an edited datastore's first `documents` lines (an unfinished addition may follow them)
+            lines = docs_jsonl.read_text("utf-8").splitlines()
+            self.doc_info = [json.loads(line) for line in lines[: len(self.docs)]]
         except ValueError as e:
             raise KnnlmError(f"docs.jsonl in {self.path} is truncated or corrupted: {e}") from None
         if len(self.doc_info) != len(self.docs):
@@ -130,6 +131,11 @@ class Datastore:
             arr = np.load(f, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
             raise KnnlmError(f"{name} in {self.path} is truncated or corrupted: {e}") from None
+        if (shape is not None and arr.shape != shape and arr.dtype == dtype and arr.shape[1:] == shape[1:]
+                and os.path.getsize(f) >= arr.offset + int(np.prod(shape)) * arr.itemsize):
+            # rows appended by an addition not committed yet, or committed before the header caught
+            # up (knnlm.core.edit): the rows meta.json names
+            arr = np.memmap(f, dtype=dtype, mode="r", offset=arr.offset, shape=shape)
         if arr.dtype != dtype or (shape is not None and arr.shape != shape):
             raise KnnlmError(
                 f"{name} in {self.path} has shape {arr.shape} {arr.dtype}, meta.json says "
@@ -193,6 +199,7 @@ class Datastore:
     def record_settings(self, settings: dict) -> None:
         """Write tuned settings into meta.json (atomically); commands default to them."""
         self.meta["settings"] = settings
+        self.meta.pop("added_since_tuning", None)
         write_json_atomic(self.path / "meta.json", self.meta)
 
     def verify(self) -> None:

@@ -8,6 +8,13 @@ removal takes one atomic rewrite of meta.json.  `compact` rewrites keys, values,
 provenance and indexes without them (entry ids change: a new datastore id), built under
 `<name>.compact.partial/` and moved into place.  One edit at a time: an edit holds
 `.<name>.edit-lock` beside the datastore (a second one ends in a one-line error).
+
+Adding documents runs the model over them alone and appends their rows to the arrays in
+place; readers see the rows meta.json names (`Datastore` maps no more), and each index
+gets their codes without retraining in `index-v<version>.faiss`.  The rewrite of
+meta.json is the commit: a crash before it leaves the datastore as it was (the next edit,
+or the same command again, cuts the appended rows off), a crash after it leaves the new
+version (the next edit renames the index files into place).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from knnlm.core.corpus import file_sha256
-from knnlm.core.datastore import KEY_DTYPE, Datastore, publish, write_json_atomic
+from knnlm.core.datastore import _FILES, KEY_DTYPE, VAL_DTYPE, Datastore, publish, write_json_atomic
 from knnlm.errors import KnnlmError
 
 LOG = logging.getLogger(__name__)
@@ -49,6 +56,8 @@ def edit_lock(path: str | Path) -> Iterator[None]:
         except BlockingIOError:
             raise KnnlmError(f"{path} is being edited by another process; try again when that edit ends") from None
         finish_interrupted(path)
+        if (path / "meta.json").exists():
+            settle(path)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -207,7 +216,7 @@ def compact(path: str | Path, chunk: int = 65536, on_step=None) -> dict:
             shutil.copy2(ds.path / ds.reduction["file"], partial / ds.reduction["file"])
         step("files")
         meta = _logged(ds.meta, "compact", documents=len(gone), entries=int(ds.count - len(rows)), from_id=ds.id)
-        meta.update(id=uuid.uuid4().hex, count=len(rows), documents=len(keep), removed=[],
+        meta.update(id=uuid.uuid4().hex, count=len(rows), documents=len(keep), tokens=len(toks), removed=[],
                     sha256={name: file_sha256(partial / name) for name in ds.meta["sha256"]})
         write_json_atomic(partial / "meta.json", meta)
         new = Datastore(partial)
@@ -246,3 +255,157 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     out[first] = starts[nz] - np.concatenate([[0], (starts + lengths - 1)[nz][:-1]])
     out[0] = starts[nz][0]
     return np.cumsum(out)
+
+
+# ---- add ---------------------------------------------------------------------------------
+_ARRAYS = (("keys.npy", KEY_DTYPE), ("vals.npy", VAL_DTYPE), ("tokens.npy", np.int32), ("docs.npy", np.int64))
+
+
+def _rows(meta: dict) -> dict[str, int]:
+    """The rows of each array that meta.json names."""
+    return {"keys.npy": int(meta["count"]), "vals.npy": int(meta["count"]), "docs.npy": int(meta["documents"]),
+            "tokens.npy": int(meta["tokens"])}
+
+
+def settle(path: Path) -> None:
+    """Bring an edited datastore's files in line with its meta.json: rows an uncommitted
+    addition appended are cut off, and a committed addition's index files take their names."""
+    meta = json.loads((path / "meta.json").read_text("utf-8"))
+    version = int(meta.get("version", 0))
+    if "tokens" in meta:
+        for name, dtype in _ARRAYS:
+            _resize(path / name, dtype, _rows(meta)[name])
+        n = int(meta["documents"])
+        lines = (path / "docs.jsonl").read_bytes().splitlines(keepends=True)
+        if len(lines) > n:
+            with open(path / "docs.jsonl", "r+b") as fh:
+                fh.truncate(sum(len(x) for x in lines[:n]))
+    root = path / "indexes"
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        for f in sorted(d.glob("index-v*.faiss*")):
+            m = re.fullmatch(r"index-v(\d+)\.faiss", f.name)
+            if m and int(m.group(1)) == version:
+                info = json.loads((d / "index.json").read_text())
+                info.update(ntotal=int(meta["count"]), datastore_version=version, sha256=file_sha256(f))
+                write_json_atomic(d / "index.json", info)
+                os.replace(f, d / "index.faiss")
+            else:
+                f.unlink()  # an uncommitted or unfinished one
+
+
+def _resize(f: Path, dtype, rows: int, new: np.ndarray | None = None) -> None:
+    """Cut the .npy file `f` to its first `rows` rows, append `new` rows, and make its header
+    say so (rewritten in place; the whole file only when the new header does not fit)."""
+    arr = np.load(f, mmap_mode="r")
+    offset, rowshape = arr.offset, arr.shape[1:]
+    if arr.shape[0] == rows and new is None and os.path.getsize(f) == offset + arr.nbytes:
+        return
+    del arr
+    rowbytes = np.dtype(dtype).itemsize * int(np.prod(rowshape, dtype=np.int64))
+    total = rows + (0 if new is None else len(new))
+    with open(f, "r+b") as fh:
+        fh.truncate(offset + rows * rowbytes)
+        if new is not None:
+            fh.seek(0, 2)
+            fh.write(np.ascontiguousarray(new, dtype=dtype).tobytes())
+        fits = _write_header(fh, offset, (total,) + rowshape, dtype)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if not fits:
+        old = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(total,) + rowshape)
+        tmp = f.with_name(f.name + ".tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=old.shape)
+        for a in range(0, total, 1 << 16):
+            out[a : a + (1 << 16)] = old[a : a + (1 << 16)]
+        out.flush()
+        del out, old
+        os.replace(tmp, f)
+
+
+def _write_header(fh, offset: int, shape: tuple, dtype) -> bool:
+    """Rewrite a .npy header in place, same length; False when the new one does not fit."""
+    fh.seek(0)
+    magic = fh.read(8)  # \x93NUMPY, major, minor
+    size = 2 if magic[6] == 1 else 4
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+         "shape": tuple(int(x) for x in shape)}
+    text = "{" + "".join(f"'{k}': {v!r}, " for k, v in d.items()) + "}"  # as numpy writes it (byte for byte)
+    room = offset - 8 - size
+    if len(text) + 1 > room:
+        return False
+    fh.seek(8 + size)
+    fh.write((text.ljust(room - 1) + "\n").encode("latin1"))
+    return True
+
+
+def add_documents(lm, path: str | Path, corpora: Sequence[str | Path], batch_tokens: int = 4096,
+                  progress: bool = True, on_step=None) -> dict:
+    """Add the documents of `corpora` to the datastore at `path`: one forward pass over them
+    alone (the datastore's window and stride), their entries appended with their provenance,
+    every index given their codes without retraining.  Atomic (see the module docstring);
+    `on_step(name)` after each step (fault injection).  Returns the edit-log entry."""
+    import faiss
+    import torch
+    from tqdm.auto import tqdm
+
+    from knnlm.core.batching import plan_files
+    from knnlm.core.corpus import corpus_record
+    from knnlm.core.index import index_file, list_indexes
+
+    path = Path(path)
+    step = on_step or (lambda name: None)
+    corpora = [Path(c) for c in corpora]
+    if not corpora:
+        raise KnnlmError("no corpus file given")
+    with edit_lock(path):
+        ds = open_for_edit(path)
+        ds.check_compatible(lm.identity(ds.key_point))  # another model or tokenizer: refused
+        plan = plan_files(lm, corpora, int(ds.meta["window"]), int(ds.meta["stride"]), batch_tokens)
+        if not plan.count:
+            raise KnnlmError(f"no document with two or more tokens in {', '.join(map(str, corpora))}")
+        t0 = time.perf_counter()
+        keys = np.empty((plan.count, ds.dim), dtype=KEY_DTYPE)  # (n, d)
+        bar = tqdm(total=plan.count, unit="tok", desc="add", disable=not progress)
+        for bi in range(len(plan.batches)):
+            feats, _ = lm.forward(plan.batch_input(bi), [ds.key_point], logits=False)
+            f = feats[ds.key_point].to("cpu", torch.float32).numpy()  # (B, T, query_dim)
+            for row, c0, c1, e0 in plan.scored(bi):
+                keys[e0 : e0 + c1 - c0] = ds.to_key_space(f[row, c0:c1]) if ds.reduction else f[row, c0:c1]
+            bar.update(plan.batch_size(bi))
+        bar.close()
+        forward = time.perf_counter() - t0
+        step("keys")
+        meta = dict(ds.meta)
+        if "tokens" not in meta:  # name the token rows before any is appended (older datastores)
+            meta["tokens"] = len(ds.tokens)
+            write_json_atomic(path / "meta.json", meta)
+        n0, t_0, d0, version = ds.count, len(ds.tokens), len(ds.docs), ds.version + 1
+        new = {"keys.npy": keys, "vals.npy": plan.targets(), "tokens.npy": plan.tokens,
+               "docs.npy": plan.docs + np.array([t_0, 0, n0], dtype=np.int64)}
+        for name, dtype in _ARRAYS:
+            _resize(path / name, dtype, _rows(meta)[name], new[name])
+        with open(path / "docs.jsonl", "ab") as fh:
+            fh.write("".join(json.dumps({**i, "version": version}) + "\n" for i in plan.doc_info).encode())
+        step("files")
+        for name in list_indexes(ds):
+            d = path / "indexes" / name
+            index = faiss.read_index(str(index_file(d, ds)))
+            index.add(keys.astype(np.float32))
+            tmp = d / f"index-v{version}.faiss.tmp"
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, d / f"index-v{version}.faiss")
+            del index
+            step(f"index {name}")
+        meta = _logged(meta, "add", files=[c.name for c in corpora], count=len(plan.docs), entries=plan.count,
+                       first_document=d0)
+        meta.update(count=n0 + plan.count, documents=d0 + len(plan.docs), tokens=t_0 + len(plan.tokens),
+                    corpora=list(meta["corpora"]) + [corpus_record(c) for c in corpora],
+                    added_since_tuning=int(meta.get("added_since_tuning", 0)) + plan.count,
+                    sha256={name: file_sha256(path / name) for name in _FILES})
+        write_json_atomic(path / "meta.json", meta)  # the commit
+        step("committed")
+        settle(path)
+        entry = meta["edits"][-1]
+        LOG.info("added %d documents (%d entries) to %s in %.1f s (forward pass %.1f s)", len(plan.docs),
+                 plan.count, path, time.perf_counter() - t0, forward)
+        return entry

@@ -200,6 +200,14 @@ def verify_indexes(ds) -> list[str]:
     return checked
 
 
+def index_file(d: Path, ds) -> Path:
+    """The FAISS file of index directory `d` for this version of the datastore: an addition
+    (knnlm.core.edit) writes `index-v<version>.faiss` before it commits, and renames it to
+    `index.faiss` after."""
+    edited = d / f"index-v{getattr(ds, 'version', 0)}.faiss"
+    return edited if edited.exists() else d / "index.faiss"
+
+
 class Searcher:
     """k-nearest-neighbour search over one datastore, with exact re-ranking of the
     retrieved candidates from the full-precision keys (default for approximate indexes).
@@ -216,9 +224,9 @@ class Searcher:
         faiss = _faiss()
         try:
             flags = faiss.IO_FLAG_MMAP if mmap and self.info.get("factory") != "Flat" else 0
-            self.index = faiss.read_index(str(d / "index.faiss"), flags)
+            self.index = faiss.read_index(str(index_file(d, ds)), flags)
         except RuntimeError as e:
-            raise KnnlmError(f"cannot read {d / 'index.faiss'}: {str(e).strip().splitlines()[-1]}") from None
+            raise KnnlmError(f"cannot read {index_file(d, ds)}: {str(e).strip().splitlines()[-1]}") from None
         if self.index.ntotal != ds.count:
             raise KnnlmError(f"index {d} holds {self.index.ntotal} keys, the datastore {ds.count}")
         self.name = name

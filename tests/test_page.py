@@ -140,7 +140,8 @@ def neighbour_rows(drv, panel="detail"):
 
 
 def api_score(base, text, **kw):
-    body = {"text": text, "datastore": "docs", "return_neighbors": 8, "return_knn": True, **kw}
+    body = {"text": text, "datastore": "docs", "return_neighbors": 8, "return_knn": True, "pointer_threshold": 0,
+            "adaptive_threshold": 0, "memory": None, **kw}  # what the page sends
     return httpx.post(base + "/v1/score", json=body, timeout=60)
 
 

@@ -352,7 +352,9 @@
 
   async function scoreText(k) {
     showError("");
-    const body = {text: $("text").value, datastore: $("datastore").value || null, return_neighbors: NEIGHBORS, return_knn: true};
+    // plain retrieval, no memory decoder, whatever the server's defaults: what the page recomputes
+    const body = {text: $("text").value, datastore: $("datastore").value || null, return_neighbors: NEIGHBORS,
+                  return_knn: true, pointer_threshold: 0, adaptive_threshold: 0, memory: null};
     if (k) body.k = k;
     $("busy").textContent = "scoring…"; $("score-btn").disabled = true;
     try {

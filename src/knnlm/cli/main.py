@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--type", default="auto", help="auto, Flat or any FAISS factory string")
     sp.add_argument("--name", default=None, help="index name (default: from the type)")
     sp.add_argument("--nprobe", type=int, default=32, help="default IVF lists probed per query")
-    sp.add_argument("--train-size", type=int, default=1_000_000, help="keys sampled to train the index")
+    sp.add_argument("--train-size", type=int, default=None,
+                    help="keys sampled to train the index (default: 64 per IVF list, at least 65,536)")
     sp.add_argument("--overwrite", action="store_true", help="replace an index of the same name")
     sp.add_argument("--workers", type=int, default=0,
                     help="sharded datastore: add the shards' keys in parallel Ray tasks (0: here, one by one)")

@@ -159,6 +159,28 @@ class Datastore:
     def __len__(self) -> int:
         return self.count
 
+    def read_keys(self, rows: np.ndarray) -> np.ndarray:
+        """Keys of entries `rows` (sorted ascending), (n, d) float16, read from keys.npy with
+        file reads rather than through the memory map, so that the process holds only these
+        rows (a training sample of a datastore larger than RAM) and no mapped pages."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=KEY_DTYPE)
+        row_bytes = self.dim * np.dtype(KEY_DTYPE).itemsize
+        with open(self.path / "keys.npy", "rb", buffering=0) as f:
+            for i, r in enumerate(rows):
+                f.seek(self.keys.offset + int(r) * row_bytes)
+                out[i] = np.frombuffer(f.read(row_bytes), dtype=KEY_DTYPE)
+        return out
+
+    def iter_keys(self, chunk: int = 65536):
+        """(first row, keys (n, d) float16) for consecutive chunks of the keys, read with file
+        reads: a pass over all keys that leaves no mapped pages behind."""
+        with open(self.path / "keys.npy", "rb") as f:
+            f.seek(self.keys.offset)
+            for i in range(0, self.count, chunk):
+                n = min(chunk, self.count - i)
+                yield i, np.fromfile(f, dtype=KEY_DTYPE, count=n * self.dim).reshape(n, self.dim)
+
     @property
     def id(self) -> str:
         """Unique id of this datastore build; an index records it."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore, publish, write_json_atomic
-from knnlm.core.index import build_index, index_target
+from knnlm.core.index import build_index, index_target, train_sample_size
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -39,7 +39,7 @@ def _add_shard(shard: str, trained_path: str, factory: str, name: str, nprobe: i
 
 
 def build_sharded_index(ds: ShardedDatastore, kind: str = "auto", name: str | None = None,
-                        train_size: int = 1_000_000, nprobe: int = 32, overwrite: bool = False, seed: int = 0,
+                        train_size: int | None = None, nprobe: int = 32, overwrite: bool = False, seed: int = 0,
                         backend: str = "local", ray_address: str | None = None, progress: bool = True) -> Path:
     """Train once on a sample across shards, add every shard's keys; returns the index directory."""
     import faiss
@@ -56,7 +56,7 @@ def build_sharded_index(ds: ShardedDatastore, kind: str = "auto", name: str | No
         raise KnnlmError(f"invalid FAISS factory string {factory!r}: {str(e).strip().splitlines()[-1]}") from None
     n_train, trained_path, extra = 0, "", {}
     if not index.is_trained:
-        n_train = min(ds.count, train_size)
+        n_train = min(ds.count, train_size or train_sample_size(factory))
         sample = np.sort(np.random.default_rng(seed).choice(ds.count, size=n_train, replace=False))
         LOG.info("training %s once on %d keys from all %d shards", factory, n_train, len(ds.shards))
         xs = np.asarray(ds.keys[sample], dtype=np.float32)  # (n_train, d)

@@ -1,0 +1,274 @@
+"""The kNN-LM on 41 English novels: a datastore of about 10^7 real entries, built, indexed,
+searched and measured on 2 CPU cores.
+
+Whole novels are held out (benchmarks/novels.json): two for tuning (Cranford, Agnes Grey)
+and three for test (Hard Times, Persuasion, The Hound of the Baskervilles): short ones, so
+the datastore keeps 95% of the text and the held-out evaluation stays affordable, by
+authors who also wrote novels of the datastore (Gaskell, the Brontës, Dickens, Austen) and
+one who did not (Doyle).  The other 36 novels make the datastore, in the order of
+novels.json: its first novel is about 10^5 entries, its first five about 10^6, all of them
+about 1.1 x 10^7; the smaller datastores of the size curve are these prefixes.
+
+    python benchmarks/bench_novels.py point --size 1e6      # the 10^6 point: build, index, tune, test
+    python benchmarks/bench_novels.py build                 # all 36 novels (hours; resumable)
+    python benchmarks/bench_novels.py report                # results/novels.{md,json} from what ran
+
+Data: the novels folder in --data (default ../shared/data/novels), each file checked
+against its sha256 first.  Heavy work is cached in benchmarks/cache/novels/ (--cache); a
+stopped build resumes where it was when the same command runs again.  Results:
+benchmarks/results/novels.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from common import DEFAULT_DATA, HERE, BenchError, run_main, setup_logging
+
+from knnlm.core.corpus import file_sha256
+
+LOG = logging.getLogger("bench_novels")
+SPLIT = json.loads((HERE / "novels.json").read_text("utf-8"))
+NOVELS = {r["file"]: r for r in SPLIT["novels"]}
+W, S, B = 1024, 768, 4096  # the build's windows: every key has >= 256 tokens of context, 1.33 forward passes a token
+EW, ES = 1024, 512  # evaluation windows (as every knnlm benchmark)
+SIZES = {"1e5": 1, "1e6": 5, "all": len(SPLIT["datastore"])}  # size -> novels of the datastore's order
+
+
+def check_novels(data: Path) -> Path:
+    """The novels folder (`data`/novels, or `data` itself), every file present with its sha256."""
+    folder = data if (data / "SOURCE.md").is_file() else data / "novels"
+    for name, row in NOVELS.items():
+        f = folder / name
+        if not f.is_file():
+            raise BenchError(f"{f} not found: this benchmark needs the 41 novels of SOURCE.md "
+                             "(give their folder with --data)")
+        got = file_sha256(f)
+        if got != row["sha256"]:
+            raise BenchError(f"{f} has sha256 {got}, not {row['sha256']}: another or a changed file")
+    return folder
+
+
+def datastore_files(folder: Path, size: str) -> list[Path]:
+    return [folder / f for f in SPLIT["datastore"][: SIZES[size]]]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_forward(lm, plan, batches: int) -> float:
+    """Scored tokens/s of the model's forward pass alone (no keys kept) over `batches` batches."""
+    t0, n = time.perf_counter(), 0
+    for b in range(min(batches, len(plan.batches))):
+        lm.forward(plan.batch_input(b), [lm.key_point], logits=False)
+        n += plan.batch_size(b)
+    return n / (time.perf_counter() - t0)
+
+
+def phase_build(lm, folder: Path, cache: Path, size: str, log: dict) -> Path:
+    """Build (or resume) the datastore of the first novels; each run appends one segment to
+    the log: its wall time, the entries it wrote, its tokens/s and the bare forward pass's."""
+    from knnlm.core.batching import plan_files
+    from knnlm.core.datastore import build_datastore
+
+    out = cache / f"ds-{size}"
+    if (out / "meta.json").exists():
+        LOG.info("%s is built", out)
+        return out
+    files = datastore_files(folder, size)
+    plan = plan_files(lm, files, W, S, B)
+    bare = bare_forward(lm, plan, 8)
+    LOG.info("bare forward pass: %.0f tokens/s", bare)
+    state = {"batches": 0, "tokens": 0}
+
+    def on_batch(b: int) -> None:
+        state["batches"] += 1
+        state["tokens"] += plan.batch_size(b)
+
+    t0 = time.perf_counter()
+    seg = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bare_tokens_per_s": bare}
+    log.setdefault("segments", {}).setdefault(size, []).append(seg)
+    try:
+        build_datastore(lm, files, out, W, S, B, on_batch=on_batch)
+    finally:
+        seg.update(seconds=time.perf_counter() - t0, tokens=state["tokens"], batches=state["batches"],
+                   peak_rss_mb=peak_rss_mb())
+        seg["tokens_per_s"] = seg["tokens"] / max(seg["seconds"], 1e-9)
+        save_log(cache, log)
+    return out
+
+
+def excerpts(folder: Path, files: list[str], chars: int, out: Path) -> Path:
+    """One document per novel: its first `chars` characters, cut at the last paragraph end."""
+    from knnlm.core.corpus import read_documents
+
+    if not out.exists():
+        rows = []
+        for f in files:
+            text = read_documents(folder / f)[0].text[:chars]
+            rows.append({"title": NOVELS[f]["title"], "text": text[: text.rfind("\n\n")].strip()})
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+        tmp.replace(out)
+    return out
+
+
+def phase_queries(lm, folder: Path, cache: Path, chars: int) -> dict:
+    """Query keys and LM log-probs of the tuning and test excerpts (windows 1024/512), cached."""
+    from common import query_cache
+
+    return {split: query_cache(lambda: lm, excerpts(folder, SPLIT[split], chars, cache / f"{split}-{chars}.jsonl"),
+                               cache / f"queries-{split}-{chars}.npz")
+            for split in ("tune", "test")}
+
+
+def phase_index(ds, kind: str) -> dict:
+    """The index `kind` of `ds` (built when missing): its build time and size."""
+    from knnlm.core.index import auto_factory, build_index, index_info, index_name, list_indexes
+
+    factory = auto_factory(ds.count, ds.dim) if kind == "auto" else kind
+    name = index_name(factory)
+    if name not in list_indexes(ds):
+        build_index(ds, factory)
+    _, d, info = index_info(ds, name)
+    return {"index": name, "factory": factory, "build_seconds": info.get("build_seconds"),
+            "train_size": info.get("train_size"), "bytes": (d / "index.faiss").stat().st_size}
+
+
+def retrieve(searcher, keys, k: int, chunk: int = 4096):
+    """dists and values (n, k) of every query, and the search's seconds."""
+    import numpy as np
+
+    n = len(keys)
+    dists, vals = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
+    t0 = time.perf_counter()
+    for i in range(0, n, chunk):
+        d, ids = searcher.search(np.asarray(keys[i : i + chunk], np.float32), k)
+        dists[i : i + chunk], vals[i : i + chunk] = d, searcher.ds.vals[np.maximum(ids, 0)]
+    return dists, vals, time.perf_counter() - t0
+
+
+def phase_quality(lm, ds, queries: dict, index: str) -> dict:
+    """Test perplexity of the LM and of the kNN-LM with the datastore's own (self-tuned)
+    settings and with k, λ, T tuned on the tuning novels; the test optimum beside them."""
+    from knnlm.core.index import Searcher
+    from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+    from knnlm.run.selftune import self_tune
+    from knnlm.run.tune import sweep
+
+    searcher = Searcher(ds, index)
+    own = ds.settings or self_tune(lm, ds, searcher, progress=False)
+    k = min(1024, ds.count)
+    tq, q = queries["tune"], queries["test"]
+    td, tv, _ = retrieve(searcher, tq["keys"], k)
+    tuned = sweep(tq["lm"].astype(float), td, tv, tq["targets"])["best"]
+    dists, vals, secs = retrieve(searcher, q["keys"], k)
+    lm_lp, t = q["lm"].astype(float), q["targets"]
+
+    def ppl(s):
+        kk = min(int(s["k"]), k)
+        return perplexity(interpolate(lm_lp, knn_target_logprobs(dists[:, :kk], vals[:, :kk], t, s["temperature"]),
+                                      s["lambda"]))
+
+    pick = ("k", "lambda", "temperature")
+    oracle = sweep(lm_lp, dists, vals, t)["best"]
+    return {"entries": ds.count, "test_tokens": int(len(t)), "tune_tokens": int(len(tq["targets"])),
+            "index": searcher.settings(), "search_ms_per_token": 1000 * secs / len(t),
+            "ppl_lm": perplexity(lm_lp),
+            "own": {f: own[f] for f in pick}, "ppl_own": ppl(own),
+            "tuned": {f: tuned[f] for f in pick}, "ppl_tuned": ppl(tuned),
+            "oracle": {f: oracle[f] for f in pick}, "ppl_oracle": oracle["ppl"]}
+
+
+def phase_report(cache: Path, log: dict, command: str) -> None:
+    """results/novels.{json,md} (and the size curve's plot) from the points that ran."""
+    points = {size: json.loads((cache / f"point-{size}.json").read_text("utf-8"))
+              for size in SIZES if (cache / f"point-{size}.json").exists()}
+    results = HERE / "results"
+    (results / "novels.json").write_text(json.dumps({"points": points, "build_log": log}, indent=1) + "\n", "utf-8")
+    lines = ["# The kNN-LM on 41 English novels", "",
+             "Made by `" + command + "` (see `benchmarks/bench_novels.py --help`), on 2 CPU cores, "
+             "SmolLM2-135M in bfloat16.  Held out: "
+             + ", ".join(NOVELS[f]["title"] for f in SPLIT["tune"]) + " (tuning); "
+             + ", ".join(NOVELS[f]["title"] for f in SPLIT["test"]) + " (test); each read from its start.", "",
+             "| entries | novels | index | test tokens | LM | kNN-LM, own settings (k, λ, T) | "
+             "kNN-LM, tuned on the tuning novels (k, λ, T) | test optimum | search ms/token |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r, key):
+        s = r[key.replace("ppl_", "")]
+        ppl = r[key]
+        return f"{ppl:.3f} ({(ppl / r['ppl_lm'] - 1) * 100:+.1f}%) ({s['k']}, {s['lambda']:g}, {s['temperature']:g})"
+
+    for size, r in points.items():
+        lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "
+                     f"{r['ppl_lm']:.3f} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
+                     f"{r['search_ms_per_token']:.2f} |")
+    lines += ["", "## Builds", "", "| datastore | run | seconds | tokens | tokens/s | bare forward tokens/s | ratio | peak RSS MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, segs in log.get("segments", {}).items():
+        for i, g in enumerate(segs):
+            if "seconds" in g:
+                lines.append(f"| {size} | {i + 1} | {g['seconds']:.0f} | {g['tokens']:,} | {g['tokens_per_s']:.0f} | "
+                             f"{g['bare_tokens_per_s']:.0f} | {g['tokens_per_s'] / g['bare_tokens_per_s']:.2f} | "
+                             f"{g['peak_rss_mb']:.0f} |")
+    (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
+    LOG.info("wrote %s", results / "novels.md")
+
+
+def save_log(cache: Path, log: dict) -> None:
+    tmp = cache / "build-log.json.tmp"
+    tmp.write_text(json.dumps(log, indent=1) + "\n", "utf-8")
+    tmp.replace(cache / "build-log.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["check", "build", "point", "report"],
+                    help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
+                         "one size; report: write results/novels.{md,json}")
+    ap.add_argument("--chars", type=int, default=32_000,
+                    help="characters of each held-out novel read for tuning and test (default: 32000)")
+    ap.add_argument("--index", default="auto", help="index of the point (default: auto, as knnlm build)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="all", help="datastore: 1e5, 1e6 or all novels")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding novels/ (default: ../shared/data)")
+    ap.add_argument("--cache", default=str(HERE / "cache" / "novels"))
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    setup_logging("bench_novels")
+    folder = check_novels(Path(args.data))
+    if args.phase == "check":
+        print(f"{len(NOVELS)} novels in {folder}: sha256 as recorded")
+        return
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    log_path = cache / "build-log.json"
+    log = json.loads(log_path.read_text("utf-8")) if log_path.exists() else {}
+    if args.phase == "report":
+        phase_report(cache, log, "python benchmarks/bench_novels.py " + " ".join(sys.argv[1:]))
+        return
+    from knnlm.core.model import LM
+
+    lm = LM.load("smollm2-135m", dtype=args.dtype)
+    ds_path = phase_build(lm, folder, cache, args.size, log)
+    if args.phase == "point":
+        from knnlm.core.datastore import Datastore
+
+        ds = Datastore(ds_path)
+        res = {"size": args.size, "novels": SPLIT["datastore"][: SIZES[args.size]], "build": log.get("segments", {}).get(args.size)}
+        res["index"] = phase_index(ds, args.index)
+        res.update(phase_quality(lm, ds, phase_queries(lm, folder, cache, args.chars), res["index"]["index"]))
+        out = cache / f"point-{args.size}.json"
+        out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
+        LOG.info("%s: %s", out, json.dumps({k: res[k] for k in ("entries", "ppl_lm", "ppl_own", "ppl_tuned")}))
+
+
+if __name__ == "__main__":
+    run_main(main)

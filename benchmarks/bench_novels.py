@@ -223,6 +223,79 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
     LOG.info("wrote %s", results / "novels.md")
 
 
+def exact_topk(ds, queries, k: int, chunk: int = 32768):
+    """Exact top-k (squared L2 to the stored float16 keys) of each query, by one pass over the
+    keys with file reads (no index, no keys in RAM): (dists, ids) ascending, (m, k)."""
+    import numpy as np
+
+    q = np.asarray(queries, np.float32)
+    qn = (q * q).sum(1)[:, None]
+    best_d = np.full((len(q), k), np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    for start, keys in ds.iter_keys(chunk):
+        x = keys.astype(np.float32)
+        d = qn - 2 * q @ x.T + (x * x).sum(1)[None, :]  # (m, chunk)
+        cd = np.concatenate([best_d, d], 1)
+        ci = np.concatenate([best_i, np.arange(start, start + len(x))[None, :].repeat(len(q), 0)], 1)
+        top = np.argpartition(cd, k - 1, axis=1)[:, :k]
+        best_d, best_i = np.take_along_axis(cd, top, 1), np.take_along_axis(ci, top, 1)
+    order = np.argsort(best_d, 1)
+    return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int], n_exact: int, cache: Path) -> list:
+    """Each FAISS configuration on `ds`: training and adding time, bytes, and per nprobe the
+    search ms per test token at k = 1024 (re-ranked from the stored keys), recall of the exact
+    top-k and test perplexity with the tuned settings, against exact search over all entries."""
+    import numpy as np
+
+    from knnlm.core.index import Searcher, build_index, index_info, index_name, list_indexes
+    from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+    from knnlm.run.tune import sweep
+
+    k = min(1024, ds.count)
+    q = queries["test"]
+    pick = np.linspace(0, len(q["targets"]) - 1, min(n_exact, len(q["targets"]))).astype(int)
+    exact_path = cache / f"exact-{ds.count}-{len(pick)}.npz"
+    if not exact_path.exists():
+        t0 = time.perf_counter()
+        ed, ei = exact_topk(ds, q["keys"][pick], k)
+        np.savez(exact_path, dists=ed, ids=ei, seconds=time.perf_counter() - t0)
+    ex = np.load(exact_path)
+    lm_lp, t = q["lm"][pick].astype(float), q["targets"][pick]
+    tq = queries["tune"]
+    rows = []
+
+    def ppl(d, ids, s):
+        v = ds.vals[np.maximum(ids, 0)]
+        return perplexity(interpolate(lm_lp, knn_target_logprobs(d[:, :s["k"]], v[:, :s["k"]], t, s["temperature"]),
+                                      s["lambda"]))
+
+    for factory in factories:
+        name = index_name(factory)
+        if name not in list_indexes(ds):
+            build_index(ds, factory)
+        _, d, info = index_info(ds, name)
+        row = {"factory": factory, "build_seconds": info.get("build_seconds"), "train_size": info.get("train_size"),
+               "bytes": (d / "index.faiss").stat().st_size, "bytes_per_entry": (d / "index.faiss").stat().st_size / ds.count,
+               "nprobe": []}
+        for nprobe in nprobes:
+            s = Searcher(ds, name, nprobe=nprobe)
+            td, tv, _ = retrieve(s, tq["keys"], k)
+            tuned = sweep(tq["lm"].astype(float), td, tv, tq["targets"])["best"]
+            t0 = time.perf_counter()
+            dd, ii = s.search(np.asarray(q["keys"][pick], np.float32), k)
+            ms = 1000 * (time.perf_counter() - t0) / len(pick)
+            recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ii, ex["ids"])]))
+            row["nprobe"].append({"nprobe": nprobe, "ms_per_token": ms, "recall": recall,
+                                  "tuned": {f: tuned[f] for f in ("k", "lambda", "temperature")},
+                                  "ppl": ppl(dd, ii, tuned), "ppl_exact": ppl(ex["dists"], ex["ids"], tuned)})
+            LOG.info("%s nprobe %d: %.2f ms/token, recall %.3f, ppl %.3f (exact %.3f)", factory, nprobe, ms, recall,
+                     row["nprobe"][-1]["ppl"], row["nprobe"][-1]["ppl_exact"])
+        rows.append(row)
+    return rows
+
+
 def save_log(cache: Path, log: dict) -> None:
     tmp = cache / "build-log.json.tmp"
     tmp.write_text(json.dumps(log, indent=1) + "\n", "utf-8")
@@ -231,9 +304,15 @@ def save_log(cache: Path, log: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["check", "build", "point", "report"],
+    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "report"],
                     help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
-                         "one size; report: write results/novels.{md,json}")
+                         "one size; indexes: FAISS configurations on one size against exact search; "
+                         "report: write results/novels.{md,json}")
+    ap.add_argument("--factories", default="IVF1024,PQ64;IVF4096,PQ64;IVF4096,PQ32",
+                    help="indexes phase: FAISS factory strings, ';'-separated")
+    ap.add_argument("--nprobes", default="8,32", help="indexes phase: nprobe values, comma-separated")
+    ap.add_argument("--exact-tokens", type=int, default=2000,
+                    help="indexes phase: test tokens searched exactly over all entries (default: 2000)")
     ap.add_argument("--chars", type=int, default=32_000,
                     help="characters of each held-out novel read for tuning and test (default: 32000)")
     ap.add_argument("--index", default="auto", help="index of the point (default: auto, as knnlm build)")
@@ -268,6 +347,13 @@ def main() -> None:
         out = cache / f"point-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: %s", out, json.dumps({k: res[k] for k in ("entries", "ppl_lm", "ppl_own", "ppl_tuned")}))
+    if args.phase == "indexes":
+        from knnlm.core.datastore import Datastore
+
+        rows = phase_indexes(lm, Datastore(ds_path), phase_queries(lm, folder, cache, args.chars),
+                             args.factories.split(";"), [int(x) for x in args.nprobes.split(",")], args.exact_tokens, cache)
+        out = cache / f"indexes-{args.size}.json"
+        out.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
 
 
 if __name__ == "__main__":

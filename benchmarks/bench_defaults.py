@@ -30,6 +30,9 @@ import numpy as np
 from common import add_data_arg, check_wikitext, data_note, query_cache, run_main, setup_logging
 
 from knnlm.core.adapt import mix_text
+from knnlm.core.mix import Weight
+from knnlm.core.mix import mix_text as mix_memories
+from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher, list_indexes
@@ -64,8 +67,16 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chun
     oracle = sweep(lm_lp, dists, vals, t)["best"]
     k_own = min(int(settings["k"]), k_max)
     own_knn = knn_target_logprobs(dists[:, :k_own], vals[:, :k_own], t, settings["temperature"])
-    adaptive, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # what commands do by default
-    return {"tokens": int(n), "ppl_lm": perplexity(lm_lp),
+    adaptive, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # the default before λ by distance
+    table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
+    by_distance = {}
+    if table is not None:  # what commands do by default now: each position's λ from its nearest distance, adapting
+        base = table(dists[:, 0])[:, None]
+        lp = mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"], adapt=True)], base)[0]
+        fixed = mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"])], base)[0]
+        by_distance = {"ppl_default": perplexity(lp), "ppl_by_distance_fixed": perplexity(fixed),
+                       "lambda_by_distance": table.as_dict()}
+    return {"tokens": int(n), "ppl_lm": perplexity(lm_lp), **by_distance,
             "ppl_own": perplexity(adaptive), "lambda_adapted": lam_end,
             "ppl_own_fixed": ppl(k_own, settings["lambda"], settings["temperature"]),
             "own": {"k": k_own, "lambda": settings["lambda"], "temperature": settings["temperature"]},
@@ -76,8 +87,11 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chun
 
 def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int) -> dict:
     """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
-    here) when it has none, as `knnlm build` would."""
-    return ds.settings or self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
+    here) when it has none or none with a λ-by-distance table, as `knnlm build` would."""
+    s = ds.settings
+    if s and "lambda_by_distance" in s:
+        return s
+    return self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
 
 
 def run(args) -> dict:
@@ -88,6 +102,14 @@ def run(args) -> dict:
             raise KnnlmError(f"--test-text {part} must be a beginning of {data}")
         data = part
     wt_path, demo = Path(args.wikitext_datastore), Path(args.demo_dir)
+    cases = set(args.cases.split(","))
+    qdir = Path(args.query_cache) if args.query_cache else None
+
+    def qpath(default: Path) -> Path:  # query caches beside the data, or in --query-cache
+        return default if qdir is None else qdir / f"{default.parent.name}-{default.name}"
+
+    if qdir is not None:
+        qdir.mkdir(parents=True, exist_ok=True)
     if not (wt_path / "meta.json").exists():
         raise KnnlmError(f"no datastore at {wt_path}: run `python benchmarks/bench_wikitext.py --phases quality` first")
     demo_stores = {lang: sorted((demo / lang).glob("datastore-*")) for lang in ("es-es", "en-us")}
@@ -96,66 +118,79 @@ def run(args) -> dict:
     lm = LM.load(args.model, dtype=args.dtype, device="cpu")
     res = {"model": args.model, "dtype": args.dtype, "tune_tokens": args.tune_tokens}
 
-    wt = Datastore(wt_path)
-    wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
-    queries = query_cache(lambda: lm, data, wt_path.parent / f"queries-{data.stem}.npz")
     res["wikitext2_test"] = {"file": str(data), "sha256": file_sha256(data)}
-    t0 = time.perf_counter()
-    s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
-    res["wikitext2"] = {"datastore": str(wt_path), "entries": wt.count, "settings": s,
-                        "tune_seconds": round(time.perf_counter() - t0, 1), **compare(queries, wt_searcher, s)}
-    LOG.info("wikitext2: %s", res["wikitext2"])
+    queries = None
+    if cases & {"wikitext2", "mismatch"}:
+        queries = query_cache(lambda: lm, data, qpath(wt_path.parent / f"queries-{data.stem}.npz"))
+    if "wikitext2" in cases:
+        wt = Datastore(wt_path)
+        wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
+        t0 = time.perf_counter()
+        s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
+        res["wikitext2"] = {"datastore": str(wt_path), "entries": wt.count, "settings": s,
+                            "tune_seconds": round(time.perf_counter() - t0, 1), **compare(queries, wt_searcher, s)}
+        LOG.info("wikitext2: %s", res["wikitext2"])
 
     for lang, label in (("es-es", "demo: Spanish leads"), ("en-us", "demo: English leads")):
+        if lang not in cases:
+            continue
         ds = Datastore(demo_stores[lang][-1])
         searcher = Searcher(ds)
         test = demo / lang / "corpus" / "test.jsonl"
-        q = query_cache(lambda: lm, test, demo / lang / "queries-test.npz")
+        q = query_cache(lambda: lm, test, qpath(demo / lang / "queries-test.npz"))
         s = own_settings(lm, ds, searcher, args.tune_tokens)
         res[lang] = {"case": label, "datastore": str(ds.path), "entries": ds.count, "settings": s,
                      **compare(q, searcher, s)}
         LOG.info("%s: %s", lang, res[lang])
-    ds = Datastore(demo_stores["en-us"][-1])
-    searcher = Searcher(ds)
-    s = own_settings(lm, ds, searcher, args.tune_tokens)
-    sub = {f: v[: args.mismatch_tokens] for f, v in queries.items() if f != "doc_first"}
-    res["mismatch"] = {"case": "demo English-leads datastore on WikiText-2 test", "datastore": str(ds.path),
-                       "entries": ds.count, "settings": s, **compare(sub, searcher, s)}
-    LOG.info("mismatch: %s", res["mismatch"])
+    if "mismatch" in cases:
+        ds = Datastore(demo_stores["en-us"][-1])
+        searcher = Searcher(ds)
+        s = own_settings(lm, ds, searcher, args.tune_tokens)
+        sub = {f: v[: args.mismatch_tokens] for f, v in queries.items() if f != "doc_first"}
+        res["mismatch"] = {"case": "demo English-leads datastore on WikiText-2 test", "datastore": str(ds.path),
+                           "entries": ds.count, "settings": s, **compare(sub, searcher, s)}
+        LOG.info("mismatch: %s", res["mismatch"])
     return res
 
 
 def render(res: dict, command: str) -> str:
-    rows = [(f"WikiText-2 datastore → {Path(res['wikitext2_test']['file']).name}", res["wikitext2"]), ("Spanish leads → held-out leads", res["es-es"]),
-            ("English leads → held-out leads", res["en-us"]), ("English leads → WikiText-2 test (mismatch)",
-                                                               res["mismatch"])]
-    out = ["# Do the defaults help? (issue 11)", "",
+    names = {"wikitext2": f"WikiText-2 datastore → {Path(res['wikitext2_test']['file']).name}",
+             "es-es": "Spanish leads → held-out leads", "en-us": "English leads → held-out leads",
+             "mismatch": "English leads → WikiText-2 test (mismatch)"}
+    rows = [(label, res[key]) for key, label in names.items() if key in res]
+    out = ["# Do the defaults help?", "",
            "Each datastore's own settings were tuned on its own corpus with leave-own-document-out retrieval",
-           "(what `knnlm build` records and every command defaults to); by default λ then adapts to the text as",
-           "it is read (`--lambda-mode adaptive`, knnlm.core.adapt: a Bayesian mixture of λ ∈ {0, λ0, ~2λ0} whose",
-           "prior mean is λ0, so it starts as the tuned kNN-LM and can lose at most log(1/w0) ≈ 1.4 nats over a",
-           "whole text to the LM alone); \"fixed λ\" is the tuned λ0 throughout.  The oracle is the best fixed",
+           "(what `knnlm build` records and every command defaults to): k, λ0 and T, and λ per bucket of the",
+           "nearest neighbour's distance (knnlm.core.neighbor, 8 buckets at the tuning distances' quantiles).",
+           "**The default** reads each position's base λ from that table and adapts it to the text as it is read",
+           "(knnlm.core.mix: a Bayesian mixture of {0, λ(d), ~2λ(d)} whose prior mean is λ(d), so it can lose at",
+           "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone). \"before\" is the default before the",
+           "table: one adaptive λ from λ0; \"fixed λ0\" is the tuned λ0 throughout.  The oracle is the best fixed",
            "setting on the test text itself (no user has it). Model: " + f"{res['model']} ({res['dtype']}), 2 CPU cores.",
            "",
            "Command:", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
            "`../shared/data`).", "",
-           "| case | entries | test tokens | LM | own settings (k, λ0, T) | **kNN-LM, default** (adaptive λ: end) "
-           "| vs LM | own, fixed λ0 | paper's (1024, 0.25, 1) | oracle (k, λ, T) | kNN-LM, oracle |",
-           "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|"]
+           "| case | entries | test tokens | LM | own settings (k, λ0, T) | **default** (λ by distance, adaptive) "
+           "| vs LM | vs before | before (adaptive λ0: end) | by distance, fixed | own, fixed λ0 "
+           "| paper's (1024, 0.25, 1) | oracle (k, λ, T) | kNN-LM, oracle |",
+           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in rows:
         o, b = r["own"], r["oracle"]
+        d = r.get("ppl_default", r["ppl_own"])
+        fixed_d = f"{r['ppl_by_distance_fixed']:.3f}" if "ppl_by_distance_fixed" in r else "–"
         out.append(f"| {name} | {r['entries']} | {r['tokens']} | {r['ppl_lm']:.3f} | {o['k']}, {o['lambda']:.2f}, "
-                   f"{o['temperature']:g} | **{r['ppl_own']:.3f}** (λ {r['lambda_adapted']:.3f}) | "
-                   f"{100 * (r['ppl_own'] / r['ppl_lm'] - 1):+.3f}% | "
-                   f"{r['ppl_own_fixed']:.3f} ({100 * (r['ppl_own_fixed'] / r['ppl_lm'] - 1):+.2f}%) | "
+                   f"{o['temperature']:g} | **{d:.3f}** | {100 * (d / r['ppl_lm'] - 1):+.2f}% | "
+                   f"{100 * (d / r['ppl_own'] - 1):+.2f}% | {r['ppl_own']:.3f} (λ {r['lambda_adapted']:.3f}) | "
+                   f"{fixed_d} | {r['ppl_own_fixed']:.3f} ({100 * (r['ppl_own_fixed'] / r['ppl_lm'] - 1):+.2f}%) | "
                    f"{r['ppl_paper']:.3f} ({100 * (r['ppl_paper'] / r['ppl_lm'] - 1):+.1f}%) | "
                    f"{b['k']}, {b['lambda']:.2f}, {b['temperature']:g} | {r['ppl_oracle']:.3f} |")
     out += ["", "The WikiText-2 datastore is the one `python benchmarks/bench_wikitext.py --phases quality` builds; the "
             "demo datastores are `knnlm demo --workdir DIR`'s; `--test-text` tests on the first whole articles of "
             "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
-            "those positions."]
-    out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) took "
-            f"{res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
+            "those positions.  A datastore recorded without a distance table is tuned again here (not recorded)."]
+    if "wikitext2" in res:
+        out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) "
+                f"took {res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
     return "\n".join(out) + "\n"
 
 
@@ -171,6 +206,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tune-tokens", type=int, default=16384, help="as `knnlm build --tune-tokens`")
     ap.add_argument("--mismatch-tokens", type=int, default=60000, help="WikiText-2 test positions for case 3")
+    ap.add_argument("--cases", default="wikitext2,es-es,en-us,mismatch",
+                    help="comma-separated cases to run (of wikitext2, es-es, en-us, mismatch)")
+    ap.add_argument("--query-cache", default=None,
+                    help="folder for the cached test queries (default: beside each test text's datastore)")
     ap.add_argument("--out", default=str(HERE / "results" / "defaults"))
     args = ap.parse_args()
     setup_logging("bench", fmt="%(name)s: %(message)s")

@@ -108,7 +108,7 @@ def cmd_eval(args) -> None:
     for key, label in (("ppl_memory", "ppl LM + memory"), ("ppl_knnlm_memory", "ppl kNN-LM + memory")):
         if key in res:
             rows.append((label, f"{res[key]:.3f}  ({100 * (res[key] / res['ppl_lm'] - 1):+.2f}%)  "
-                                f"memory lambda={res['memory_lambda']}"))
+                                f"memory lambda={res['memory_lambda']} {res['memory_lambda_mode']}"))
     rows.append(("tokens/s", str(res["tokens_per_second"])))
     print(table(rows))
     if args.output:

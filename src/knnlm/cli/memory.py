@@ -50,6 +50,9 @@ def cmd_train(args) -> None:
                  ("train loss first/last", f"{m['first_train']['loss']:.4f} / {m['last_train']['loss']:.4f}"),
                  ("held-out loss", "-" if m["heldout"] is None else f"{m['heldout']['loss']:.4f} "
                   f"(kl {m['heldout']['kl']:.4f}, ce {m['heldout']['ce']:.4f})"),
+                 ("lambda", "- (nothing held out: commands use 0.25, adapting)" if not m.get("settings") else
+                  f"{m['settings']['lambda']} (tuned on {m['settings']['tokens']} held-out tokens: ppl "
+                  f"{m['settings']['ppl_lm']:.3f} -> {m['settings']['ppl_memory']:.3f}; adapts to each text)"),
                  ("seconds", str(m["seconds"]))]))
 
 
@@ -141,7 +144,8 @@ def add_memory_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
     else:
         g.add_argument("--memory", default=None, help="memory decoder directory")
     g.add_argument("--memory-lambda", type=float, default=None,
-                   help=f"weight of p_mem: p = l p_mem + (1-l) p_(kNN-)LM (default: {DEFAULT_MEMORY_LAMBDA})")
+                   help="weight of p_mem: p = l p_mem + (1-l) p_(kNN-)LM (default: the lambda the decoder tuned on "
+                        f"its held-out text when trained, adapting to the text; else {DEFAULT_MEMORY_LAMBDA})")
 
 
 def _spec(spec: str) -> tuple[str, str]:
@@ -214,7 +218,7 @@ def cmd_explain_memory(args) -> None:
     from knnlm.core.batching import plan_files
     from knnlm.core.settings import resolve
     from knnlm.memory.decoder import MemoryDecoder
-    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda, disagreements
+    from knnlm.memory.mix import check_memory_lambda, disagreements, memory_weight
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.options import RetrievalSettings
 
@@ -230,7 +234,7 @@ def cmd_explain_memory(args) -> None:
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher, mem, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature) if r else None,
                    progress=not args.quiet)
-    mlam = DEFAULT_MEMORY_LAMBDA if args.memory_lambda is None else args.memory_lambda
+    mlam = memory_weight(mem.meta, args.memory_lambda, None, str(mem.path)).lam
     items = disagreements(s.lm, s.memory, s.knn, mlam, r.lam if r else 0.0, args.top)
     lines = ["| context | token | p_LM | " + ("p_kNN-LM | " if searcher else "") + "p_mem | p_LM+mem |",
              "|---|---|---:|" + ("---:|" if searcher else "") + "---:|---:|"]

@@ -313,6 +313,14 @@ class LM:
         return keys, out.logits[:, out.logits.shape[1] - (t - logits_from) :]  # (B, T - logits_from, V)
 
 
+def cached_forward(model: nn.Module, cache=None, **inputs):
+    """One forward pass of an HF causal LM with its KV cache: (outputs, the new cache).
+    transformers 5 names the cache `cache` (in and out); older releases `past_key_values`."""
+    new = "cache" in inspect.signature(model.forward).parameters
+    out = model(**inputs, **({"cache": cache} if new else {"past_key_values": cache}), use_cache=True)
+    return out, (out.cache if new else out.past_key_values)
+
+
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """log p(target) from logits (N, V) and targets (N,), in float32, chunked over N."""
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)

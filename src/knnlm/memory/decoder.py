@@ -238,7 +238,9 @@ def step_logits(mem: MemoryDecoder, ids: torch.Tensor, cache=None, attention_mas
                 every: bool = False):
     """One decoding step of the decoder with its KV cache: (logits at the last position
     (B, V_mem), or at every position (B, t, V_mem) with `every`; the new cache)."""
+    from knnlm.core.model import cached_forward
+
     kw = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
     with torch.inference_mode():
-        out = mem.lm.model(input_ids=ids.to(mem.lm.device), past_key_values=cache, use_cache=True, **kw)
-    return (out.logits if every else out.logits[:, -1]), out.past_key_values
+        out, cache = cached_forward(mem.lm.model, cache, input_ids=ids.to(mem.lm.device), **kw)
+    return (out.logits if every else out.logits[:, -1]), cache

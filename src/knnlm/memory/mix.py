@@ -12,8 +12,14 @@ import math
 
 import numpy as np
 
+import logging
+
+from knnlm.core.mix import Weight
 from knnlm.core.scoring import interpolate, perplexity
 from knnlm.errors import KnnlmError
+
+LOG = logging.getLogger(__name__)
+_hinted: set[str] = set()
 
 DEFAULT_MEMORY_LAMBDA = 0.25
 MEMORY_LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0001, 0.05))
@@ -22,6 +28,28 @@ MEMORY_LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0001, 0.05))
 def check_memory_lambda(lam: float | None) -> None:
     if lam is not None and not 0.0 <= lam <= 1.0:
         raise KnnlmError(f"memory lambda must be in [0, 1], got {lam}")
+
+
+def recorded_lambda(meta: dict) -> float | None:
+    """The λ tuned on the decoder's held-out text when it was trained (memory.json "settings")."""
+    lam = (meta.get("settings") or {}).get("lambda") if isinstance(meta.get("settings"), dict) else None
+    return float(lam) if isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0 else None
+
+
+def memory_weight(meta: dict, lam: float | None = None, mode: str | None = None, name: str = "") -> Weight:
+    """A decoder's λ policy: `lam` as given, else its recorded (tuned) λ, else the default
+    with a one-line hint; adaptive (knnlm.core.mix) unless λ is given or `mode` says "fixed"."""
+    check_memory_lambda(lam)
+    given = lam is not None
+    if not given:
+        lam = recorded_lambda(meta)
+        if lam is None:
+            lam = DEFAULT_MEMORY_LAMBDA
+            if name not in _hinted:
+                _hinted.add(name)
+                LOG.warning("memory decoder %s has no tuned lambda: using %s, adapting to the text; "
+                            "`knnlm tune TEXT --memory %s` sweeps it, --memory-lambda sets it", name, lam, name)
+    return Weight(float(lam), mode == "adaptive" if mode is not None else not given)
 
 
 def mix_memory(base_logprobs, mem_logprobs, lam: float) -> np.ndarray:

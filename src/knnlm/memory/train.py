@@ -389,6 +389,11 @@ def train_decoder(
         best_model = model.float()
     else:
         best_model = AutoModelForCausalLM.from_pretrained(partial / "best", dtype=torch.float32)
+    from knnlm.memory.tune import tune_memory_lambda
+
+    settings = tune_memory_lambda(lm, best_model, np.asarray(ds.tokens), held, cfg.heldout_unit)
+    if settings is not None:
+        meta["settings"] = settings  # the λ every command defaults to
     final = save_decoder(best_model, tokenizer, partial / "decoder", meta)
     publish(final, out)
     shutil.rmtree(partial)

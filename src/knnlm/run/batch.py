@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from knnlm.core.model import cached_forward
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import step_logits
 from knnlm.run.decode import Decoder, GenerationRequest, Host, SequenceState, StreamEvent, next_distributions
@@ -128,11 +129,11 @@ class BatchGenerator:
         mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=dev)], 1)
         kps = sorted({row.seq.req.r.ds.key_point for row in rows if row.seq.req.r is not None})
         with torch.inference_mode(), self.lm._capture(kps) as captured:
-            out = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                past_key_values=self.cache, use_cache=True)
+            out, cache = cached_forward(self.lm.model, self.cache, input_ids=tokens, attention_mask=mask,
+                                        position_ids=positions)
             keys = {kp: captured[kp].reshape(b, -1, captured[kp].shape[-1])[:, -1].float().cpu().numpy()
                     for kp in kps}  # (B, d)
-        self.cache, self.mask = out.past_key_values, mask
+        self.cache, self.mask = cache, mask
         logits = out.logits[:, -1]  # (B, V)
 
         groups: dict[tuple, list[int]] = defaultdict(list)  # one search per (datastore, k)

@@ -16,6 +16,7 @@ import torch
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.mix import Mixture, Weight, mix_vocab
+from knnlm.core.model import cached_forward
 from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.scoring import knn_probabilities, knn_target_logprobs
 from knnlm.errors import KnnlmError
@@ -299,8 +300,7 @@ class Decoder:
         kps = [self.r.ds.key_point] if self.r else []
         evidence = self.mixing.adapts and len(ids) > 1  # the prompt's own tokens, read as scoring reads a text
         with self.lm._capture(kps) as captured:
-            out = self.lm.model(input_ids=x, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+            out, self.cache = cached_forward(self.lm.model, self.cache, input_ids=x)
         self.logits = out.logits[0, -1]  # (V,)
         keys = mem_all = None
         if self.r is not None:

@@ -245,7 +245,7 @@ def evaluate(
     A sharded datastore is searched in process, or by `retrieval.actors` Ray actors
     (on the Ray at `retrieval.ray_address`, else a local one started and stopped here).
     """
-    from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA
+    from knnlm.memory.mix import memory_weight
 
     retrieval, mixing, windows, cache = fold("evaluate", flat, retrieval=retrieval, mixing=mixing,
                                              windows=windows, cache=cache)
@@ -327,10 +327,11 @@ def evaluate(
         result.update(ppl_cache=perplexity(mixed(*knn, (s.cache, Weight(cache_lambda)))[0]), cache_lambda=cache_lambda,
                       cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
-        mlam = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
-        result.update(ppl_memory=perplexity(mix_text(s.lm, s.memory[:, None], [Weight(mlam)])[0]), memory=memory.name,
-                      memory_lambda=mlam, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
+        mw = memory_weight(memory.meta, memory_lambda, mixing.mode, str(memory.path))
+        mlam = mw.lam
+        result.update(ppl_memory=perplexity(mix_text(s.lm, s.memory[:, None], [mw])[0]), memory=memory.name,
+                      memory_lambda=mlam, memory_lambda_mode=mw.mode, memory_layers=memory.meta["layers"], seconds_lm=round(s.seconds["lm"], 3),
                       seconds_memory=round(s.seconds["memory"], 3))
         if searcher is not None:
-            result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, Weight(mlam)))[0])
+            result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, mw))[0])
     return result

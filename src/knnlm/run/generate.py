@@ -34,7 +34,7 @@ from knnlm.core.scoring import check_settings, knn_distribution, perplexity
 from knnlm.core.settings import check_lambda_mode, resolve
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, MemoryUse, align_vocab
-from knnlm.memory.mix import DEFAULT_MEMORY_LAMBDA, check_memory_lambda
+from knnlm.memory.mix import check_memory_lambda, memory_weight
 from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers, PointerState, check_pointers
 from knnlm.run.decode import (
@@ -167,7 +167,7 @@ class KNNLM:
         self.default = default if default is not None else next(iter(self.searchers), None)
         # memory decoders (knnlm.memory), by name like datastores; the default one mixes into every call
         self.memories: dict[str, MemoryDecoder] = {}
-        self.memory_lambda = DEFAULT_MEMORY_LAMBDA if memory_lambda is None else memory_lambda
+        self.memory_lambda = memory_lambda  # None: each decoder's tuned λ (knnlm.memory.mix.memory_weight)
         for name, path in (memories or {}).items():
             self.add_memory(name, path)
         if default_memory is not None and default_memory not in self.memories:
@@ -213,7 +213,10 @@ class KNNLM:
             return None
         if name not in self.memories:
             raise KnnlmError(f"unknown memory decoder {name!r} (loaded: {', '.join(self.memories) or 'none'})")
-        return MemoryUse(name, self.memories[name], self.memory_lambda if memory_lambda is None else memory_lambda)
+        dec = self.memories[name]
+        w = memory_weight(dec.meta, self.memory_lambda if memory_lambda is None else memory_lambda, self.lambda_mode,
+                          str(dec.path))
+        return MemoryUse(name, dec, w.lam, w.adapt)
 
     @property
     def datastores(self) -> dict[str, Datastore]:

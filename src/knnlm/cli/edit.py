@@ -29,7 +29,7 @@ def cmd_attribute(args) -> None:
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
     s = score_plan(lm, plan, searcher_from_args(args, ds), k=r.k, temperature=r.temperature, keep_neighbors=True,
                    progress=not args.quiet)
-    a = attribute_scores(ds, s, r.lam, r.temperature, r.adapt)
+    a = attribute_scores(ds, s, r.lam, r.temperature, r.adapt, r.by_distance)
     rows = a.table(ds.doc_info)
     n = len(s.targets)
     print(f"{n} tokens; the datastore carried {a.carried.sum() / n:.1%} of their probability mass, "

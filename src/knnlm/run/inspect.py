@@ -55,13 +55,11 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
     `score_plan(..., keep_neighbors=True)` at `resolved`'s k and T (knnlm.core.settings);
     the first target of every document after the first carries "new_document": true; "documents"
     is the attribution summary (knnlm.core.attribution), as /v1/score gives it."""
-    from knnlm.core.adapt import mix_target, stream_lambdas
-    from knnlm.run.explain import attribute_scores, neighbor_weights
+    from knnlm.run.explain import attribute_scores, knn_mixture, neighbor_weights
 
     name = name or ds.path.name
     plan, targets = scores.plan, scores.targets
-    lams = stream_lambdas(scores.lm, scores.knn, resolved.lam, resolved.adapt)
-    mix = mix_target(scores.lm, scores.knn, lams)
+    mix, _ = knn_mixture(scores, resolved.lam, resolved.adapt, resolved.by_distance)  # as eval mixes (core.mix)
     hits = (scores.vals == targets[:, None]) & (scores.ids >= 0)
     knn = knn_rows((scores.dists, hits, ds.counts_of(scores.ids)), len(targets))
     starts = set(int(x) for x in plan.docs[1:, 2])
@@ -98,6 +96,7 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
     return {"object": "score", "datastore": name, "lambda": resolved.lam, "lambda_mode": resolved.mode,
             "k": resolved.k, "knn_temperature": resolved.temperature, "ppl": _finite(ppl),
             "ppl_lm": _finite(float(np.exp(-scores.lm.mean()))), "tokens": tokens,
-            "documents": attribute_scores(ds, scores, resolved.lam, resolved.temperature, resolved.adapt)
+            "documents": attribute_scores(ds, scores, resolved.lam, resolved.temperature, resolved.adapt,
+                                          resolved.by_distance)
             .table(ds.doc_info, DOCUMENTS),
             "usage": {"prompt_tokens": len(plan.tokens), "total_tokens": len(plan.tokens)}}

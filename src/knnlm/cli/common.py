@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from knnlm.errors import KnnlmError
 
@@ -213,3 +215,25 @@ def subcommand_adder(sub):
         return sp
 
     return add
+
+
+def finishing_mark(output: str | Path) -> Path:
+    return Path(output).with_name(Path(output).name + ".unfinished")
+
+
+@contextmanager
+def finishing(output: str | Path, overwrite: bool) -> Iterator[bool]:
+    """For a command that publishes `output` and then adds to it (an index, tuned
+    settings): a marker `<output>.unfinished` lives from the start until its last step.
+    Yields True when an earlier run published `output` and was stopped (killed) before
+    that: the caller then does only the steps after publishing.  An `output` that exists
+    without the marker is refused unless `overwrite`."""
+    out, mark = Path(output), finishing_mark(output)
+    resume = out.exists() and mark.exists() and not overwrite
+    if out.exists() and not overwrite and not resume:
+        raise KnnlmError(f"{output} already exists (use --overwrite to replace it)")
+    if resume:
+        LOG.warning("finishing %s: an earlier run published it but stopped before its last steps", out)
+    mark.touch()
+    yield resume
+    mark.unlink(missing_ok=True)

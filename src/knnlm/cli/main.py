@@ -18,6 +18,8 @@ from knnlm.cli.common import (
     add_knn_args,
     add_model_args,
     add_window_args,
+    finishing,
+    finishing_mark,
     load_lm,
     numbers,
     print_tuned,
@@ -43,26 +45,27 @@ def cmd_build(args) -> None:
 
     check_texts(args.corpus)
     check_window_args(args)
-    if Path(args.output).exists() and not args.overwrite:
+    if Path(args.output).exists() and not args.overwrite and not finishing_mark(args.output).exists():
         raise KnnlmError(f"{args.output} already exists (use --overwrite to replace it)")
     lm = load_lm(args, key_point=args.key_point)
-    if args.workers:
-        from knnlm.cli.scale import build_on_ray
+    with finishing(args.output, args.overwrite) as published:  # published: only the index and tuning are left
+        if args.workers:
+            from knnlm.cli.scale import build_on_ray
 
-        return build_on_ray(args, lm)
-    out = build_datastore(lm, args.corpus, args.output, window=args.window, stride=args.stride,
-                          batch_tokens=args.batch_tokens, overwrite=args.overwrite,
-                          progress=not args.quiet)[0]
-    ds = Datastore(out)
-    print(f"datastore {out}: {ds.count} entries, d={ds.dim}, key point {ds.key_point}")
-    if args.index != "none":
-        idx = build_index(ds, args.index, progress=not args.quiet)
-        print(f"index {idx}")
-        if not args.no_tune:
-            from knnlm.run.selftune import self_tune
+            return build_on_ray(args, lm, published)
+        out = Path(args.output) if published else build_datastore(
+            lm, args.corpus, args.output, window=args.window, stride=args.stride, batch_tokens=args.batch_tokens,
+            overwrite=args.overwrite, progress=not args.quiet)[0]
+        ds = Datastore(out)
+        print(f"datastore {out}: {ds.count} entries, d={ds.dim}, key point {ds.key_point}")
+        if args.index != "none":
+            idx = build_index(ds, args.index, overwrite=published, progress=not args.quiet)
+            print(f"index {idx}")
+            if not args.no_tune:
+                from knnlm.run.selftune import self_tune
 
-            print_tuned(self_tune(lm, ds, sample_tokens=args.tune_tokens, batch_tokens=args.batch_tokens,
-                                  progress=not args.quiet))
+                print_tuned(self_tune(lm, ds, sample_tokens=args.tune_tokens, batch_tokens=args.batch_tokens,
+                                      progress=not args.quiet))
 
 
 def cmd_index(args) -> None:

@@ -6,6 +6,9 @@ from knnlm.errors import KnnlmError
 
 
 def cmd_reduce(args) -> None:
+    from pathlib import Path
+
+    from knnlm.cli.common import finishing
     from knnlm.core.datastore import Datastore
     from knnlm.core.index import build_index
     from knnlm.retrieval.reduce import bytes_per_entry, prune_datastore, reduce_datastore
@@ -13,16 +16,19 @@ def cmd_reduce(args) -> None:
     if (args.pca is None) == (args.prune is None):
         raise KnnlmError("give exactly one of --pca DIM and --prune RADIUS")
     ds = Datastore(args.datastore)
-    if args.pca is not None:
-        out = reduce_datastore(ds, args.output, args.pca, sample=args.sample, overwrite=args.overwrite)
-    else:
-        out = prune_datastore(ds, args.output, args.prune, overwrite=args.overwrite)
-    small = Datastore(out)
-    print(f"datastore {out}: {small.count} entries, d={small.dim} "
-          f"({bytes_per_entry(small)['total']:.1f} bytes/entry of keys and values, "
-          f"was {bytes_per_entry(ds)['total']:.1f})")
-    if args.index != "none":
-        print(f"index {build_index(small, args.index, progress=not args.quiet)}")
+    with finishing(args.output, args.overwrite) as published:  # published: only the index is left
+        if published:
+            out = Path(args.output)
+        elif args.pca is not None:
+            out = reduce_datastore(ds, args.output, args.pca, sample=args.sample, overwrite=args.overwrite)
+        else:
+            out = prune_datastore(ds, args.output, args.prune, overwrite=args.overwrite)
+        small = Datastore(out)
+        print(f"datastore {out}: {small.count} entries, d={small.dim} "
+              f"({bytes_per_entry(small)['total']:.1f} bytes/entry of keys and values, "
+              f"was {bytes_per_entry(ds)['total']:.1f})")
+        if args.index != "none":
+            print(f"index {build_index(small, args.index, overwrite=published, progress=not args.quiet)}")
 
 
 def register(add) -> None:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 
-def build_on_ray(args, lm) -> None:
-    """The sharded branch of `knnlm build`: shards on N Ray workers, then one index over them."""
+def build_on_ray(args, lm, published: bool = False) -> None:
+    """The sharded branch of `knnlm build`: shards on N Ray workers, then one index over them
+    (`published`: an earlier run published the shards; only the index and tuning are left)."""
+    from pathlib import Path
+
     from knnlm.scale import open_datastore
     from knnlm.scale.build import build_sharded
     from knnlm.scale.index import build_sharded_index
 
-    out = build_sharded(lm, args.corpus, args.output, workers=args.workers, window=args.window,
-                        stride=args.stride, batch_tokens=args.batch_tokens, overwrite=args.overwrite,
-                        ray_address=args.ray_address, device=str(lm.device))
+    out = Path(args.output) if published else build_sharded(
+        lm, args.corpus, args.output, workers=args.workers, window=args.window, stride=args.stride,
+        batch_tokens=args.batch_tokens, overwrite=args.overwrite, ray_address=args.ray_address,
+        device=str(lm.device))
     ds = open_datastore(out)
     print(f"datastore {out}: {ds.count} entries in {len(ds.shards)} shards "
           f"({', '.join(str(s.count) for s in ds.shards)}), d={ds.dim}, key point {ds.key_point}")
     if args.index != "none":
         idx = build_sharded_index(ds, args.index, backend="ray" if args.workers > 1 else "local",
-                                  ray_address=args.ray_address, progress=not args.quiet)
+                                  ray_address=args.ray_address, overwrite=published, progress=not args.quiet)
         print(f"index {idx}")
         if not args.no_tune:  # as the single-process build: tuned in process, over all shards
             from knnlm.cli.common import print_tuned
@@ -30,17 +34,22 @@ def build_on_ray(args, lm) -> None:
 
 
 def cmd_shard(args) -> None:
+    from pathlib import Path
+
+    from knnlm.cli.common import finishing
     from knnlm.scale import open_datastore
     from knnlm.scale.index import build_sharded_index
     from knnlm.scale.split import split_datastore
 
-    out = split_datastore(args.datastore, args.output, args.shards, overwrite=args.overwrite, at=args.at)
-    ds = open_datastore(out)
-    print(f"datastore {out}: {ds.count} entries in {len(ds.shards)} shards "
-          f"({', '.join(str(s.count) for s in ds.shards)})")
-    if args.index != "none":
-        idx = build_sharded_index(ds, args.index, progress=not args.quiet)
-        print(f"index {idx}")
+    with finishing(args.output, args.overwrite) as published:  # published: only the index is left
+        out = Path(args.output) if published else split_datastore(args.datastore, args.output, args.shards,
+                                                                   overwrite=args.overwrite, at=args.at)
+        ds = open_datastore(out)
+        print(f"datastore {out}: {ds.count} entries in {len(ds.shards)} shards "
+              f"({', '.join(str(s.count) for s in ds.shards)})")
+        if args.index != "none":
+            idx = build_sharded_index(ds, args.index, overwrite=published, progress=not args.quiet)
+            print(f"index {idx}")
 
 
 def register(add) -> None:

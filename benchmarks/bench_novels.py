@@ -193,11 +193,15 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
               for size in SIZES if (cache / f"point-{size}.json").exists()}
     results = HERE / "results"
     (results / "novels.json").write_text(json.dumps({"points": points, "build_log": log}, indent=1) + "\n", "utf-8")
+    made = [f"python benchmarks/bench_novels.py point --size {size} --cache {cache}" for size in points] + [command]
     lines = ["# The kNN-LM on 41 English novels", "",
-             "Made by `" + command + "` (see `benchmarks/bench_novels.py --help`), on 2 CPU cores, "
-             "SmolLM2-135M in bfloat16.  Held out: "
+             "Made by " + ", then ".join(f"`{c}`" for c in made) + " (see `benchmarks/bench_novels.py --help`), "
+             "on 2 CPU cores, SmolLM2-135M in bfloat16.  Held out: "
              + ", ".join(NOVELS[f]["title"] for f in SPLIT["tune"]) + " (tuning); "
-             + ", ".join(NOVELS[f]["title"] for f in SPLIT["test"]) + " (test); each read from its start.", "",
+             + ", ".join(NOVELS[f]["title"] for f in SPLIT["test"]) + " (test); each read from its start "
+             "(`--chars`, windows 1024/512).  *Own settings*: the k, λ, T that the datastore's self-tuning "
+             "recorded (leave-own-document-out on its own novels), applied as a fixed λ; *tuned*: chosen on the "
+             "tuning novels; *test optimum*: chosen on the test text itself (a bound, not a method).", "",
              "| entries | novels | index | test tokens | LM | kNN-LM, own settings (k, λ, T) | "
              "kNN-LM, tuned on the tuning novels (k, λ, T) | test optimum | search ms/token |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -219,6 +223,10 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
                 lines.append(f"| {size} | {i + 1} | {g['seconds']:.0f} | {g['tokens']:,} | {g['tokens_per_s']:.0f} | "
                              f"{g['bare_tokens_per_s']:.0f} | {g['tokens_per_s'] / g['bare_tokens_per_s']:.2f} | "
                              f"{g['peak_rss_mb']:.0f} |")
+    lines += ["", "Each run of a build is one row (a stopped build resumes in the next).  The bare forward pass is "
+              "timed on the build's first 8 batches at its start; under other load on the same cores the ratio "
+              "compares different moments and says nothing about the build's overhead.  Peak RSS includes the "
+              "pages of keys.npy written through its memory map (file-backed, reclaimable)."]
     (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
     LOG.info("wrote %s", results / "novels.md")
 

@@ -238,6 +238,37 @@ def test_sliders_give_the_fixed_lambda_evaluation(browser, base, lm, docs_ds, tm
     assert by_id(browser, "lambda-val").text == "0.60"
 
 
+def test_a_datastores_lambda_by_distance_table_is_recomputed_too(browser, lm, docs_ds, tmp_path):
+    """A datastore with a λ-by-distance table (each position's base λ from its nearest
+    distance, adapting around it): the page shows the server's and `evaluate`'s numbers, and
+    a λ moved by hand is one λ for every position again."""
+    path = tmp_path / "ds"
+    shutil.copytree(docs_ds.path, path)
+    from knnlm.core.datastore import Datastore
+
+    Datastore(path).record_settings({"k": 16, "lambda": 0.4, "temperature": 2.0, "how": "test",
+                                     "lambda_by_distance": {"edges": [0.1, 3.0], "lambdas": [0.9, 0.5, 0.1]}})
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    with running(create_app(KNNLM(lm, {"tabled": path}), max_queue=4, model_name="tiny")) as url:
+        open_page(browser, url)
+        score_in_page(browser, TEXT, "tabled")
+        api = api_score(url, TEXT, datastore="tabled").json()
+    assert api["lambda_by_distance"]["lambdas"] == [0.9, 0.5, 0.1] and api["lambda_mode"] == "adaptive"
+    res = evaluate(lm, [text], path, index="flat", window=128, stride=64, progress=False)
+    assert res["lambda_by_distance"]["lambdas"] == [0.9, 0.5, 0.1]
+    lm_ppl, mix_ppl = shown_ppl(browser)
+    assert mix_ppl == pytest.approx(api["ppl"], rel=1e-9) and mix_ppl == pytest.approx(res["ppl_knnlm"], rel=1e-6)
+    assert by_id(browser, "by-distance").is_selected()
+    set_knobs(browser, mode="fixed")
+    fixed = evaluate(lm, [text], path, index="flat", window=128, stride=64, progress=False, lambda_mode="fixed")
+    assert shown_ppl(browser)[1] == pytest.approx(fixed["ppl_knnlm"], rel=1e-6)
+    set_knobs(browser, lam=0.4)  # by hand: the table is off
+    assert not by_id(browser, "by-distance").is_selected()
+    one = evaluate(lm, [text], path, index="flat", lam=0.4, window=128, stride=64, progress=False, lambda_mode="fixed")
+    assert shown_ppl(browser)[1] == pytest.approx(one["ppl_knnlm"], rel=1e-6) != fixed["ppl_knnlm"]
+
+
 def test_generation_streams_lm_and_knnlm_side_by_side(browser, base, knn):
     open_page(browser, base)
     by_id(browser, "tab-gen").click()

@@ -93,8 +93,9 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
             tok["new_document"] = True
         tokens.append(tok)
     ppl = float(np.exp(-mix.mean()))
+    table = {"lambda_by_distance": resolved.by_distance.as_dict()} if resolved.by_distance else {}
     return {"object": "score", "datastore": name, "lambda": resolved.lam, "lambda_mode": resolved.mode,
-            "k": resolved.k, "knn_temperature": resolved.temperature, "ppl": _finite(ppl),
+            "k": resolved.k, "knn_temperature": resolved.temperature, **table, "ppl": _finite(ppl),
             "ppl_lm": _finite(float(np.exp(-scores.lm.mean()))), "tokens": tokens,
             "documents": attribute_scores(ds, scores, resolved.lam, resolved.temperature, resolved.adapt,
                                           resolved.by_distance)

@@ -41,20 +41,30 @@
     for (const j of knn.hits) if (j < n) hit += Math.exp(logits[j] - top);
     return hit > 0 ? Math.log(hit) - Math.log(all) : -Infinity;
   }
-  // λ_t per position: fixed, or adapting from lam0 as the text is read (knnlm.core.adapt)
-  function lambdas(ll, lk, lam0, mode) {
-    const n = ll.length, out = new Float64Array(n);
-    if (mode !== "adaptive" || lam0 <= 0 || lam0 >= 1) { out.fill(lam0); return out; }
-    const hi = Math.min(2 * lam0, (1 + lam0) / 2), wHi = 0.5 * lam0 / hi;
-    const grid = [0, lam0, hi], logw = [Math.log(0.5 - wHi), Math.log(0.5), Math.log(wHi)];
+  // λ_t per position: fixed, or adapting from lam0 as the text is read (knnlm.core.mix); with
+  // a λ-by-distance table (knnlm.core.neighbor) each position's base λ is read from its
+  // nearest neighbour's distance, the adaptive candidates being {0, base, hi(base)} there
+  const hiOf = (b) => Math.min(2 * b, (1 + b) / 2);
+  function baseLambda(table, knn) {
+    if (!knn || knn.distances[0] === null) return 0;
+    const d = Math.fround(knn.distances[0]);
+    let b = 0;
+    while (b < table.edges.length && table.edges[b] <= d) b++;
+    return table.lambdas[b];
+  }
+  function lambdas(ll, lk, lam0, mode, table, knns) {
+    const n = ll.length, out = new Float64Array(n), base = new Float64Array(n);
+    for (let t = 0; t < n; t++) base[t] = table ? baseLambda(table, knns[t]) : lam0;
+    if (mode !== "adaptive" || lam0 <= 0 || lam0 >= 1) { out.set(base); return out; }
+    const wHi = 0.5 * lam0 / hiOf(lam0), logw = [Math.log(0.5 - wHi), Math.log(0.5), Math.log(wHi)];
     for (let t = 0; t < n; t++) {
-      const m = Math.max(...logw);
+      const grid = [0, base[t], hiOf(base[t])], m = Math.max(...logw);
       let num = 0, den = 0;
       for (let g = 0; g < 3; g++) { const w = Math.exp(logw[g] - m); num += w * grid[g]; den += w; }
       out[t] = num / den;
       if (lk[t] === null) continue;  // no search: no evidence
       for (let g = 0; g < 3; g++) {
-        const mix = logaddexp(Math.log(grid[g]) + lk[t], Math.log1p(-grid[g]) + ll[t]);
+        const mix = grid[g] === 0 ? ll[t] : logaddexp(Math.log(grid[g]) + lk[t], Math.log1p(-grid[g]) + ll[t]);
         logw[g] += mix - ll[t];
       }
       const m2 = Math.max(...logw);
@@ -114,6 +124,9 @@
     if (score.lambda !== undefined) state.lam = score.lambda;
     if (score.knn_temperature !== undefined) state.T = score.knn_temperature;
     if (score.lambda_mode) state.mode = score.lambda_mode;
+    state.byDistance = !!score.lambda_by_distance;
+    $("by-distance-row").hidden = !score.lambda_by_distance;
+    $("by-distance").checked = state.byDistance;
     state.sel = -1; state.pinned = null;
     const ks = KS.filter((k) => k < state.kMax).concat(state.kMax ? [state.kMax] : []);
     const kSel = $("k");
@@ -151,7 +164,8 @@
       state.lkKey = key; state.lkFor = s;
     }
     const lk = state.lkAll;
-    const lams = lambdas(ll, lk, state.lam, state.mode);
+    const table = state.byDistance ? s.lambda_by_distance : null;
+    const lams = lambdas(ll, lk, state.lam, state.mode, table, toks.map((t) => t.knn));
     for (let i = 0; i < n; i++) mix[i] = state.kMax ? mixOne(ll[i], lk[i], lams[i]) : (toks[i].logprob ?? -Infinity);
     state.lk = lk; state.mix = mix; state.lams = lams;
     const box = $("tokens"), spans = box.getElementsByClassName("tok");
@@ -233,7 +247,8 @@
     const d = el("div", {},
       el("h3", {}, "token ", el("code", {}, JSON.stringify(tok.token)), ` #${i + 1}`),
       probsTable([["p_LM", fmtP(ll), "p-lm"], ["p_kNN", fmtP(lk), "p-knn"], ["p_kNN-LM", fmtP(mix), "p-knnlm"],
-        ["λ here", state.lams[i].toFixed(3) + (state.mode === "adaptive" ? " (adaptive)" : ""), "lam"],
+        ["λ here", state.lams[i].toFixed(3) + (state.mode === "adaptive" ? " (adaptive)" : "") +
+          (state.byDistance ? " (by distance)" : ""), "lam"],
         ["log p_kNN-LM − log p_LM", (mix - ll).toFixed(3), "gain"], ["k · T", `${state.k} · ${+state.T.toPrecision(4)}`, "kt"]]));
     if (tok.neighbors && tok.neighbors.length) {
       d.append(el("h3", {}, `nearest ${tok.neighbors.length} of ${state.k} memories`), neighbourTable(tok, neighbourWeights(tok)));
@@ -341,7 +356,12 @@
     t.title = `p_LM ${fmtP(tok.logprob_lm)} · p_kNN ${fmtP(state.lk[i])} · p_kNN-LM ${fmtP(state.mix[i])}`;
   });
   const clearTitles = () => { for (const t of $("tokens").querySelectorAll(".tok[title]")) t.removeAttribute("title"); };
-  $("lambda").addEventListener("input", (ev) => { state.lam = +ev.target.value; clearTitles(); recomputeSoon(); });
+  $("lambda").addEventListener("input", (ev) => {
+    state.lam = +ev.target.value;
+    state.byDistance = $("by-distance").checked = false;  // a λ given: one λ for every position
+    clearTitles(); recomputeSoon();
+  });
+  $("by-distance").addEventListener("change", (ev) => { state.byDistance = ev.target.checked; clearTitles(); recompute(); });
   $("temperature").addEventListener("input", (ev) => { state.T = Math.pow(2, +ev.target.value); clearTitles(); recomputeSoon(); });
   $("lambda-mode").addEventListener("change", (ev) => { state.mode = ev.target.value; clearTitles(); recompute(); });
   $("k").addEventListener("change", (ev) => {

@@ -199,6 +199,19 @@ class KNNLM:
         self.searchers[name] = open_searcher(ds, index, nprobe=nprobe, rerank=rerank, device=str(self.lm.device))
         LOG.info("datastore %s: %s (%d entries, key point %s)", name, ds.path, ds.count, ds.key_point)
 
+    def reload_datastore(self, name: str) -> None:
+        """Open datastore `name` again from its directory (after an edit, knnlm.core.edit) with
+        the same index settings, and put it in place in one step: a call that already resolved
+        its retrieval keeps the version it started with, later calls get the new one."""
+        if name not in self.searchers:
+            raise KnnlmError(f"unknown datastore {name!r} (loaded: {self._names()})")
+        old = self.searchers[name]
+        how = old.settings()
+        ds = open_datastore(old.ds.path)
+        self.searchers[name] = open_searcher(ds, how.get("index"), nprobe=how.get("nprobe"), rerank=how.get("rerank"),
+                                             device=str(self.lm.device))
+        LOG.info("datastore %s: version %d (%d entries)", name, getattr(ds, "version", 0), ds.count)
+
     def add_memory(self, name: str, path: str | Path) -> None:
         """Load a memory decoder of this model's tokenizer under `name`."""
         if not name or "=" in name or name in self.memories:

@@ -40,6 +40,7 @@ from knnlm.run.decode import GenerationRequest, SequenceState, StreamEvent, sett
 from knnlm.run.generate import DEFAULT, KNNLM
 from knnlm.run.inspect import knn_rows
 from knnlm.serve.auth import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, Guard
+from knnlm.serve.edits import add_edit_routes
 from knnlm.serve.openai import (
     DOCUMENTS_SHOWN,
     CompletionRequest,
@@ -245,6 +246,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
     app.state.worker = worker
     app.state.knnlm = knnlm
     add_routes(app)  # GET /: the inspector page (knnlm.serve.page)
+    add_edit_routes(app, api_keys)  # /v1/datastores/{name}: live edits (knnlm.serve.edits)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

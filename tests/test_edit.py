@@ -154,6 +154,16 @@ def test_eval_explain_pointers_and_tune_paths(lm, removed, built, tmp_path):
     assert not np.isin(i, np.arange(ds.docs[0, 2], ds.docs[0, 2] + ds.docs[0, 1] - 1)).any()
 
 
+def test_self_tuning_reads_no_removed_document(lm, removed, monkeypatch):
+    import knnlm.run.selftune as selftune
+
+    read = []
+    real = selftune.piece_plan
+    monkeypatch.setattr(selftune, "piece_plan", lambda ds, pieces, *a: read.extend(pieces) or real(ds, pieces, *a))
+    selftune.self_tune(lm, Datastore(removed), sample_tokens=10_000, k=8, progress=False, record=False)
+    assert sorted({p[0] for p in read}) == [d for d in range(6) if d != GONE]
+
+
 def test_generate_and_score(lm, removed):
     from knnlm.run.generate import KNNLM
 

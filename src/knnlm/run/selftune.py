@@ -92,6 +92,9 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
     searcher = searcher or Searcher(ds)
     k = min(k, ds.count)
     pieces = sample_pieces(ds.docs, sample_tokens, seed)
+    gone = set(np.asarray(getattr(ds, "removed_documents", ())).tolist())
+    if gone:  # removed documents are not read either
+        pieces = [p for p in pieces if p[0] not in gone]
     plan, own = piece_plan(ds, pieces, batch_tokens)
     scores = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True, exclude=own,
                         progress=progress)

@@ -285,6 +285,11 @@ def render(res: dict) -> None:
                   " the original datastore's; its IVF-PQ index (the original training, the keys added again) "
                   f"returns the same 64 neighbours for {c['ivf_neighbours_same_as_original']:.2%} of "
                   "(query, rank) pairs.", ""]
+    missing = [p for p in ("remove", "compact") if p not in res]
+    if missing:
+        lines += [f"Not measured yet: {', '.join(missing)} (`--phases {','.join(missing)}`).", ""]
+    lines += ["Times are wall-clock seconds on a shared 2-core machine: each step ran under the shared CPU lock "
+              "(the rebuild in pieces of at most 5 minutes, summed), while a background build ran at nice 19.", ""]
     (HERE / "results" / "editing.md").write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -65,3 +65,13 @@ def test_build_finishes_an_output_published_before_a_kill(corpus, llama_dir, tmp
     _published_then_killed(out)
     assert main(args) == 0
     assert list_indexes(Datastore(out)) == ["flat"]
+
+
+def test_an_index_being_written_is_no_index(datastore, tmp_path, capsys):
+    """A kill while an index was written left indexes/NAME.partial/ with a half-written
+    index.json: it was listed as an index, and `info --verify` failed on it."""
+    ds = shutil.copytree(datastore.path, tmp_path / "ds")
+    (ds / "indexes" / "ivf.partial").mkdir()
+    (ds / "indexes" / "ivf.partial" / "index.json").write_text("")
+    assert list_indexes(Datastore(ds)) == ["flat"]
+    assert main(["info", str(ds), "--verify"]) == 0

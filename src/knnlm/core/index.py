@@ -159,7 +159,8 @@ def list_indexes(ds: Datastore) -> list[str]:
     root = ds.path / "indexes"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "index.json").exists())
+    return sorted(p.name for p in root.iterdir()  # (not one being written, or replaced: never read as complete)
+                  if (p / "index.json").exists() and not p.name.endswith((".partial", ".old")))
 
 
 def index_info(ds: Datastore, name: str | None = None) -> tuple[str, Path, dict]:

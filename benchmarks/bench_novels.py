@@ -193,9 +193,10 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
               for size in SIZES if (cache / f"point-{size}.json").exists()}
     results = HERE / "results"
     (results / "novels.json").write_text(json.dumps({"points": points, "build_log": log}, indent=1) + "\n", "utf-8")
-    made = [f"python benchmarks/bench_novels.py point --size {size} --cache {cache}" for size in points] + [command]
+    made = [f"python benchmarks/bench_novels.py point --size {size} --cache CACHE" for size in points]
+    made.append(command.replace(str(cache), "CACHE"))
     lines = ["# The kNN-LM on 41 English novels", "",
-             "Made by " + ", then ".join(f"`{c}`" for c in made) + " (see `benchmarks/bench_novels.py --help`), "
+             "Made by " + ", then ".join(f"`{c}`" for c in made) + " (CACHE: the `--cache` folder, by default benchmarks/cache/novels; see `benchmarks/bench_novels.py --help`), "
              "on 2 CPU cores, SmolLM2-135M in bfloat16.  Held out: "
              + ", ".join(NOVELS[f]["title"] for f in SPLIT["tune"]) + " (tuning); "
              + ", ".join(NOVELS[f]["title"] for f in SPLIT["test"]) + " (test); each read from its start "

@@ -7,9 +7,11 @@ import pytest
 
 from knnlm.core.batching import plan_files
 from knnlm.core.index import Searcher
+from knnlm.core.mix import Weight
 from knnlm.core.scoring import cache_target_logprobs, interpolate, mix_cache
 from knnlm.errors import KnnlmError
 from knnlm.run.evaluate import CACHE_KEY_POINT, evaluate, score_plan
+from knnlm.run.options import MixSettings
 
 # three positions of one document: keys h0 = (1, 0), h1 = (0, 1), h2 = (2, 1); each
 # position predicts the token after it: targets 5, 7, 5
@@ -136,3 +138,79 @@ def test_cache_helps_on_repeated_text(lm, corpus):
     p = {th: np.exp(cache_target_logprobs(s.cache_keys, s.targets, [0], th, 1000)[copies]).mean()
          for th in (0.0, 1.0)}
     assert p[1.0] > 0.5 > p[0.0]
+
+
+def test_cache_weight_resolves_like_the_datastores_lambda():
+    """A number is used fixed (unless the mode says adaptive); "auto" is the datastore's
+    recorded cache λ, else the default, adapting (unless the mode says fixed)."""
+    from knnlm.core.settings import DEFAULT_CACHE_LAMBDA, cache_weight
+
+    meta = {"settings": {"k": 8, "lambda": 0.2, "temperature": 1.0, "cache_lambda": 0.15}}
+    assert cache_weight(meta, 0.3) == (Weight(0.3, False), "explicit")
+    assert cache_weight(meta, 0.3, "adaptive") == (Weight(0.3, True), "explicit")
+    assert cache_weight(meta, "auto") == (Weight(0.15, True), "datastore")
+    assert cache_weight(meta, "auto", "fixed") == (Weight(0.15, False), "datastore")
+    old = {"settings": {"k": 8, "lambda": 0.2, "temperature": 1.0}}  # tuned before the cache's λ was
+    assert cache_weight(old, "auto") == (Weight(DEFAULT_CACHE_LAMBDA, True), "default")
+    assert cache_weight(None, "auto") == (Weight(DEFAULT_CACHE_LAMBDA, True), "default")
+    with pytest.raises(KnnlmError, match="cache lambda"):
+        MixSettings(cache_lambda="sometimes")
+    with pytest.raises(KnnlmError, match="cache lambda"):
+        MixSettings(cache_lambda=1.5)
+
+
+def test_self_tuned_cache_lambda_is_recorded_and_used(lm, datastore, corpus, tmp_path):
+    """Self-tuning sweeps the cache's λ on top of the tuned kNN-LM and records it; "auto"
+    uses it, adapting; on this repeated passage the cache helps, so it is above 0."""
+    import shutil
+
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.settings import CACHE_LAMBDAS
+    from knnlm.run.selftune import self_tune
+
+    path = tmp_path / "ds"
+    shutil.copytree(datastore.path, path)
+    s = self_tune(lm, Datastore(path), sample_tokens=4096, k=8, batch_tokens=128, progress=False)
+    assert s["cache_lambda"] in CACHE_LAMBDAS and s["cache_lambda"] > 0
+    assert Datastore(path).settings["cache_lambda"] == s["cache_lambda"]
+    kw = dict(index="flat", window=32, stride=16, progress=False)
+    auto = evaluate(lm, [corpus], path, cache_lambda="auto", **kw)
+    assert (auto["cache_lambda"], auto["cache_lambda_mode"], auto["cache_lambda_source"]) == \
+        (s["cache_lambda"], "adaptive", "datastore")
+    assert auto["ppl_cache"] < auto["ppl_knnlm"]
+    fixed = evaluate(lm, [corpus], path, cache_lambda=s["cache_lambda"], **kw)
+    assert fixed["cache_lambda_mode"] == "fixed" and "cache_lambda_adapted" not in fixed
+    assert fixed["ppl_knnlm"] == auto["ppl_knnlm"]
+
+
+def test_auto_cache_falls_back_to_the_knnlm(lm, datastore, corpus, tmp_path):
+    """A recorded cache λ of 0 (the cache did not help the datastore's own text) gives the
+    kNN-LM exactly; with the default λ adapting, the cache can cost at most log(1/w0) =
+    log 4 nats over the whole text against the kNN-LM alone (knnlm.core.mix)."""
+    import shutil
+
+    from knnlm.core.datastore import Datastore
+
+    path = tmp_path / "ds"
+    shutil.copytree(datastore.path, path)
+    ds = Datastore(path)
+    base = {"k": 8, "lambda": 0.25, "temperature": 1.0}
+    kw = dict(index="flat", window=32, stride=16, progress=False)
+    ds.record_settings({**base, "cache_lambda": 0.0})
+    off = evaluate(lm, [corpus], path, cache_lambda="auto", **kw)
+    assert off["cache_lambda"] == 0.0 and off["ppl_cache"] == off["ppl_knnlm"]
+    ds.record_settings(base)  # tuned before the cache's λ was: the default, adapting
+    old = evaluate(lm, [corpus], path, cache_lambda="auto", **kw)
+    assert old["cache_lambda_source"] == "default" and old["cache_lambda_mode"] == "adaptive"
+    n = old["tokens"]
+    assert n * math.log(old["ppl_cache"]) <= n * math.log(old["ppl_knnlm"]) + math.log(4) + 1e-6
+
+
+def test_cache_lambda_option_takes_auto():
+    import argparse
+
+    from knnlm.cli.common import cache_lambda_arg
+
+    assert cache_lambda_arg("auto") == "auto" and cache_lambda_arg("0.1") == 0.1
+    with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
+        cache_lambda_arg("often")

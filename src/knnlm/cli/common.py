@@ -44,6 +44,16 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
 
 
+def cache_lambda_arg(text: str) -> float | str:
+    """--cache-lambda: a number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
     from knnlm.run.options import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
 
@@ -80,8 +90,10 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                    help="join this Ray cluster (default: start a local Ray when Ray is used)")
     if cache:
         c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
-        c.add_argument("--cache-lambda", type=float, default=None,
-                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); off if not given")
+        c.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
+                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); 'auto': the lambda "
+                            "the datastore tuned for its cache when built (else 0.05), adapting to the text; off "
+                            "if not given")
         c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
                        help="scale of the dot product of final hidden states")
         c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,

@@ -107,7 +107,9 @@ def cmd_eval(args) -> None:
             rows.append(("searches", f"{100 * res['search_rate']:.1f}% of tokens"))
     if "ppl_cache" in res:
         rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
-        rows.append(("cache", f"lambda={res['cache_lambda']} theta={res['cache_theta']} size={res['cache_size']}"))
+        adapted = f" (adaptive, ended at {res['cache_lambda_adapted']:.3f})" if "cache_lambda_adapted" in res else ""
+        rows.append(("cache", f"lambda={res['cache_lambda']}{adapted} theta={res['cache_theta']} "
+                              f"size={res['cache_size']}"))
     for key, label in (("ppl_memory", "ppl LM + memory"), ("ppl_knnlm_memory", "ppl kNN-LM + memory")):
         if key in res:
             rows.append((label, f"{res[key]:.3f}  ({100 * (res[key] / res['ppl_lm'] - 1):+.2f}%)  "
@@ -357,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval wiki.test.raw -d ds-wiki -o result.json   # k, lambda, T: the datastore's tuned ones\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --paper-defaults # k=1024, lambda=0.25, T=1\n"
              "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda auto    # + continuous cache, tuned λ, adapting\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --pointers 64          # RetoMaton: fewer searches\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9\n"

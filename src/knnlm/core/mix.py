@@ -207,6 +207,20 @@ def mix_text(lm_logprobs, mem_logprobs, weights: Sequence[Weight], base=None) ->
     return mix_targets(lm_logprobs, mem, omega), omega, mix.lams
 
 
+def best_lambda(base_logprobs, mem_logprobs, lambdas: Sequence[float]) -> dict:
+    """One memory mixed on top of `base` (n,) at each fixed λ of `lambdas`, mem (n,) NaN where
+    silent: {"grid": [{lambda, ppl}], "best": the lowest perplexity (the first of equals, so
+    list 0 first to prefer the base alone on a tie)}."""
+    base = np.asarray(base_logprobs, dtype=np.float64)
+    mem = np.asarray(mem_logprobs, dtype=np.float64)
+    present = ~np.isnan(mem)
+    grid = []
+    for lam in lambdas:
+        lp = mix_targets(base, mem, np.where(present, float(lam), 0.0)[:, None])
+        grid.append({"lambda": float(lam), "ppl": float(np.exp(-lp.mean())) if len(lp) else float("nan")})
+    return {"grid": grid, "best": min(grid, key=lambda r: r["ppl"])}
+
+
 def mix_vocab(lm_logprobs, mem_logprobs: Sequence, omega: Sequence[float], hits: Sequence | None = None):
     """log(ω_LM p_LM + Σ_j ω_j p_j) over the vocabulary, torch (..., V): mem_logprobs a list
     of (..., V) log-probs (None: silent, its ω must be 0), omega (J,) floats, or (m, J) for

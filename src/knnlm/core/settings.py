@@ -14,6 +14,11 @@ explicitly or --paper-defaults is asked for, which use it "fixed", as written; `
 says so explicitly either way.  A datastore tuned with a λ-by-distance table
 (knnlm.core.neighbor) has each position's λ read from its nearest neighbour's distance,
 unless λ is given.
+
+The continuous cache's λ resolves the same way (`cache_weight`): "auto" is the λ the
+datastore tuned for its cache on its own corpus (`settings.cache_lambda`; 0 when the cache
+did not help there: the kNN-LM alone), else DEFAULT_CACHE_LAMBDA, adapting to the text; a
+number is used fixed, as written.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 from dataclasses import dataclass
 
 from knnlm.core.adapt import MODES
+from knnlm.core.mix import Weight
 from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.scoring import check_settings
 from knnlm.errors import KnnlmError
@@ -29,6 +35,8 @@ from knnlm.errors import KnnlmError
 LOG = logging.getLogger(__name__)
 
 PAPER = {"k": 1024, "lambda": 0.25, "temperature": 1.0}  # Khandelwal et al. 2020, in-domain
+DEFAULT_CACHE_LAMBDA = 0.05  # the cache's λ where no datastore tuned one (it adapts from there)
+CACHE_LAMBDAS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3)  # swept by self-tuning
 _hinted: set[str] = set()
 
 
@@ -94,3 +102,16 @@ def resolve(meta: dict | None, count: int | None = None, k: int | None = None, l
 def check_lambda_mode(mode: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise KnnlmError(f"lambda mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def cache_weight(meta: dict | None, lam: float | str, lambda_mode: str | None = None) -> tuple[Weight, str]:
+    """The continuous cache's λ policy and where it came from ("datastore", "default",
+    "explicit"): `lam` "auto" is the datastore's recorded cache λ (else DEFAULT_CACHE_LAMBDA),
+    adaptive unless `lambda_mode` is "fixed"; a number is fixed unless `lambda_mode` is "adaptive"."""
+    check_lambda_mode(lambda_mode)
+    if lam != "auto":
+        check_settings(lam=lam)
+        return Weight(float(lam), lambda_mode == "adaptive"), "explicit"
+    rec = (recorded(meta or {}) or {}).get("cache_lambda")
+    ok = isinstance(rec, (int, float)) and 0.0 <= rec <= 1.0
+    return Weight(float(rec) if ok else DEFAULT_CACHE_LAMBDA, lambda_mode != "fixed"), "datastore" if ok else "default"

@@ -20,7 +20,7 @@ from knnlm.core.scoring import (
     knn_target_logprobs,
     perplexity,
 )
-from knnlm.core.settings import PAPER, resolve
+from knnlm.core.settings import PAPER, cache_weight, resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import confidence
 from knnlm.retrieval.pointers import simulate
@@ -236,7 +236,8 @@ def evaluate(
 
     With `mixing.cache_lambda` the continuous cache is mixed on top (`ppl_cache`):
     p = cache_lambda * p_cache + (1 - cache_lambda) * p_kNN-LM (p_LM without a datastore),
-    so cache_lambda = 0 gives the kNN-LM's perplexity exactly.  Pointers (RetoMaton) and
+    so cache_lambda = 0 gives the kNN-LM's perplexity exactly; "auto" is the λ the
+    datastore tuned for its cache, adapting to the text (knnlm.core.settings.cache_weight).  Pointers (RetoMaton) and
     adaptive retrieval search fewer positions; `search_rate` says what share searched.
 
     With a `memory` decoder directory: `ppl_memory` of p = memory_lambda * p_mem +
@@ -323,8 +324,12 @@ def evaluate(
             seconds_lm=round(s.seconds["lm"], 3),
             seconds_knn=round(s.seconds["knn"], 3),
         )
-    if cache_lambda is not None:
-        result.update(ppl_cache=perplexity(mixed(*knn, (s.cache, Weight(cache_lambda)))[0]), cache_lambda=cache_lambda,
+    if cache_lambda is not None:  # "auto": the datastore's tuned cache λ, adapting (core.settings.cache_weight)
+        cw, source = cache_weight(searcher.ds.meta if searcher is not None else None, cache_lambda, mixing.mode)
+        lp, lams = mixed(*knn, (s.cache, cw))
+        result.update(ppl_cache=perplexity(lp), cache_lambda=cw.lam, cache_lambda_mode=cw.mode,
+                      cache_lambda_source=source, **({"cache_lambda_adapted": round(float(lams[-1]), 6)}
+                                                     if cw.adapt else {}),
                       cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
         mw = memory_weight(memory.meta, memory_lambda, mixing.mode, str(memory.path))

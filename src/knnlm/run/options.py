@@ -63,14 +63,14 @@ class MixSettings:
     """How the LM and the memories are mixed.  `lam`: the datastore's λ (None: its tuned one);
     `mode` "adaptive" (λ follows the text as it is read, knnlm.core.adapt) or "fixed"
     (None: adaptive unless `lam` is given); `cache_lambda`: the continuous cache mixed on
-    top (None: no cache); `memory_lambda`: a memory decoder's λ (None: its default);
+    top (None: no cache; "auto": the datastore's tuned cache λ, adapting); `memory_lambda`: a memory decoder's λ (None: its default);
     `by_distance`: each position's λ read from its nearest neighbour's distance with the
     datastore's recorded table (knnlm.core.neighbor; None: when recorded and λ not given)."""
 
     lam: float | None = None
     mode: str | None = None
     by_distance: bool | None = None
-    cache_lambda: float | None = None
+    cache_lambda: float | str | None = None
     memory_lambda: float | None = None
 
     def __post_init__(self):

@@ -7,6 +7,9 @@ tokens, i.e. a whole article, or a neighbourhood in a long .txt stream), so the 
 what unseen text of the same kind sees.  λ, T and k are swept from that one retrieval
 (`knnlm.run.tune.sweep`), then λ per bucket of the nearest neighbour's distance at the best
 k and T (knnlm.core.neighbor), and recorded in meta.json; commands default to them.
+The continuous cache's λ is swept on the same positions on top of that kNN-LM (each piece
+is its own document, its cache its own earlier positions) and recorded as `cache_lambda`
+(0 when the cache does not help there); `--cache-lambda auto` uses it (core.settings.cache_weight).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import numpy as np
 from knnlm.core.batching import Plan, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
-from knnlm.core.mix import mix_targets
+from knnlm.core.mix import best_lambda, mix_targets
 from knnlm.core.neighbor import DistanceLambda, fit
-from knnlm.core.scoring import knn_target_logprobs, perplexity
+from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
+from knnlm.core.settings import CACHE_LAMBDAS
 from knnlm.run.evaluate import score_plan
-from knnlm.run.options import RetrievalSettings
+from knnlm.run.options import CacheSettings, RetrievalSettings
 from knnlm.run.tune import sweep
 
 LOG = logging.getLogger(__name__)
@@ -72,6 +76,19 @@ def piece_plan(ds, pieces: list[tuple[int, int, int]], batch_tokens: int = 4096)
     return plan, own
 
 
+def cache_lambda(scores, best: dict, table: DistanceLambda | None) -> dict:
+    """The continuous cache's λ (CacheSettings' θ and size) on top of the tuned kNN-LM
+    (λ by distance when there is a table) on the tuning positions: {"cache_lambda", ...}."""
+    k, t = best["k"], best["temperature"]
+    knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)
+    base = (mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0])[:, None]) if table is not None
+            else interpolate(scores.lm, knn, best["lambda"]))
+    res = best_lambda(base, scores.cache, CACHE_LAMBDAS)
+    c = CacheSettings()
+    return {"cache_lambda": res["best"]["lambda"], "cache_theta": c.theta, "cache_size": c.size,
+            "ppl_knnlm_cache": res["best"]["ppl"]}
+
+
 def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | None]:
     """λ per bucket of the nearest neighbour's distance (knnlm.core.neighbor), fitted on the
     same leave-own-document-out positions at the best k and T, and its perplexity there;
@@ -97,7 +114,7 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
         pieces = [p for p in pieces if p[0] not in gone]
     plan, own = piece_plan(ds, pieces, batch_tokens)
     scores = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True, exclude=own,
-                        progress=progress)
+                        cache=CacheSettings(), progress=progress)
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
     table, by_distance = distance_table(scores, best)
@@ -110,6 +127,7 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
     }
     if table is not None:
         settings.update(lambda_by_distance=table.as_dict(), ppl_knnlm_by_distance=by_distance)
+    settings.update(cache_lambda(scores, best, table))
     LOG.info("tuned on %d positions of %s: k=%d lambda=%.2f T=%g (ppl %.3f -> %.3f)", plan.count, ds.path,
              settings["k"], settings["lambda"], settings["temperature"], res["ppl_lm"], best["ppl"])
     if record:

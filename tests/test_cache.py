@@ -107,6 +107,22 @@ def test_cache_keys_are_the_final_hidden_states(lm, corpus):
     assert s.cache is None
 
 
+def test_cache_keys_of_documents_of_different_lengths(lm, jsonl_corpus):
+    """Windows of documents of different lengths share a batch: each one's cache keys are
+    its own positions' (a batch once took every window's keys up to the last window's end)."""
+    import torch
+
+    plan = plan_files(lm, [jsonl_corpus], 32, 16, 128)
+    assert len(set(plan.docs[:, 1].tolist())) > 1 and len(plan.batches) < len(plan.docs)
+    s = score_plan(lm, plan, keep_cache_keys=True, progress=False)
+    for start, count, first in plan.docs.tolist():
+        ids = torch.from_numpy(plan.tokens[start : start + count].astype(np.int64))[None]
+        keys, _ = lm.forward(ids, [CACHE_KEY_POINT], logits=False)
+        m = min(count - 1, 32)
+        np.testing.assert_allclose(s.cache_keys[first : first + m], keys[CACHE_KEY_POINT][0, :m].numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_cache_lambda_zero_is_exactly_the_knnlm(lm, datastore, corpus):
     kw = dict(index="flat", k=8, lam=0.25, window=32, stride=16, progress=False)
     plain = evaluate(lm, [corpus], datastore.path, **kw)

@@ -143,7 +143,7 @@ def score_plan(
             spans.append((t, t + c1 - c0))
         sel = np.concatenate([np.arange(a, z) for a, z in spans])
         if use_cache:
-            h = [keys[CACHE_KEY_POINT][row, c0:c1] for row, c0, _, _ in windows]
+            h = [keys[CACHE_KEY_POINT][row, c0:c1] for row, c0, c1, _ in windows]
             ckeys[sel] = torch.cat(h).float().cpu().numpy()  # (m, d)
         lm_lp[sel] = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device)).cpu().numpy()
         t1 = time.perf_counter()

@@ -77,3 +77,64 @@ def test_building_an_ivf_pq_index_holds_far_less_than_the_keys(tmp_path):
     # about 80 MB; reading the keys through the memory map instead keeps every page of keys.npy
     # resident (checked: +432 MiB for 244 MiB of keys)
     assert growth < 0.5 * keys_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB for {keys_bytes / 2**20:.0f} MiB of keys"
+
+
+def test_large_keys_are_reranked_from_the_file_with_the_same_results(tmp_path, monkeypatch):
+    import knnlm.core.index as index_mod
+
+    path = synthetic_datastore(tmp_path / "ds", n=20_000, dim=32)
+    ds = Datastore(path)
+    index_mod.build_index(ds, "IVF16,PQ8", train_size=5000, progress=False)
+    queries = np.asarray(ds.read_keys(np.arange(0, 20_000, 997)), np.float32) + 0.01
+    in_ram = index_mod.Searcher(ds)
+    assert not in_ram._rerank_keys and in_ram._refine is not None  # small keys: the float16 copy
+    monkeypatch.setattr(index_mod, "KEYS_IN_RAM_MAX", ds.keys.nbytes - 1)
+    from_file = index_mod.Searcher(ds)
+    assert from_file._rerank_keys and from_file._refine is None
+    d0, i0 = in_ram.search(queries, 50)
+    d1, i1 = from_file.search(queries, 50)
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_allclose(d0, d1, rtol=1e-5, atol=1e-4)
+
+
+def search_growth(path, bound: str) -> int:
+    """Growth of anonymous resident memory (bytes; file pages of the memory-mapped keys that
+    the kernel maps around each read are the page cache's, not the process's) of a fresh
+    process that opens the index and searches it, with KEYS_IN_RAM_MAX set to `bound` (a
+    Python expression of ds)."""
+    code = textwrap.dedent(f"""
+        import numpy as np
+        import faiss
+        import knnlm.core.index as ix
+        from knnlm.core.datastore import Datastore
+
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+
+        ds = Datastore({str(path)!r})
+        ix.KEYS_IN_RAM_MAX = {bound}
+        q = np.asarray(ds.read_keys(np.arange(0, ds.count, 9973)), np.float32)
+        before = anon()
+        s = ix.Searcher(ds)
+        d, i = s.search(q, 64)
+        assert (i >= 0).all()
+        print(anon() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_searching_large_keys_does_not_copy_them(tmp_path):
+    from knnlm.core.index import build_index
+
+    path = synthetic_datastore(tmp_path / "ds")
+    build_index(Datastore(path), "IVF256,PQ8", train_size=16384, progress=False)
+    # keys 4x the bound, as a 10^7-entry datastore against the default: the IVF-PQ index
+    # (1M x (8 code + 8 id) bytes: 16 MB) and the candidates' rows
+    growth = search_growth(path, "ds.keys.nbytes // 4")
+    assert growth < 0.25 * N * DIM * 2, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+    # keys under the bound are copied for re-ranking: the check above can see a copy
+    assert search_growth(path, "ds.keys.nbytes * 4") > 0.9 * N * DIM * 2

@@ -34,6 +34,11 @@ FLAT_BELOW = 100_000  # `auto`: exact search below this many entries, IVF-PQ abo
 # switches at the same size (its distance_compute_blas_threshold): below, distances are summed
 # one key at a time in both ways.  Memory-mapped (sharded) searchers keep the Flat index.
 FEW_QUERIES = 20
+# Re-ranking copies the stored float16 keys into RAM (a FAISS index over them) up to this
+# size; larger keys (a 10^7-entry datastore of 576-dim keys: 12.6 GB) are re-ranked from
+# the memory-mapped file instead: only each query's candidate rows are read, the page cache
+# keeps what is read often, and the search process stays small.
+KEYS_IN_RAM_MAX = 2 << 30
 
 
 def auto_factory(count: int, dim: int) -> str:
@@ -232,6 +237,7 @@ class Searcher:
     With `mmap`, an IVF index's inverted lists stay in its file (memory-mapped, FAISS
     IO_FLAG_MMAP) and re-ranking reads the candidates' keys from the keys memmap, so the
     process holds only the coarse quantizer and codebooks: an index larger than RAM.
+    Without it, keys larger than KEYS_IN_RAM_MAX are still re-ranked from the memmap.
     """
 
     def __init__(self, ds: Datastore, name: str | None = None, nprobe: int | None = None,
@@ -259,8 +265,9 @@ class Searcher:
         self._refine = None
         self.scan_few = self.info["factory"] == "Flat" and not mmap  # FEW_QUERIES: the float16 scan
         self._fp16 = None
-        self._rerank_keys = self.rerank and self.info["factory"] != "Flat" and mmap
-        if self.rerank and self.info["factory"] != "Flat" and not mmap:
+        from_file = mmap or ds.keys.nbytes > KEYS_IN_RAM_MAX
+        self._rerank_keys = self.rerank and self.info["factory"] != "Flat" and from_file
+        if self.rerank and self.info["factory"] != "Flat" and not from_file:
             # faiss re-ranks the k candidates of the approximate index with exact distances
             # to the stored float16 keys (a scalar quantizer whose codes ARE those keys).
             self._exact = fp16_index(ds.keys)

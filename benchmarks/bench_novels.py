@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import resource
 import sys
 import time
@@ -142,22 +143,11 @@ def phase_index(ds, kind: str) -> dict:
             "train_size": info.get("train_size"), "bytes": (d / "index.faiss").stat().st_size}
 
 
-def retrieve(searcher, keys, k: int, chunk: int = 4096):
-    """dists and values (n, k) of every query, and the search's seconds."""
-    import numpy as np
-
-    n = len(keys)
-    dists, vals = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
-    t0 = time.perf_counter()
-    for i in range(0, n, chunk):
-        d, ids = searcher.search(np.asarray(keys[i : i + chunk], np.float32), k)
-        dists[i : i + chunk], vals[i : i + chunk] = d, searcher.ds.vals[np.maximum(ids, 0)]
-    return dists, vals, time.perf_counter() - t0
-
-
 def phase_quality(lm, ds, queries: dict, index: str) -> dict:
     """Test perplexity of the LM and of the kNN-LM with the datastore's own (self-tuned)
     settings and with k, λ, T tuned on the tuning novels; the test optimum beside them."""
+    from common import default_logprobs, retrieve
+
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
     from knnlm.run.selftune import self_tune
@@ -179,9 +169,12 @@ def phase_quality(lm, ds, queries: dict, index: str) -> dict:
 
     pick = ("k", "lambda", "temperature")
     oracle = sweep(lm_lp, dists, vals, t)["best"]
+    default, lam_end = default_logprobs(lm_lp, dists, vals, t, own)
     return {"entries": ds.count, "test_tokens": int(len(t)), "tune_tokens": int(len(tq["targets"])),
             "index": searcher.settings(), "search_ms_per_token": 1000 * secs / len(t),
             "ppl_lm": perplexity(lm_lp),
+            "ppl_default": perplexity(default), "lambda_end": lam_end,
+            "lambda_by_distance": own.get("lambda_by_distance"),
             "own": {f: own[f] for f in pick}, "ppl_own": ppl(own),
             "tuned": {f: tuned[f] for f in pick}, "ppl_tuned": ppl(tuned),
             "oracle": {f: oracle[f] for f in pick}, "ppl_oracle": oracle["ppl"]}
@@ -202,19 +195,26 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
              + ", ".join(NOVELS[f]["title"] for f in SPLIT["test"]) + " (test); each read from its start "
              "(`--chars`, windows 1024/512).  *Own settings*: the k, λ, T that the datastore's self-tuning "
              "recorded (leave-own-document-out on its own novels), applied as a fixed λ; *tuned*: chosen on the "
-             "tuning novels; *test optimum*: chosen on the test text itself (a bound, not a method).", "",
-             "| entries | novels | index | test tokens | LM | kNN-LM, own settings (k, λ, T) | "
+             "tuning novels; *test optimum*: chosen on the test text itself (a bound, not a method); *default*: what "
+             "`knnlm eval` does with the datastore's recorded settings (λ from each position's nearest distance, "
+             "adapting over the text; λ end: where the adaptive λ ended).", "",
+             "| entries | novels | index | test tokens | LM | **kNN-LM, default** (λ end) | kNN-LM, own settings, fixed λ (k, λ, T) | "
              "kNN-LM, tuned on the tuning novels (k, λ, T) | test optimum | search ms/token |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(r, key):
         s = r[key.replace("ppl_", "")]
         ppl = r[key]
         return f"{ppl:.3f} ({(ppl / r['ppl_lm'] - 1) * 100:+.1f}%) ({s['k']}, {s['lambda']:g}, {s['temperature']:g})"
 
+    def default(r):
+        if "ppl_default" not in r:
+            return "–"
+        return f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) ({r['lambda_end']:.2f})"
+
     for size, r in points.items():
         lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "
-                     f"{r['ppl_lm']:.3f} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
+                     f"{r['ppl_lm']:.3f} | {default(r)} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
                      f"{r['search_ms_per_token']:.2f} |")
     lines += ["", "## Builds", "", "| datastore | run | seconds | tokens | tokens/s | bare forward tokens/s | ratio | peak RSS MB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -257,6 +257,8 @@ def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int
     search ms per test token at k = 1024 (re-ranked from the stored keys), recall of the exact
     top-k and test perplexity with the tuned settings, against exact search over all entries."""
     import numpy as np
+
+    from common import retrieve
 
     from knnlm.core.index import Searcher, build_index, index_info, index_name, list_indexes
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
@@ -340,7 +342,8 @@ def main() -> None:
     log_path = cache / "build-log.json"
     log = json.loads(log_path.read_text("utf-8")) if log_path.exists() else {}
     if args.phase == "report":
-        phase_report(cache, log, "python benchmarks/bench_novels.py " + " ".join(sys.argv[1:]))
+        command = "python benchmarks/bench_novels.py " + " ".join(sys.argv[1:])
+        phase_report(cache, log, re.sub(r" --data[= ]\S+", "", command))  # the data is checked by sha256
         return
     from knnlm.core.model import LM
 

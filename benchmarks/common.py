@@ -127,3 +127,37 @@ def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 409
         os.replace(tmp, out)
     z = np.load(out)
     return {name: z[name] for name in z.files}
+
+
+def retrieve(searcher, keys, k: int, chunk: int = 4096):
+    """Every query's k nearest entries through `searcher` (its index, nprobe and re-ranking):
+    distances and values (n, k), and the search's seconds."""
+    import time
+
+    import numpy as np
+
+    n = len(keys)
+    dists, vals = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
+    t0 = time.perf_counter()
+    for i in range(0, n, chunk):
+        d, ids = searcher.search(np.asarray(keys[i : i + chunk], np.float32), k)
+        dists[i : i + chunk], vals[i : i + chunk] = d, searcher.ds.vals[np.maximum(ids, 0)]
+    return dists, vals, time.perf_counter() - t0
+
+
+def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict):
+    """log p_kNN-LM(target) of a text as `knnlm eval` mixes it by default with a datastore's
+    recorded settings: k and T as recorded, each position's base λ from its nearest distance
+    (the λ-by-distance table when recorded), adapting over the text; and the λ it ended with."""
+    import numpy as np
+
+    from knnlm.core.mix import Weight, mix_text
+    from knnlm.core.neighbor import DistanceLambda
+    from knnlm.core.scoring import knn_target_logprobs
+
+    k = min(int(settings["k"]), dists.shape[1])
+    knn = knn_target_logprobs(dists[:, :k], vals[:, :k], targets, settings["temperature"])
+    table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
+    base = table(dists[:, 0])[:, None] if table is not None else None
+    lp, _, lams = mix_text(np.asarray(lm_logprobs, np.float64), knn[:, None], [Weight(settings["lambda"], adapt=True)], base)
+    return lp, float(lams[0])

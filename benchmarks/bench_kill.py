@@ -31,7 +31,7 @@ from tiny import make_model_dir  # noqa: E402
 
 LOG = logging.getLogger("bench")
 POINTS = {"build": 30, "build --workers": 10, "index": 25, "index --workers": 10, "shard": 25, "reduce": 25,
-          "memory targets": 25, "memory train": 25, "remove": 20, "compact": 25}
+          "memory targets": 25, "memory train": 25, "remove": 20, "add": 25, "compact": 25}
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ VOLATILE = {"id", "created", "build_seconds", "train_seconds", "datastore_id", "
 
 
 # what a rerun says when the killed run had already done its work
-DONE = ("already exists", "already removed", "nothing to compact")
+DONE = ("already exists", "already removed", "nothing to compact", "already added")
 
 
 @dataclass
@@ -67,6 +67,7 @@ COMMANDS = {c.name: c for c in [
                              "--max-steps", "12", "--batch-size", "2", "--seq-len", "32", "--eval-every", "4",
                              "--save-every", "4", *MODEL], ["out"]),
     Command("remove", ["remove", "{ds}", "--doc", "2"], ["ds"]),
+    Command("add", ["add", "{ds}", "{more}", *MODEL, "--batch-tokens", "64"], ["ds"]),
     Command("compact", ["compact", "{removed}"], ["removed"]),
 ]}
 
@@ -93,6 +94,8 @@ class Workspace:
         docs = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
         (b / "corpus.jsonl").write_text("".join(json.dumps({"title": f"d{i}", "text": d}) + "\n"
                                                 for i, d in enumerate(docs)))
+        (b / "more.jsonl").write_text("".join(json.dumps({"title": f"m{i}", "text": d}) + "\n"
+                                              for i, d in enumerate(reversed(docs[:6]))))  # for `add`
         w.knnlm(["build", str(b / "corpus.jsonl"), "-o", str(b / "ds"), "--index", "Flat", "--no-tune",
                  *w.fill(MODEL), *WIN], check=True)
         w.knnlm(["shard", str(b / "ds"), "-o", str(b / "sharded"), "--shards", "2"], check=True)
@@ -103,7 +106,7 @@ class Workspace:
 
     def fill(self, argv: list[str], run: Path | None = None) -> list[str]:
         run = run or self.base
-        names = {"model": self.model, "corpus": run / "corpus.jsonl", "ds": run / "ds", "out": run / "out",
+        names = {"model": self.model, "corpus": run / "corpus.jsonl", "more": run / "more.jsonl", "ds": run / "ds", "out": run / "out",
                  "targets": run / "targets", "sharded": run / "sharded", "removed": run / "removed"}
         return [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
 

@@ -75,3 +75,17 @@ def test_an_index_being_written_is_no_index(datastore, tmp_path, capsys):
     (ds / "indexes" / "ivf.partial" / "index.json").write_text("")
     assert list_indexes(Datastore(ds)) == ["flat"]
     assert main(["info", str(ds), "--verify"]) == 0
+
+
+def test_add_run_again_after_its_commit_adds_nothing(datastore, jsonl_corpus, llama_dir, tmp_path, capsys):
+    """`knnlm add` killed after its commit, run again: it added the same documents twice."""
+    ds = shutil.copytree(datastore.path, tmp_path / "ds")
+    args = ["-q", "add", str(ds), str(jsonl_corpus), *model_args(llama_dir), "--batch-tokens", "64"]
+    assert main(args) == 0
+    after = Datastore(ds).count
+    assert main(args) == 1
+    assert "already added" in capsys.readouterr().err
+    assert Datastore(ds).count == after
+    (ds / "other.jsonl").write_text(jsonl_corpus.read_text().replace("fox", "cat"))
+    assert main([*args[:3], str(ds / "other.jsonl"), *args[4:]]) == 0  # other documents: added
+    assert main(args) == 0  # not the last edit: added again, as asked

@@ -105,6 +105,7 @@ def cmd_add(args) -> None:
 
     check_texts(args.corpus)
     ds = open_for_edit(args.datastore)
+    _not_just_added(ds, args.corpus)
     lm = load_lm(args, args.datastore)
     t0 = time.perf_counter()
     e = add_documents(lm, ds.path, args.corpus, batch_tokens=args.batch_tokens, progress=not args.quiet)
@@ -114,6 +115,19 @@ def cmd_add(args) -> None:
         from knnlm.run.selftune import self_tune
 
         print_tuned(self_tune(lm, Datastore(ds.path), sample_tokens=args.tune_tokens, progress=not args.quiet))
+
+
+def _not_just_added(ds, corpora) -> None:
+    """The same command run again after it had committed (killed just after, say) would add the
+    same documents a second time: refused when the datastore's last edit added these very files."""
+    from knnlm.core.corpus import file_sha256
+
+    edits, recorded = ds.meta.get("edits") or [{}], ds.meta.get("corpora", [])
+    if edits[-1].get("op") != "add" or len(recorded) < len(corpora):
+        return
+    if [file_sha256(c) for c in corpora] == [r.get("sha256") for r in recorded[len(recorded) - len(corpora):]]:
+        raise KnnlmError(f"{', '.join(map(str, corpora))} already added to {ds.path} by its last edit "
+                         f"(version {edits[-1].get('version')}): nothing added")
 
 
 def cmd_compact(args) -> None:

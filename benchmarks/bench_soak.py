@@ -9,8 +9,10 @@ streamed completions read to the end (25%), streams the client drops after two c
 (15%), bad requests from tests/fuzz.py's hand-made set (20%).  The server's resident memory
 is sampled every `--sample` seconds; the first `--warmup` fraction of the run is warm-up.
 Reported: requests and tokens per second, p50/p95/p99 latency per kind, answers by status
-(a 5xx or a dropped connection is an error), resident memory after warm-up (first, max,
-last; growth = max / first - 1).
+(a 5xx or a dropped connection is an error), the server's resident memory after warm-up
+(growth: the median of the last quarter of the samples over the median of the first
+quarter, so that one large request's passing peak is not taken for a leak; the peak is
+shown beside it), and every line the server wrote to stderr (a traceback is an error).
 
     python benchmarks/bench_soak.py --demo /work/cache/demo --minutes 30
     python benchmarks/bench_soak.py --demo /work/cache/demo --minutes 5     # a short run
@@ -27,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -51,19 +54,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(demo: Path, port: int) -> subprocess.Popen:
+def start_server(demo: Path, port: int, log) -> subprocess.Popen:
     ds = {"en": demo / "en-us" / "datastore-300", "es": demo / "es-es" / "datastore-300"}
     for p in ds.values():
         if not (p / "meta.json").exists():
             raise BenchError(f"{p} is not a datastore: give the folder `knnlm demo` wrote with --demo")
     cmd = [sys.executable, "-m", "knnlm", "-q", "serve", "--port", str(port), "--max-tokens", "64",
            *[a for n, p in ds.items() for a in ("--datastore", f"{n}={p}")]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file: a pipe nobody reads blocks the server once 64 KiB are written
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"the server exited: {proc.stderr.read()[-500:]}")
+            raise BenchError(f"the server exited: {Path(log.name).read_text()[-500:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc
@@ -105,6 +109,8 @@ def client(url: str, seed: int, until: float, bad: list, out: dict, lock: thread
                                 break
             except httpx.HTTPError as e:
                 status = f"no answer ({type(e).__name__})"
+            except Exception as e:  # noqa: BLE001 (an answer the client cannot read: counted, not fatal)
+                status = f"unreadable answer ({type(e).__name__})"
             dt = time.perf_counter() - t
             with lock:
                 out["status"][(kind, status)] += 1
@@ -129,7 +135,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t_start = time.monotonic()
-    proc = start_server(Path(args.demo), port)
+    log = tempfile.NamedTemporaryFile("w+", prefix="knnlm-soak-", suffix=".log")
+    proc = start_server(Path(args.demo), port, log)
     print(f"server up in {time.monotonic() - t_start:.0f} s")
     bad = [r for r in hostile_requests([], 49152) if len(r[2]) < 20_000]
     out = {"status": Counter(), "latency": defaultdict(list), "tokens": 0}
@@ -142,17 +149,20 @@ def main() -> None:
     for th in threads:
         th.start()
     rss = []
+    healthy = "the server died"
     try:
-        while time.monotonic() < until:
+        while time.monotonic() < until and proc.poll() is None:
             rss.append((time.monotonic() - t0, server.memory_info().rss))
             time.sleep(args.sample)
         for th in threads:
             th.join(timeout=600)
-        rss.append((time.monotonic() - t0, server.memory_info().rss))
-        healthy = httpx.get(url + "/health", timeout=30).json()
+        if proc.poll() is None:
+            rss.append((time.monotonic() - t0, server.memory_info().rss))
+            healthy = httpx.get(url + "/health", timeout=30).json()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
     secs = time.monotonic() - t0
     n = sum(out["status"].values())
     errors = {k: v for k, v in out["status"].items() if not isinstance(k[1], int) or k[1] >= 500}
@@ -164,10 +174,17 @@ def main() -> None:
         print(f"| {kind} | {len(xs)} | {pct(xs, 50):.2f} | {pct(xs, 95):.2f} | {pct(xs, 99):.2f} |")
     print(f"\nanswers by kind and status: {json.dumps({f'{k} {s}': v for (k, s), v in sorted(out['status'].items(), key=str)})}")
     warm = [m for t, m in rss if t >= args.warmup * secs]
-    if warm:
-        print(f"resident memory after warm-up: first {warm[0] / 2**20:.0f} MiB, max {max(warm) / 2**20:.0f} MiB, "
-              f"last {warm[-1] / 2**20:.0f} MiB, growth {max(warm) / warm[0] - 1:+.1%} "
-              f"({len(warm)} samples; all: {', '.join(f'{t:.0f}s {m / 2**20:.0f}' for t, m in rss)})")
+    if len(warm) >= 4:
+        q = len(warm) // 4
+        a, b = statistics.median(warm[:q]), statistics.median(warm[-q:])
+        print(f"resident memory after warm-up (MiB): median of the first quarter {a / 2**20:.0f}, of the last "
+              f"quarter {b / 2**20:.0f}: growth {b / a - 1:+.1%}; first {warm[0] / 2**20:.0f}, last "
+              f"{warm[-1] / 2**20:.0f}, peak {max(warm) / 2**20:.0f} ({max(warm) / a - 1:+.1%}); {len(warm)} samples")
+        print(f"all samples (s MiB): {', '.join(f'{t:.0f} {m / 2**20:.0f}' for t, m in rss)}")
+    log.seek(0)
+    lines = log.read().splitlines()
+    print(f"server stderr: {len(lines)} lines, {sum('Traceback' in x for x in lines)} tracebacks"
+          + "".join(f"\n  {x[:300]}" for x in lines[-20:]))
     print(f"health after: {healthy}")
 
 

@@ -346,8 +346,8 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
             raise HTTPError(500, "the request ended without a result")
         if isinstance(item, KnnlmError):
             job.cancelled.set()
-            too_long = str(item).startswith("too many tokens")
-            raise HTTPError(400, str(item), code="too_many_tokens" if too_long else None)
+            message = str(item).replace(knnlm.lm.name, name)  # the model as served, never its local path
+            raise HTTPError(400, message, code="too_many_tokens" if message.startswith("too many tokens") else None)
         if isinstance(item, Exception):
             job.cancelled.set()
             LOG.error("request failed", exc_info=item)

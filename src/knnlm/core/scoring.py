@@ -24,8 +24,10 @@ def check_settings(lam: float | None = None, temperature: float | None = None, k
 
 def check_cache_settings(lam: float | str | None = None, theta: float | None = None, size: int | None = None) -> None:
     """lam: a weight in [0, 1] or "auto" (the tuned one, adapting: knnlm.core.settings.cache_weight)."""
-    if lam is not None and lam != "auto" and not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
-        raise KnnlmError(f"cache lambda must be in [0, 1] or 'auto', got {lam}")
+    if isinstance(lam, str) and lam != "auto":
+        raise KnnlmError(f"cache lambda must be a number in [0, 1] or 'auto', got {lam!r}")
+    if lam is not None and lam != "auto" and not 0.0 <= lam <= 1.0:
+        raise KnnlmError(f"cache lambda must be in [0, 1], got {lam}")
     if size is not None and size < 1:
         raise KnnlmError(f"cache size must be >= 1, got {size}")
     if theta is not None and not theta >= 0:

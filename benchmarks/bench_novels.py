@@ -228,8 +228,66 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
               "timed on the build's first 8 batches at its start; under other load on the same cores the ratio "
               "compares different moments and says nothing about the build's overhead.  Peak RSS includes the "
               "pages of keys.npy written through its memory map (file-backed, reclaimable)."]
+    lines += cost_lines(cache, points, log) + index_lines(cache)
     (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
     LOG.info("wrote %s", results / "novels.md")
+
+
+def disk_mb(folder: Path) -> float:
+    """Bytes that `folder`'s files hold on disk (allocated blocks, so sparse files count as written), in MB."""
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
+def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
+    """The cost table: per size, build and index time, disk, the search process's anonymous
+    RSS and the speed phase's evaluation and generation ratios."""
+    rows = []
+    for size, r in points.items():
+        speed_path = cache / f"speed-{size}.json"
+        sp = json.loads(speed_path.read_text("utf-8")) if speed_path.exists() else None
+        segs = [g for g in log.get("segments", {}).get(size, []) if "seconds" in g]
+        index_dir = cache / f"ds-{size}" / "indexes" / r["index"]["index"]
+        rows.append(f"| {r['entries']:,} | {sum(g['seconds'] for g in segs):,.0f} | "
+                    f"{json.loads((index_dir / 'index.json').read_text('utf-8'))['build_seconds']:,.0f} | {disk_mb(cache / f'ds-{size}') / 1e3:.2f} | "
+                    f"{disk_mb(index_dir):,.0f} | "
+                    + (f"{sp['anon_rss_mb']:,.0f} | {sp['eval_ratio']:.2f}x ({sp['tokens_per_s']['eval_knnlm']:.0f} / "
+                       f"{sp['tokens_per_s']['eval_lm']:.0f}) | {sp['gen_ratio']:.2f}x ({sp['tokens_per_s']['gen_knnlm']:.1f} / "
+                       f"{sp['tokens_per_s']['gen_lm']:.1f}) |" if sp else "– | – | – |"))
+    if not rows:
+        return []
+    return ["", "## Cost as the datastore grows", "",
+            "Made by `python benchmarks/bench_novels.py speed --size S --cache CACHE` (evaluation of the first "
+            "6,000 characters of each test novel with the datastore's defaults, as `knnlm eval` does, and greedy "
+            "generation of 32 tokens from each novel's first 200 characters, one stream, as `KNNLM.generate` does; "
+            "interleaved with the base LM in the same process, median of 2).  Build and index seconds are the "
+            "runs' wall times on a shared machine (see Builds); RSS: the search process's anonymous resident "
+            "memory (model included) after the searches.", "",
+            "| entries | build s | index s | datastore GB on disk | index MB | search process anon RSS MB | "
+            "eval tokens/s, kNN-LM / LM | generation tokens/s, kNN-LM / LM |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def index_lines(cache: Path) -> list[str]:
+    """The FAISS configurations measured by the indexes phase, against exact search."""
+    lines = []
+    for path in sorted(cache.glob("indexes-*.json")):
+        size = path.stem.split("-", 1)[1]
+        for row in json.loads(path.read_text("utf-8")):
+            for n in row["nprobe"]:
+                lines.append(f"| {size} | {row['factory']} | {row['train_size']:,} | {row['build_seconds']:,.0f} | "
+                             f"{row['bytes_per_entry']:.1f} | {n['nprobe']} | {n['recall']:.3f} | {n['ms_per_token']:.2f} | "
+                             f"{n['ppl']:.3f} | {n['ppl_exact']:.3f} | {(n['ppl'] / n['ppl_exact'] - 1) * 100:+.2f}% |")
+    if not lines:
+        return []
+    return ["", "## Index configurations against exact search", "",
+            "Made by `python benchmarks/bench_novels.py indexes --size S --factories F --nprobes 8,32 --cache CACHE`: "
+            "each FAISS configuration trained on its sample and filled with every key, searched at k = 1024 with "
+            "re-ranking from the stored keys, against exact search over all entries (one streamed pass over the "
+            "keys) on 2,000 test tokens spread over the test text; perplexity with the settings tuned on the "
+            "tuning novels through that index.", "",
+            "| size | factory | trained on | build s | index bytes/entry | nprobe | recall of exact top-1024 | "
+            "search ms/token | ppl | ppl, exact search | vs exact |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *lines]
 
 
 def exact_topk(ds, queries, k: int, chunk: int = 32768):
@@ -307,6 +365,49 @@ def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int
     return rows
 
 
+def anon_rss_mb() -> float:
+    """This process's anonymous resident memory (MB): what it holds itself, not the page
+    cache's pages of memory-mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_tokens: int, repeats: int) -> dict:
+    """Evaluation and one-stream generation with the datastore's defaults as ratios of the
+    base LM's tokens/s, measured interleaved in one process (the median of `repeats`); the
+    process's anonymous RSS after the searches."""
+    import statistics
+
+    import knnlm
+    from knnlm.run.generate import KNNLM
+
+    text = excerpts(folder, SPLIT["test"], chars, cache / f"test-{chars}.jsonl")
+    prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
+    rss_before = anon_rss_mb()
+    knn = KNNLM(lm, {"novels": ds_path})
+    runs = {"eval_lm": [], "eval_knnlm": [], "gen_lm": [], "gen_knnlm": []}
+    ppl = {}
+    for _ in range(repeats):  # interleaved, so other load on the machine hits both alike
+        for name, ds in (("eval_lm", None), ("eval_knnlm", ds_path)):
+            r = knnlm.evaluate(lm, [text], ds, progress=False)
+            runs[name].append(r["tokens"] / r["seconds"])
+            ppl[name] = r["ppl_knnlm" if ds else "ppl_lm"]
+            tokens = r["tokens"]
+        for name, ds in (("gen_lm", None), ("gen_knnlm", "novels")):
+            t0 = time.perf_counter()
+            for p in prompts:
+                knn.generate(p, gen_tokens, datastore=ds, ignore_eos=True)
+            runs[name].append(gen_tokens * len(prompts) / (time.perf_counter() - t0))
+    rate = {name: statistics.median(v) for name, v in runs.items()}
+    return {"eval_tokens": tokens, "gen_tokens": gen_tokens * len(prompts), "repeats": repeats,
+            "tokens_per_s": rate, "runs": runs, "ppl": ppl,
+            "eval_ratio": rate["eval_knnlm"] / rate["eval_lm"], "gen_ratio": rate["gen_knnlm"] / rate["gen_lm"],
+            "search": knn.searchers["novels"].settings(),
+            "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
+
+
 def save_log(cache: Path, log: dict) -> None:
     tmp = cache / "build-log.json.tmp"
     tmp.write_text(json.dumps(log, indent=1) + "\n", "utf-8")
@@ -315,9 +416,10 @@ def save_log(cache: Path, log: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "report"],
+    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "speed", "report"],
                     help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
-                         "one size; indexes: FAISS configurations on one size against exact search; "
+                         "one size; indexes: FAISS configurations on one size against exact search; speed: evaluation "
+                         "and generation tokens/s against the base LM; "
                          "report: write results/novels.{md,json}")
     ap.add_argument("--factories", default="IVF1024,PQ64;IVF4096,PQ64;IVF4096,PQ32",
                     help="indexes phase: FAISS factory strings, ';'-separated")
@@ -326,6 +428,10 @@ def main() -> None:
                     help="indexes phase: test tokens searched exactly over all entries (default: 2000)")
     ap.add_argument("--chars", type=int, default=32_000,
                     help="characters of each held-out novel read for tuning and test (default: 32000)")
+    ap.add_argument("--speed-chars", type=int, default=6_000,
+                    help="speed phase: characters of each test novel evaluated (default: 6000)")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="speed phase: tokens generated per prompt (default: 32)")
+    ap.add_argument("--repeats", type=int, default=2, help="speed phase: interleaved repeats (default: 2)")
     ap.add_argument("--index", default="auto", help="index of the point (default: auto, as knnlm build)")
     ap.add_argument("--size", choices=sorted(SIZES), default="all", help="datastore: 1e5, 1e6 or all novels")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding novels/ (default: ../shared/data)")
@@ -366,6 +472,11 @@ def main() -> None:
                              args.factories.split(";"), [int(x) for x in args.nprobes.split(",")], args.exact_tokens, cache)
         out = cache / f"indexes-{args.size}.json"
         out.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+    if args.phase == "speed":
+        res = phase_speed(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats)
+        out = cache / f"speed-{args.size}.json"
+        out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
+        LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
 
 
 if __name__ == "__main__":

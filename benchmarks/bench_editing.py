@@ -14,8 +14,12 @@ jsonl line each.  Phases (each result merged into benchmarks/results/editing.jso
   ppl      perplexity of a test slice with the added and the rebuilt datastore (IVF-PQ)
   remove   remove one added article: seconds until it is no longer retrieved; perplexity on
            its own text vs a datastore that never held it (Flat: exact; IVF-PQ)
-  compact  add the other ~10% of articles, remove them all, compact: seconds and bytes vs
-           the rebuild, and the compacted datastore vs the original (keys, search)
+  compact  add the other ~10% of articles and train the index again on all keys (a build with
+           them), remove them all, compact: seconds and bytes vs the rebuild measured by the
+           `rebuild` phase (reused, not run again), the compacted keys vs the original's, and
+           the IVF-PQ neighbours and perplexity of the test text vs a datastore without them
+           (an index trained without them, the original's, exact search); resumable by step
+           (<work>/compact.json)
 """
 
 from __future__ import annotations
@@ -78,10 +82,19 @@ def bytes_of(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def ppl(lm, text: Path, searcher, k: int = K) -> float:
+def ppl(lm, text: Path, searcher, k: int = K, ids: Path | None = None) -> float:
+    """Perplexity of `text` at k, λ, T; with `ids`, the (n, k) neighbour ids are saved there."""
     plan = plan_files(lm, [text], 1024, 512, 4096)
-    s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k, temperature=T), progress=False)
+    s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k, temperature=T), progress=False,
+                   keep_neighbors=ids is not None)
+    if ids is not None:
+        np.save(ids, s.ids)
     return perplexity(interpolate(s.lm, s.knn, LAM))
+
+
+def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean share of the first k neighbours (ids (n, >=k), nearest first) two searches have in common."""
+    return float(np.mean([len(np.intersect1d(x[:k], y[:k])) / k for x, y in zip(a, b)]))
 
 
 def main() -> None:
@@ -97,7 +110,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lock = (lambda: cpu_lock(args.lock)) if args.lock else contextmanager(lambda: (yield))
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    res["command"] = "python benchmarks/bench_editing.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/bench_editing.py " + " ".join(sys.argv[1:])
+    res["commands"] = [c for c in res.get("commands", [res["command"]] if "command" in res else []) if c != cmd] + [cmd]
+    res.pop("command", None)
 
     from knnlm.core.model import LM
 
@@ -170,29 +185,93 @@ def main() -> None:
         res["remove"] = remove_phase(lm, work, src, arts[:n1], lock)
         save(res)
     if "compact" in phases:
-        with lock():
-            c = fresh("compacted")
-            t0 = time.perf_counter()
-            e = add_documents(lm, c, [add10], batch_tokens=1024, progress=False)
-            added10 = time.perf_counter() - t0
-            ds = Datastore(c)
-            remove_documents(c, range(1, len(ds.docs)))
-            before = bytes_of(c)
-            t0 = time.perf_counter()
-            compact(c)
-            seconds = time.perf_counter() - t0
-            after, ds = bytes_of(c), Datastore(c)
-            same = bool(np.array_equal(np.asarray(ds.keys), np.asarray(base.keys)))
-            q = np.asarray(base.keys[:: max(1, base.count // 200)], dtype=np.float32)
-            _, i1 = Searcher(ds, IVF).search(q, 64)
-            _, i0 = Searcher(base, IVF).search(q, 64)
-            res["compact"] = {"removed_entries": e["entries"], "share": e["entries"] / (base.count + e["entries"]),
-                              "add_seconds": added10, "seconds": seconds, "bytes_before": before,
-                              "bytes_after": after, "keys_identical_to_original": same,
-                              "ivf_neighbours_same_as_original": float((i1 == i0).mean())}
-        print(f"compact: {res['compact']}", flush=True)
+        part = work / "compact.json"  # the steps a stopped run finished
+        res["compact"] = compact_phase(lm, work, src, test, add10, lock,
+                                       json.loads(part.read_text()) if part.exists() else {})
         save(res)
     render(res)
+
+
+def compact_phase(lm, work: Path, src: Path, test: Path, add10: Path, lock, out: dict) -> dict:
+    """10% of the entries removed and compacted.  `compacted`: the original datastore + the other
+    held-out articles, its IVF-PQ index trained again on all its keys (as a build with them would
+    be); then they are removed and compacted.  Its neighbours for the test text's queries (k=1024)
+    are compared with a datastore without them: the same keys (checked bit for bit) with an index
+    trained without them (`retrained`, today's recipe, on the compacted keys), the original
+    datastore's own index, and exact search (Flat).  Each step under the lock; the steps done
+    (in `out`) are skipped when the phase runs again."""
+    c = work / "compacted"
+    ids = lambda name: work / f"ids-{name}.npy"  # noqa: E731
+    base = Datastore(src)
+
+    def step(name, fn):
+        if name not in out:
+            with lock():
+                t0 = time.perf_counter()
+                out[name] = fn()
+                print(f"compact {name}: {out[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            save_partial(work, out)
+
+    def add():
+        if c.exists():
+            shutil.rmtree(c)
+        shutil.copytree(src, c)
+        t0 = time.perf_counter()
+        e = add_documents(lm, c, [add10], batch_tokens=1024, progress=False)
+        return {"seconds": time.perf_counter() - t0, "documents": e["count"], "entries": e["entries"],
+                "first_document": e["first_document"]}
+
+    def train():
+        t0 = time.perf_counter()
+        build_index(Datastore(c), "IVF2048,PQ64", name=IVF, overwrite=True, progress=False)
+        return {"seconds": time.perf_counter() - t0, "entries": Datastore(c).count}
+
+    def remove():
+        a = out["add"]
+        t0 = time.perf_counter()
+        remove_documents(c, range(a["first_document"], a["first_document"] + a["documents"]))
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "ppl": ppl(lm, test, Searcher(Datastore(c), IVF), ids=ids("removed"))}
+
+    def compacting():
+        before = bytes_of(c)
+        t0 = time.perf_counter()
+        compact(c)
+        seconds = time.perf_counter() - t0
+        ds = Datastore(c)
+        same = bool(np.array_equal(np.asarray(ds.keys), np.asarray(base.keys)))
+        return {"seconds": seconds, "bytes_before": before, "bytes_after": bytes_of(c), "entries": ds.count,
+                "keys_identical_to_original": same,
+                "ppl": ppl(lm, test, Searcher(ds, IVF), ids=ids("compacted"))}
+
+    def retrained():
+        t0 = time.perf_counter()
+        build_index(Datastore(c), "IVF2048,PQ64", name="retrained", progress=False)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "ppl": ppl(lm, test, Searcher(Datastore(c), "retrained"), ids=ids("retrained"))}
+
+    def original():
+        return {"ppl": ppl(lm, test, Searcher(base, IVF), ids=ids("original"))}
+
+    def exact():
+        build_index(Datastore(c), "Flat", name="flat", progress=False)
+        return {"ppl": ppl(lm, test, Searcher(Datastore(c), "flat"), ids=ids("flat"))}
+
+    for name, fn in (("add", add), ("train", train), ("remove", remove), ("compact", compacting),
+                     ("retrained", retrained), ("original", original), ("exact", exact)):
+        step(name, fn)
+    got = {n: np.load(ids(n), mmap_mode="r") for n in ("removed", "compacted", "retrained", "original", "flat")}
+    pairs = {"compacted_vs_removed": ("compacted", "removed"), "compacted_vs_retrained": ("compacted", "retrained"),
+             "original_vs_retrained": ("original", "retrained"), "compacted_vs_flat": ("compacted", "flat"),
+             "retrained_vs_flat": ("retrained", "flat"), "original_vs_flat": ("original", "flat")}
+    out["overlap"] = {p: {str(k): overlap(got[a], got[b], k) for k in (1, 8, 64, K)} for p, (a, b) in pairs.items()}
+    out["queries"] = int(len(got["flat"]))
+    print(f"compact overlap: {out['overlap']}", flush=True)
+    return out
+
+
+def save_partial(work: Path, out: dict) -> None:
+    (work / "compact.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
 def remove_phase(lm, work: Path, src: Path, added: list[dict], lock) -> dict:
@@ -243,7 +322,8 @@ def render(res: dict) -> None:
     d, a = res["datastore"], res["added"]
     lines = ["# Editing the WikiText-2 datastore", "",
              f"The datastore of `bench_wikitext.py` ({d['entries']:,} entries, SmolLM2-135M bfloat16 on 2 CPU "
-             f"cores, index {d['index']}); edits on copies.  Command: `{res['command']}`.", ""]
+             f"cores, index {d['index']}); edits on copies.  Commands (each result from the last that ran its phase): "
+             + "; ".join(f"`{c}`" for c in res["commands"]) + ".", ""]
     if "add_seconds" in res and "rebuild_seconds" in res:
         lines += ["## Add 1%", "",
                   f"{a['articles']} sections of held-out WikiText-2 articles (one document each), {a['entries']:,} entries ({a['share']:.2%}).", "",
@@ -272,25 +352,61 @@ def render(res: dict) -> None:
                   f"{r['ppl_own_text_without_ivfpq']:.4f} |",
                   f"| difference | {abs(r['ppl_own_text_removed_flat'] - r['ppl_own_text_without_flat']):.1e} | "
                   f"{abs(r['ppl_own_text_removed_ivfpq'] - r['ppl_own_text_without_ivfpq']):.1e} |", ""]
-    if "compact" in res:
-        c = res["compact"]
-        rb = res.get("rebuild_seconds")
-        lines += ["## Compact 10%", "",
-                  f"The other held-out sections added ({c['removed_entries']:,} entries, {c['add_seconds']:.0f} s), "
-                  f"then removed ({c['share']:.1%} of the entries) and compacted: {c['seconds']:.1f} s"
-                  + (f" ({c['seconds'] / rb:.1%} of the rebuild's time)" if rb else "") +
-                  f", {(c['bytes_before'] - c['bytes_after']) / 2**20:.0f} MiB reclaimed of "
-                  f"{c['bytes_before'] / 2**20:.0f} MiB.  The compacted keys are "
-                  + ("bit for bit" if c["keys_identical_to_original"] else "not") +
-                  " the original datastore's; its IVF-PQ index (the original training, the keys added again) "
-                  f"returns the same 64 neighbours for {c['ivf_neighbours_same_as_original']:.2%} of "
-                  "(query, rank) pairs.", ""]
+    if "compact" in res and "overlap" in res["compact"]:
+        lines += compact_lines(res["compact"], res, d)
     missing = [p for p in ("remove", "compact") if p not in res]
     if missing:
         lines += [f"Not measured yet: {', '.join(missing)} (`--phases {','.join(missing)}`).", ""]
     lines += ["Times are wall-clock seconds on a shared 2-core machine: each step ran under the shared CPU lock "
               "(the rebuild in pieces of at most 5 minutes, summed), while a background build ran at nice 19.", ""]
     (HERE / "results" / "editing.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def compact_lines(c: dict, res: dict, d: dict) -> list[str]:
+    a, rm, cp = c["add"], c["remove"], c["compact"]
+    share = a["entries"] / (cp["entries"] + a["entries"])
+    rb, ra = res.get("rebuild_seconds"), res.get("added", {})
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    reclaimed = cp["bytes_before"] - cp["bytes_after"]
+    lines = ["## Remove and compact 10%", "",
+             f"The other {a['documents']} held-out sections ({a['entries']:,} entries) added to a copy ({a['seconds']:.0f} s) "
+             f"and its IVF2048,PQ64 index trained again on all {c['train']['entries']:,} keys ({c['train']['seconds']:.0f} s), "
+             f"as a build with them would be; then all of them removed ({share:.1%} of the entries; {rm['seconds'] * 1000:.0f} ms) "
+             "and compacted.", "",
+             "| | seconds | bytes |", "|---|---:|---:|",
+             f"| `compact` (keys, values, tokens, provenance rewritten; the index's {cp['entries']:,} codes added again "
+             f"to its trained quantizers) | {cp['seconds']:.1f} | {mib(cp['bytes_before'])} before, "
+             f"{mib(cp['bytes_after'])} after ({mib(reclaimed)} reclaimed) |"]
+    if rb:
+        n_rb = d["entries"] + ra.get("entries", 0)
+        lines += [f"| rebuild (measured in the add phase: datastore + index of {n_rb:,} entries) | {rb:.0f} | "
+                  f"{mib(d['bytes'])} (the original datastore, built without them) |",
+                  f"| **ratio** | **{cp['seconds'] / rb:.1%} of the rebuild's time** | "
+                  f"**{cp['bytes_after'] / d['bytes']:.5f} of the rebuild's bytes** |"]
+    lines += ["", "The rebuild time is the one measured by the add phase (the corpus plus 1.5%, "
+              f"{d['entries'] + ra.get('entries', 0):,} entries), not a rebuild of this datastore: the compacted one "
+              f"holds {cp['entries']:,}.  "
+              f"The compacted keys are {'bit for bit' if cp['keys_identical_to_original'] else 'NOT'} the original "
+              "datastore's (the datastore built without those documents).", "",
+              f"Neighbours of the {c['queries']:,} test-text queries (k={K}): share of the first k ids in common "
+              "(1.0: the same set).  *removed*: after `remove`, before `compact`; *compacted*: after `compact` "
+              "(the index trained with the removed keys); *retrained*: the same keys, an index trained without them "
+              "(IVF2048,PQ64, 131,072 sampled keys); *original*: the original datastore's own index (trained on all "
+              "its 237,743 keys); *exact*: Flat.", "",
+              "| | k=1 | k=8 | k=64 | k=1024 |", "|---|---:|---:|---:|---:|"]
+    names = {"compacted_vs_removed": "compacted vs removed", "compacted_vs_retrained": "compacted vs retrained",
+             "original_vs_retrained": "original vs retrained (training alone)", "compacted_vs_flat": "compacted vs exact",
+             "retrained_vs_flat": "retrained vs exact", "original_vs_flat": "original vs exact"}
+    for key, label in names.items():
+        o = c["overlap"][key]
+        lines.append(f"| {label} | " + " | ".join(f"{o[str(k)]:.4f}" for k in (1, 8, 64, K)) + " |")
+    p0 = c["retrained"]["ppl"]
+    lines += ["", f"Perplexity of the test text (k={K}, λ={LAM}, T={T}):", "",
+              "| | perplexity | vs retrained |", "|---|---:|---:|"]
+    for label, v in (("removed", rm["ppl"]), ("compacted", cp["ppl"]), ("retrained", p0),
+                     ("original", c["original"]["ppl"]), ("exact (Flat)", c["exact"]["ppl"])):
+        lines.append(f"| {label} | {v:.4f} | {v / p0 - 1:+.4%} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

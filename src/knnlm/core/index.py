@@ -394,19 +394,28 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
 
 def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared L2 distances of each query (m, d) float32 to its candidates ids (m, k)
-    read from `keys` (a memmap: only those rows are read), sorted ascending; -1 stays last."""
+    read from `keys` (a memmap: only those rows are read), sorted ascending; -1 stays last.
+
+    The candidates of a chunk of queries are read once each, in file order (sorted, without
+    duplicates), in the keys' own dtype; each query's distances are then summed over its own
+    (k, d) float32 differences, small enough to stay in the CPU's cache (one (chunk, k, d)
+    block of them was several times slower: benchmarks/results/knn_cost.md)."""
     m, k = ids.shape
     dists = np.full((m, k), np.inf, dtype=np.float32)
-    step = max(1, (1 << 25) // max(1, k * keys.shape[1]))  # queries per chunk: (step, k, d) float32 <= 128 MB
+    q = np.asarray(queries, dtype=np.float32)
+    step = max(1, (1 << 25) // max(1, k * keys.shape[1]))  # queries per chunk: <= 2^25 key values read at once
     for a in range(0, m, step):
         i = ids[a : a + step]
         real = i >= 0
         rows = np.unique(i[real])  # sorted: the memmap is read in file order
         if not len(rows):
             continue
-        x = np.asarray(keys[rows], dtype=np.float32)  # (u, d)
-        diff = x[np.searchsorted(rows, np.where(real, i, rows[0]))] - queries[a : a + step, None, :]  # (c, k, d)
-        dists[a : a + step] = np.where(real, np.einsum("ckd,ckd->ck", diff, diff), np.inf)
+        x = np.asarray(keys[rows])  # (u, d), the stored dtype
+        pos = np.searchsorted(rows, np.where(real, i, rows[0]))  # (c, k) rows of x
+        for r in range(len(i)):
+            diff = np.subtract(x[pos[r]], q[a + r], dtype=np.float32)  # (k, d)
+            dists[a + r] = np.einsum("kd,kd->k", diff, diff)
+        dists[a : a + step][~real] = np.inf
     order = np.argsort(dists, axis=1, kind="stable")
     return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
 

@@ -1,0 +1,33 @@
+"""Exact re-ranking from memory-mapped keys (`rerank_from_keys`, the search of a shard or
+of a memory-mapped index): each candidate's squared L2 distance to its query, computed from
+the stored float16 keys, sorted ascending, missing candidates (-1) last at inf."""
+
+import numpy as np
+
+from knnlm.core.index import rerank_from_keys
+
+
+def test_rerank_from_keys_gives_each_querys_exact_distances_sorted(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d, k, m = 3000, 512, 256, 600  # 600 queries: three chunks of 256 (2^25 / (k d))
+    keys = np.lib.format.open_memmap(tmp_path / "keys.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    keys[:] = rng.normal(size=(n, d))
+    keys.flush()
+    keys = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    q = rng.normal(size=(m, d)).astype(np.float32)
+    ids = rng.integers(0, n, size=(m, k))  # shared and repeated candidates
+    ids[7, 200:] = -1
+    ids[300, :] = -1
+    dists, out = rerank_from_keys(keys, q, ids)
+
+    want = ((np.asarray(keys, dtype=np.float64)[np.maximum(ids, 0)] - q[:, None, :].astype(np.float64)) ** 2).sum(-1)
+    want = np.where(ids >= 0, want, np.inf)
+    order = np.argsort(want, axis=1, kind="stable")
+    np.testing.assert_allclose(dists, np.take_along_axis(want, order, 1), rtol=1e-5)
+    assert dists.dtype == np.float32
+    assert (np.diff(np.delete(dists, 300, 0)[:, :200], axis=1) >= 0).all()  # (row 300: no candidate)
+    np.testing.assert_array_equal(np.sort(out, axis=1), np.sort(ids, axis=1))  # the same candidates, reordered
+    assert (out[7, 200:] == -1).all() and np.isinf(dists[7, 200:]).all()
+    assert (out[300] == -1).all() and np.isinf(dists[300]).all()
+    got = ((np.asarray(keys, dtype=np.float64)[np.maximum(out, 0)] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(np.where(out >= 0, got, np.inf), dists, rtol=1e-5)  # each id with its own distance

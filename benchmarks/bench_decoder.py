@@ -197,14 +197,17 @@ def render(a) -> str:
            "nats over a whole text worse than the LM).  \"old default\" is λ = 0.25 fixed (before λ was tuned);",
            "the oracle is the best λ on the test text itself (no user has it).  Model: smollm2-135m (bfloat16),",
            "2 shared CPU cores.", "",
-           "| case | datastore entries | trained (steps, epochs) | test tokens | LM | **default** (recorded λ, "
+           "| case | datastore entries | decoder trained | test tokens | LM | **default** (recorded λ, "
            "adaptive) | vs LM | recorded λ fixed | old default (0.25 fixed) | oracle λ (test) | oracle ppl |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         st, tr, o = r.get("settings") or {}, r["training"], r["oracle"]
         lam = r["default"]["lambda"]
-        entries = (r.get("corpus") or {}).get("datastore_entries") or r.get("entries", "")
-        out.append(f"| {LABELS[r['case']]} | {entries} | {tr['steps']} ({tr['stopped']}) | {r['tokens']} | "
+        entries = json.loads((Path(r["datastore"]) / "meta.json").read_text())["count"]
+        lim = (r.get("targets") or {}).get("limit")
+        trained = f"{tr['steps']} steps, stopped: {tr['stopped']}" + (f"; targets of the first {lim} positions"
+                                                                        if lim else "")
+        out.append(f"| {LABELS[r['case']]} | {entries} | {trained} | {r['tokens']} | "
                    f"{r['ppl_lm']:.3f} | **{r['ppl_default']:.3f}** (λ {lam:.2f}, {r['default']['mode']}) | "
                    f"{pct(r['ppl_default'], r['ppl_lm'])} | {r['ppl_recorded_fixed']:.3f} "
                    f"({pct(r['ppl_recorded_fixed'], r['ppl_lm'])}) | {r['ppl_old_default']:.3f} "
@@ -213,8 +216,8 @@ def render(a) -> str:
     out += ["", "How each recorded λ was tuned (memory.json `settings`):", ""]
     for r in rows:
         st = r.get("settings") or {}
-        out.append(f"- {r['case']}: λ {st.get('lambda')} on {st.get('tokens')} {st.get('how')} tokens (held-out "
-                   f"ppl LM {st.get('ppl_lm', float('nan')):.3f} -> {st.get('ppl_memory', float('nan')):.3f}); "
+        out.append(f"- {r['case']}: λ {st.get('lambda')} on {st.get('tokens')} tokens ({st.get('how')}: ppl LM "
+                   f"{st.get('ppl_lm', float('nan')):.3f} -> {st.get('ppl_memory', float('nan')):.3f} there); "
                    f"decoder alone on the test text {r['ppl_decoder_alone']:.1f}; training {tr_line(r)}.")
     out += ["", "Commands (each phase under `flock /work/cache/cpu.lock`):", "", "```"] + a.commands + ["```", ""]
     return "\n".join(out)

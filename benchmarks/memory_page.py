@@ -23,7 +23,10 @@ def render(results: Path, out: Path) -> None:
              "`--memory-lambda` is given, and adapts it to the text as it is read, like the datastore's",
              "(knnlm.core.mix: never more than log(1/w0) ≈ 1.4 nats over a whole text worse than the LM).",
              "A decoder trained before λ was recorded gets 0.25, adapting, and one line saying so.  The runs",
-             "below give λ explicitly, as they were measured.", ""]
+             "below give λ explicitly, as they were measured.  The default against the LM, the old 0.25 and the",
+             "best λ on the test text, for decoders trained as a user would on three texts (a small datastore of",
+             "one kind of text, the demo's Spanish leads, WikiText-2): "
+             "[benchmarks/results/decoder.md](../benchmarks/results/decoder.md).", ""]
     if not layers:
         tr = _load(results, "train-L2")
         lines.append("**Test perplexity and speed were not measured in this session** (the shared CPU lock was not "

@@ -54,7 +54,8 @@ def render(rows: list[dict], n: int) -> str:
 
 
 def cmd_remove(args) -> None:
-    from knnlm.core.edit import open_for_edit, remove_documents, select_documents
+    from knnlm.core.edit import remove_documents, select_documents
+    from knnlm.scale.edit import open_for_edit
 
     ds = open_for_edit(args.datastore)
     decode = None
@@ -100,8 +101,8 @@ def _decoder(ds):
 def cmd_add(args) -> None:
     from knnlm.cli.checks import check_texts
     from knnlm.cli.common import load_lm, print_tuned
-    from knnlm.core.datastore import Datastore
-    from knnlm.core.edit import add_documents, open_for_edit
+    from knnlm.scale import open_datastore
+    from knnlm.scale.edit import add_documents, open_for_edit
 
     check_texts(args.corpus)
     ds = open_for_edit(args.datastore)
@@ -110,11 +111,12 @@ def cmd_add(args) -> None:
     t0 = time.perf_counter()
     e = add_documents(lm, ds.path, args.corpus, batch_tokens=args.batch_tokens, progress=not args.quiet)
     print(f"added {e['count']} documents ({e['entries']} entries) to {ds.path} in {time.perf_counter() - t0:.1f} s: "
-          f"version {e['version']}, {Datastore(ds.path).count} entries")
+          f"version {e['version']}, {open_datastore(ds.path).count} entries"
+          + (f" (a new shard: {e['shard']})" if "shard" in e else ""))
     if args.retune:
         from knnlm.run.selftune import self_tune
 
-        print_tuned(self_tune(lm, Datastore(ds.path), sample_tokens=args.tune_tokens, progress=not args.quiet))
+        print_tuned(self_tune(lm, open_datastore(ds.path), sample_tokens=args.tune_tokens, progress=not args.quiet))
 
 
 def _not_just_added(ds, corpora) -> None:
@@ -131,15 +133,15 @@ def _not_just_added(ds, corpora) -> None:
 
 
 def cmd_compact(args) -> None:
-    from knnlm.core.datastore import Datastore
-    from knnlm.core.edit import compact
+    from knnlm.scale import open_datastore
+    from knnlm.scale.edit import compact
 
     before = _bytes(args.datastore)
     e = compact(args.datastore)
     after = _bytes(args.datastore)
     print(f"compacted {args.datastore}: {e['documents']} removed documents, {e['entries']} entries dropped, "
           f"{(before - after) / 2**20:.1f} MiB reclaimed; version {e['version']}, "
-          f"{Datastore(args.datastore).count} entries")
+          f"{open_datastore(args.datastore).count} entries")
 
 
 def _bytes(path) -> int:
@@ -166,7 +168,8 @@ def register(add, add_model_args, add_knn_args, add_window_args) -> None:
              "  knnlm add ds-wiki more.jsonl\n"
              "  knnlm add ds-wiki new-articles.jsonl --retune   # and tune k, lambda, T again on the grown corpus\n"
              "  (the datastore's model, window and stride; its indexes take the new keys as they are trained;\n"
-             "   interrupted, the datastore stays as it was: run the same command again)")
+             "   a sharded datastore gets them as a new shard; interrupted, the datastore stays as it was:\n"
+             "   run the same command again)")
     sp.add_argument("datastore")
     sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("--retune", action="store_true",
@@ -177,7 +180,8 @@ def register(add, add_model_args, add_knn_args, add_window_args) -> None:
 
     sp = add("compact", cmd_compact, "rewrite a datastore and its indexes without its removed documents",
              "  knnlm compact ds\n"
-             "  (an IVF index keeps its training and takes the remaining keys again; entry ids change)")
+             "  (an IVF index keeps its training and takes the remaining keys again; entry ids change;\n"
+             "   a sharded datastore: each shard that held removed documents is rewritten)")
     sp.add_argument("datastore")
 
     sp = add("attribute", cmd_attribute, "which documents of the datastore a text's probabilities came from",

@@ -265,9 +265,11 @@ def cmd_info(args) -> None:
         rows.append(("settings", "none recorded: the paper's k=1024 lambda=0.25 T=1 "
                                  "(`knnlm tune HELDOUT -d DS --save` records tuned ones)"))
     else:
+        on = t.get("datastore_version", ds.version)  # the datastore version they were tuned on
         rows.append(("settings", f"k={t['k']} lambda={t['lambda']} T={t['temperature']}, {t.get('how', 'tuned')} "
                                  f"({t.get('tokens', '?')} tokens: ppl {t.get('ppl_lm', float('nan')):.3f} -> "
-                                 f"{t.get('ppl_knnlm', float('nan')):.3f})"))
+                                 f"{t.get('ppl_knnlm', float('nan')):.3f})"
+                                 + (f"; tuned on version {on}" if on != ds.version else "")))
     added = int(m.get("added_since_tuning", 0))
     if t is not None and added >= RETUNE_SHARE * ds.count:
         rows.append(("re-tuning", f"advised: {added / ds.count:.0%} of the entries were added since these settings "

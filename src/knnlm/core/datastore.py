@@ -219,8 +219,9 @@ class Datastore:
         return recorded(self.meta)
 
     def record_settings(self, settings: dict) -> None:
-        """Write tuned settings into meta.json (atomically); commands default to them."""
-        self.meta["settings"] = settings
+        """Write tuned settings into meta.json (atomically); commands default to them.  They
+        record the datastore version they were tuned on."""
+        self.meta["settings"] = {**settings, "datastore_version": self.version}
         self.meta.pop("added_since_tuning", None)
         write_json_atomic(self.path / "meta.json", self.meta)
 

@@ -69,7 +69,7 @@ def finish_interrupted(path: Path) -> None:
     old, partial = path.with_name(path.name + ".old"), path.with_name(path.name + ".compact.partial")
     if path.exists() or not old.exists():
         return
-    if (partial / "meta.json").exists():
+    if (partial / "meta.json").exists() or (partial / "manifest.json").exists():
         os.replace(partial, path)
         shutil.rmtree(old)
     else:
@@ -81,14 +81,14 @@ def open_for_edit(path: str | Path) -> Datastore:
     from knnlm.scale.manifest import is_sharded
 
     if is_sharded(path):
-        raise KnnlmError(f"{path} is a sharded datastore: edit its shards (shards/NNNNN) one at a time")
+        raise KnnlmError(f"{path} is a sharded datastore: edit it with knnlm.scale.edit")
     ds = Datastore(path)
     if ds.pruning:
         raise KnnlmError(f"{path} was pruned (merged entries stand for several documents): edit its source")
     return ds
 
 
-def _logged(meta: dict, op: str, **what) -> dict:
+def logged(meta: dict, op: str, **what) -> dict:
     """A copy of `meta` (meta.json, or a sharded datastore's manifest) for the next version,
     with this edit in its log."""
     meta = dict(meta)
@@ -169,7 +169,7 @@ def remove_documents(path: str | Path, documents: Sequence[int]) -> dict:
         if again:
             raise KnnlmError(f"document {', '.join(map(str, again))} of {path} was already removed")
         entries = int((ds.docs[docs, 1] - 1).sum())
-        meta = _logged(ds.manifest if sharded else ds.meta, "remove", documents=docs[:LOG_SHOWN], count=len(docs),
+        meta = logged(ds.manifest if sharded else ds.meta, "remove", documents=docs[:LOG_SHOWN], count=len(docs),
                        entries=entries)
         meta["removed"] = sorted(ds.removed_documents.tolist() + docs)
         write_json_atomic(path / (MANIFEST if sharded else "meta.json"), meta)
@@ -182,64 +182,74 @@ def compact(path: str | Path, chunk: int = 65536, on_step=None) -> dict:
     provenance and every index (a trained IVF index keeps its training: only the remaining
     keys are added again).  Built beside it and moved into place; the datastore gets a new id
     (entry ids change).  `on_step(name)` is called after each step (for fault-injection tests).
-    Returns the edit-log entry."""
-    from knnlm.core.index import build_index, index_info, list_indexes
-
+    Returns the edit-log entry.  (A sharded datastore: knnlm.scale.edit.compact.)"""
     path = Path(path)
     step = on_step or (lambda name: None)
     with edit_lock(path):
         ds = open_for_edit(path)
-        gone = ds.removed_documents
-        if not len(gone):
+        if not len(ds.removed_documents):
             raise KnnlmError(f"{path} has no removed documents: nothing to compact")
         t0 = time.perf_counter()
-        keep = np.setdiff1d(np.arange(len(ds.docs)), gone)  # (D',) kept documents, in order
-        n_ent = ds.docs[keep, 1] - 1  # entries of each kept document
-        rows = _ranges(ds.docs[keep, 2], n_ent)  # (N',) old entry ids kept, in order
-        toks = _ranges(ds.docs[keep, 0], ds.docs[keep, 1])
         partial = path.with_name(path.name + ".compact.partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir()
-        keys = np.lib.format.open_memmap(partial / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(len(rows), ds.dim))
-        for a in range(0, len(rows), chunk):
-            keys[a : a + chunk] = ds.keys[rows[a : a + chunk]]
-        keys.flush()
-        del keys
-        np.save(partial / "vals.npy", np.asarray(ds.vals)[rows])
-        np.save(partial / "tokens.npy", np.asarray(ds.tokens)[toks])
-        table = np.stack([np.cumsum(ds.docs[keep, 1]) - ds.docs[keep, 1], ds.docs[keep, 1],
-                          np.cumsum(n_ent) - n_ent], axis=1).astype(np.int64)  # (D', 3)
-        np.save(partial / "docs.npy", table)
-        (partial / "docs.jsonl").write_text("".join(json.dumps(ds.doc_info[d]) + "\n" for d in keep), "utf-8")
-        if ds.reduction:
-            shutil.copy2(ds.path / ds.reduction["file"], partial / ds.reduction["file"])
-        step("files")
-        meta = _logged(ds.meta, "compact", documents=len(gone), entries=int(ds.count - len(rows)), from_id=ds.id)
-        meta.update(id=uuid.uuid4().hex, count=len(rows), documents=len(keep), tokens=len(toks), removed=[],
-                    sha256={name: file_sha256(partial / name) for name in ds.meta["sha256"]})
-        write_json_atomic(partial / "meta.json", meta)
-        new = Datastore(partial)
-        for name in list_indexes(ds):
-            _, d, info = index_info(ds, name)
-            extra = {k: info[k] for k in ("train_size", "trained_sha256") if k in info}
-            trained = None
-            if info["factory"] != "Flat":
-                import faiss
-
-                trained = faiss.read_index(str(d / "index.faiss"))
-                trained.reset()  # the trained quantizers without the entries
-                extra["trained_before"] = f"version {ds.version}"
-            build_index(new, info["factory"], name=name, nprobe=int(info.get("nprobe", 32)), trained=trained,
-                        progress=False, extra=extra)
-            step(f"index {name}")
-        del new
+        meta = write_compacted(ds, partial, chunk, step)
         publish(partial, path)
         step("published")
         entry = meta["edits"][-1]
-        LOG.info("compacted %s: %d documents, %d entries dropped in %.1f s", path, len(gone), entry["entries"],
-                 time.perf_counter() - t0)
+        LOG.info("compacted %s: %d documents, %d entries dropped in %.1f s", path, entry["documents"],
+                 entry["entries"], time.perf_counter() - t0)
         return entry
+
+
+def write_compacted(ds: Datastore, out: Path, chunk: int = 65536, step=lambda name: None) -> dict:
+    """Write `ds` without its removed documents (`ds.removed_documents`) to the new directory
+    `out`: a datastore of the next version with a new id, and each index of `ds` again (an
+    approximate one keeps its training, FAISS `reset`, and takes the remaining keys).
+    Returns its meta.json."""
+    from knnlm.core.index import build_index, index_info, list_indexes
+
+    gone = ds.removed_documents
+    keep = np.setdiff1d(np.arange(len(ds.docs)), gone)  # (D',) kept documents, in order
+    if not len(keep):
+        raise KnnlmError(f"every document of {ds.path} was removed: nothing would be left")
+    n_ent = ds.docs[keep, 1] - 1  # entries of each kept document
+    rows = _ranges(ds.docs[keep, 2], n_ent)  # (N',) old entry ids kept, in order
+    toks = _ranges(ds.docs[keep, 0], ds.docs[keep, 1])
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    keys = np.lib.format.open_memmap(out / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(len(rows), ds.dim))
+    for a in range(0, len(rows), chunk):
+        keys[a : a + chunk] = ds.keys[rows[a : a + chunk]]
+    keys.flush()
+    del keys
+    np.save(out / "vals.npy", np.asarray(ds.vals)[rows])
+    np.save(out / "tokens.npy", np.asarray(ds.tokens)[toks])
+    table = np.stack([np.cumsum(ds.docs[keep, 1]) - ds.docs[keep, 1], ds.docs[keep, 1],
+                      np.cumsum(n_ent) - n_ent], axis=1).astype(np.int64)  # (D', 3)
+    np.save(out / "docs.npy", table)
+    (out / "docs.jsonl").write_text("".join(json.dumps(ds.doc_info[d]) + "\n" for d in keep), "utf-8")
+    if ds.reduction:
+        shutil.copy2(ds.path / ds.reduction["file"], out / ds.reduction["file"])
+    step("files")
+    meta = logged(ds.meta, "compact", documents=len(gone), entries=int(ds.count - len(rows)), from_id=ds.id)
+    meta.update(id=uuid.uuid4().hex, count=len(rows), documents=len(keep), tokens=len(toks), removed=[],
+                sha256={name: file_sha256(out / name) for name in ds.meta["sha256"]})
+    write_json_atomic(out / "meta.json", meta)
+    new = Datastore(out)
+    for name in list_indexes(ds):
+        _, d, info = index_info(ds, name)
+        extra = {k: info[k] for k in ("train_size", "trained_sha256", "sharded") if k in info}
+        trained = None
+        if info["factory"] != "Flat":
+            import faiss
+
+            trained = faiss.read_index(str(d / "index.faiss"))
+            trained.reset()  # the trained quantizers without the entries
+            extra["trained_before"] = f"version {ds.version}"
+        build_index(new, info["factory"], name=name, nprobe=int(info.get("nprobe", 32)), trained=trained,
+                    progress=False, extra=extra)
+        step(f"index {name}")
+    return meta
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -396,7 +406,7 @@ def add_documents(lm, path: str | Path, corpora: Sequence[str | Path], batch_tok
             os.replace(tmp, d / f"index-v{version}.faiss")
             del index
             step(f"index {name}")
-        meta = _logged(meta, "add", files=[c.name for c in corpora], count=len(plan.docs), entries=plan.count,
+        meta = logged(meta, "add", files=[c.name for c in corpora], count=len(plan.docs), entries=plan.count,
                        first_document=d0)
         meta.update(count=n0 + plan.count, documents=d0 + len(plan.docs), tokens=t_0 + len(plan.tokens),
                     corpora=list(meta["corpora"]) + [corpus_record(c) for c in corpora],

@@ -145,6 +145,7 @@ def build_index(
         "nprobe": nprobe,
         "rerank": factory != "Flat",
         "datastore_id": ds.id,
+        "datastore_version": int(getattr(ds, "version", 0)),
         "build_seconds": round(time.time() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),

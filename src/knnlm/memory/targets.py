@@ -115,9 +115,16 @@ class Targets:
         return arr
 
     def check_for(self, ds: Datastore) -> None:
+        """Refuse targets of another datastore, or computed before some of its documents were
+        removed (their entries may be among the targets' neighbours: a decoder would learn them)."""
         if self.meta.get("datastore_id") != ds.id:
             raise KnnlmError(f"targets {self.path} were computed from datastore {self.meta.get('datastore_id')}, "
                              f"not from {ds.path} ({ds.id})")
+        since = sorted(set(ds.removed_documents.tolist()) - set(self.meta.get("datastore_removed", [])))
+        if since:
+            raise KnnlmError(f"targets {self.path} were computed from version {self.meta.get('datastore_version', 0)} "
+                             f"of {ds.path}, before {len(since)} of its documents were removed (version {ds.version}):"
+                             " their entries may be among the targets' neighbours; compute the targets again")
 
 
 def build_targets(
@@ -168,7 +175,7 @@ def build_targets(
         for d in held:
             left_out[int(ds.docs[d, 2]) : int(ds.docs[d, 2]) + int(ds.docs[d, 1]) - 1] = True
     n = ds.count if limit is None else max(0, min(int(limit), ds.count))
-    signature = {"datastore_id": ds.id, "k": k, "temperature": temperature, "keep": keep, "exclude": exclude,
+    signature = {"datastore_id": ds.id, "removed": ds.removed_documents.tolist(), "k": k, "temperature": temperature, "keep": keep, "exclude": exclude,
                  "search": searcher.settings(), "chunk": chunk, "count": n, "exclude_documents": held}
     partial = out.with_name(out.name + ".partial")
     progress_file = partial / "progress.json"
@@ -224,6 +231,8 @@ def build_targets(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "datastore": str(ds.path),
         "datastore_id": ds.id,
+        "datastore_version": ds.version,
+        "datastore_removed": ds.removed_documents.tolist(),  # left out of every target
         "corpora": ds.meta["corpora"],
         "tokens_sha256": ds.meta["sha256"].get("tokens.npy"),
         "count": n,

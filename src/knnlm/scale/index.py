@@ -90,6 +90,7 @@ def build_sharded_index(ds: ShardedDatastore, kind: str = "auto", name: str | No
         "nprobe": nprobe,
         "rerank": factory != "Flat",
         "datastore_id": ds.id,
+        "datastore_version": ds.version,
         "shards": [json.loads((Path(s) / "indexes" / name / "index.json").read_text())["datastore_id"]
                    for s in shards],
         "train_seconds": round(t_train, 2),

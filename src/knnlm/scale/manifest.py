@@ -196,7 +196,8 @@ class ShardedDatastore:
         return recorded(self.manifest)
 
     def record_settings(self, settings: dict) -> None:
-        self.manifest["settings"] = self.meta["settings"] = settings
+        self.manifest["settings"] = self.meta["settings"] = {**settings, "datastore_version": self.version}
+        self.manifest.pop("added_since_tuning", None)
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
     @property

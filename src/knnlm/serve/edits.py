@@ -98,7 +98,7 @@ def add_edit_routes(app, api_keys) -> None:
     @app.post("/v1/datastores/{name}/add", include_in_schema=False,
               summary="add documents: one forward pass over them, no retraining")
     async def add(name: str, req: AddRequest):
-        from knnlm.core.edit import add_documents
+        from knnlm.scale.edit import add_documents
 
         ds = served(name)
 

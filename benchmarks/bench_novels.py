@@ -187,8 +187,9 @@ def phase_report(cache: Path, log: dict, command: str) -> None:
     results = HERE / "results"
     speed = {size: json.loads((cache / f"speed-{size}.json").read_text("utf-8"))
              for size in SIZES if (cache / f"speed-{size}.json").exists()}
-    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "build_log": log}, indent=1) + "\n",
-                                         "utf-8")
+    indexes = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("indexes-*.json"))}
+    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "indexes": indexes, "build_log": log},
+                                                    indent=1) + "\n", "utf-8")
     made = [f"python benchmarks/bench_novels.py point --size {size} --cache CACHE" for size in points]
     made.append(command.replace(str(cache), "CACHE"))
     lines = ["# The kNN-LM on 41 English novels", "",

@@ -72,3 +72,43 @@ def test_build_then_evaluate_from_the_top_level(lm, corpus, tmp_path):
     res = knnlm.evaluate(lm, [corpus], ds.path, windows=WindowSettings(32, 16, 128), progress=False)
     assert res["settings_source"] == "datastore" and res["lambda"] == ds.meta["settings"]["lambda"]
     assert res["ppl_knnlm"] <= res["ppl_lm"] * 1.0001  # tuned, adaptive: never much worse than the LM
+
+
+def test_knnlm_takes_the_settings_groups(lm, datastore):
+    """KNNLM and its calls take the settings groups (and a Sampling); the flat names give the same."""
+    from knnlm import KNNLM, Sampling
+
+    grouped = KNNLM(lm, {"ds": datastore.path}, retrieval=RetrievalSettings(k=4, temperature=2.0, index="flat"),
+                    mixing=MixSettings(lam=0.3, mode="fixed"))
+    flat = KNNLM(lm, {"ds": datastore.path}, k=4, knn_temperature=2.0, index="flat", lam=0.3, lambda_mode="fixed")
+    a, b = grouped.retrieval(), flat.retrieval()
+    assert (a.k, a.lam, a.temperature, a.adapt) == (b.k, b.lam, b.temperature, b.adapt) == (4, 0.3, 2.0, False)
+    g = grouped.generate("The quick", 6, Sampling(temperature=0.8, top_k=5, seed=1), retrieval=RetrievalSettings(k=2),
+                         mixing=MixSettings(lam=0.5))
+    f = flat.generate("The quick", 6, temperature=0.8, top_k=5, seed=1, k=2, lam=0.5)
+    assert g.ids == f.ids and g.settings == f.settings and g.settings["k"] == 2
+    s1 = grouped.score("The quick brown fox", retrieval=RetrievalSettings(k=2), mixing=MixSettings(lam=0.5))
+    s2 = flat.score("The quick brown fox", k=2, lam=0.5)
+    assert [t.logprob for t in s1.tokens] == [t.logprob for t in s2.tokens]
+    with pytest.raises(KnnlmError, match="RetrievalSettings.index is set when the KNNLM is made"):
+        grouped.generate("The quick", 2, retrieval=RetrievalSettings(index="flat"))
+    with pytest.raises(KnnlmError, match="temperature must be >= 0"):
+        Sampling(temperature=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lamda'"):
+        grouped.prepare("The quick", 2, lamda=0.3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        KNNLM(lm, temperature=2.0)  # the kNN temperature is knn_temperature (temperature is sampling's)
+
+
+def test_no_public_call_takes_a_long_keyword_list():
+    """The front door and KNNLM's calls take settings objects, not long keyword lists."""
+    import inspect
+
+    from knnlm.run.generate import KNNLM
+
+    calls = [knnlm.load, knnlm.load_lm, knnlm.build, knnlm.evaluate, KNNLM.__init__, KNNLM.load, KNNLM.score,
+             KNNLM.prepare, KNNLM.generate, KNNLM.stream, KNNLM.generate_many, KNNLM.next_token_distribution]
+    for f in calls:
+        params = [p for p in inspect.signature(f).parameters.values()
+                  if p.name not in ("self", "cls") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        assert len(params) <= 9, (f.__qualname__, [p.name for p in params])

@@ -31,6 +31,7 @@ _LAZY = {  # public name -> module that defines it
     "MixSettings": "knnlm.run.options",
     "WindowSettings": "knnlm.run.options",
     "CacheSettings": "knnlm.run.options",
+    "Sampling": "knnlm.run.options",
     "Pointers": "knnlm.retrieval.pointers",
     "Adaptive": "knnlm.retrieval.adaptive",
 }

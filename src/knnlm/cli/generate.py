@@ -31,34 +31,35 @@ def cmd_generate(args) -> None:
         raise KnnlmError(f"--neighbors must be >= 0, got {args.neighbors}")
     if args.datastore:
         check_datastore(args.datastore, args.index, args.k, name=Path(args.datastore).name)
-    from knnlm.run.decode import check_sampling, parse_stops
     from knnlm.run.generate import KNNLM
+    from knnlm.run.options import MixSettings, RetrievalSettings, Sampling
 
     fewer = fewer_searches(args)
-    check_sampling(args.sampling_temperature, args.top_k, args.top_p, args.max_new_tokens)
-    parse_stops(args.stop)
+    sampling = Sampling(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
+                        seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos)
+    if args.max_new_tokens < 1:
+        raise KnnlmError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
     check_memories(memories(args).values())
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.prompt is None and prompt.endswith("\n"):
         prompt = prompt[:-1]  # `echo text | knnlm generate`: the newline is echo's, not the prompt's
     lm = load_lm(args, args.datastore, memory=next(iter(memories(args).values()), None))
     datastores = {Path(args.datastore).name: args.datastore} if args.datastore else {}
-    knn = KNNLM(lm, datastores, index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
-                lam=args.lam, knn_temperature=args.temperature, paper_defaults=args.paper_defaults,
-                memories=memories(args), memory_lambda=args.memory_lambda, lambda_mode=args.lambda_mode,
-                lambda_by_distance=getattr(args, "lambda_by_distance", None), **fewer)
-    options = dict(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                   seed=args.seed, neighbors=args.neighbors, ignore_eos=args.ignore_eos,
-                   k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
+    knn = KNNLM(lm, datastores, memories=memories(args), retrieval=RetrievalSettings(
+                    index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
+                    temperature=args.temperature, paper_defaults=args.paper_defaults, **fewer),
+                mixing=MixSettings(lam=args.lam, mode=args.lambda_mode, memory_lambda=args.memory_lambda,
+                                   by_distance=getattr(args, "lambda_by_distance", None)))
+    options = dict(k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
     t0 = time.perf_counter()
     if args.json:
-        g = knn.generate(prompt, args.max_new_tokens, **options)
+        g = knn.generate(prompt, args.max_new_tokens, sampling, **options)
         print(json.dumps({"prompt": prompt, "text": g.text, "finish_reason": g.finish_reason, **g.settings,
                           "tokens": [asdict(t) for t in g.tokens]}, indent=2))
         n = len(g.tokens)
     else:
         n, tokens = 0, []
-        for event in knn.stream(prompt, args.max_new_tokens, **options):
+        for event in knn.stream(prompt, args.max_new_tokens, sampling, **options):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             if event.token is not None:
@@ -113,16 +114,17 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from knnlm.run.generate import KNNLM
+    from knnlm.run.options import MixSettings, RetrievalSettings
     from knnlm.serve.server import create_app
 
     lm = load_lm(args, next(iter(datastores.values()), None), memory=next(iter(mems.values()), None))
-    knn = KNNLM(lm, datastores, lam=args.lam, k=args.k, knn_temperature=args.knn_temperature,
-                paper_defaults=args.paper_defaults, memories=mems, memory_lambda=args.memory_lambda,
-                lambda_mode=args.lambda_mode, lambda_by_distance=getattr(args, "lambda_by_distance", None),
-                default_memory=None if args.default_memory in (None, "none") else args.default_memory,
-                index=args.index, nprobe=args.nprobe,
-                rerank=False if args.no_rerank else None,
-                default=None if args.default_datastore in (None, "none") else args.default_datastore, **fewer)
+    knn = KNNLM(lm, datastores, None if args.default_datastore in (None, "none") else args.default_datastore,
+                memories=mems, default_memory=None if args.default_memory in (None, "none") else args.default_memory,
+                retrieval=RetrievalSettings(k=args.k, temperature=args.knn_temperature, index=args.index,
+                                            nprobe=args.nprobe, rerank=False if args.no_rerank else None,
+                                            paper_defaults=args.paper_defaults, **fewer),
+                mixing=MixSettings(lam=args.lam, mode=args.lambda_mode, memory_lambda=args.memory_lambda,
+                                   by_distance=getattr(args, "lambda_by_distance", None)))
     if args.default_datastore == "none":
         knn.default = None
     if args.default_memory == "none":

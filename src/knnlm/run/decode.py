@@ -23,8 +23,8 @@ from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup
+from knnlm.run.options import MAX_STOPS, check_sampling, parse_stops  # noqa: F401  (here before options)
 
-MAX_STOPS = 16
 
 
 @dataclass
@@ -239,24 +239,6 @@ def sample(logprobs: torch.Tensor, temperature: float = 0.0, top_k: int | None =
     if not bool(torch.isfinite(probs).all()):  # a temperature so small that log p / T overflows: its limit
         return int(torch.argmax(logprobs))
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if not temperature >= 0:
-        raise KnnlmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise KnnlmError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise KnnlmError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise KnnlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-
-
-def parse_stops(stop: str | Seq[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOPS or any(not isinstance(s, str) or not s for s in stops):
-        raise KnnlmError(f"stop must be at most {MAX_STOPS} non-empty strings, got {stops!r}")
-    return stops
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -4,14 +4,16 @@
     from knnlm.run.generate import KNNLM
 
     knn = KNNLM.load("smollm2-135m", {"wiki": "ds-wiki", "law": "ds-law"})
-    knn.generate("The history of", max_new_tokens=32, datastore="wiki", lam=0.25).text
-    knn.score("Some text.", datastore="law", k=64).ppl
+    knn.generate("The history of", 32, Sampling(temperature=0.7), datastore="wiki", mixing=MixSettings(lam=0.25)).text
+    knn.score("Some text.", datastore="law", retrieval=RetrievalSettings(k=64)).ppl
     with knn.disabled():                      # the base LM, exactly
         knn.generate("The history of").text
 
 Generation keeps the model's KV cache: each new token costs one forward step on one
 token and one datastore search, never a re-run of the prefix.  Every call names its
-datastore (`datastore=None`: the base LM) and may override λ, k and the kNN temperature.
+datastore (`datastore=None`: the base LM) and may override λ, k and the kNN temperature
+(`retrieval=`, `mixing=`: knnlm.run.options; their flat names lam=, k=, knn_temperature=,
+pointers=, adaptive=, memory_lambda= and the Sampling's temperature=, stop=, ... work too).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from knnlm.core.mix import mix_targets, mix_vocab
 from knnlm.core.datastore import Datastore
 from knnlm.core.index import Searcher
 from knnlm.core.scoring import check_settings, knn_distribution, perplexity
-from knnlm.core.settings import check_lambda_mode, resolve
+from knnlm.core.settings import resolve
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, MemoryUse, align_vocab
 from knnlm.memory.mix import check_memory_lambda, memory_weight
@@ -53,6 +55,7 @@ from knnlm.run.decode import (
     target_knn_logprobs,
 )
 from knnlm.run.explain import neighbor_weights
+from knnlm.run.options import MixSettings, RetrievalSettings, Sampling, call_overrides, fold
 from knnlm.scale import open_datastore, open_searcher
 
 LOG = logging.getLogger(__name__)
@@ -140,19 +143,26 @@ class KNNLM:
     """A loaded LM with named datastores.  Not thread-safe: one caller at a time
     (the server gives the model to a single worker thread)."""
 
-    def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None,
-                 lam: float | None = None, k: int | None = None, knn_temperature: float | None = None,
-                 index: str | None = None, nprobe: int | None = None, rerank: bool | None = None,
-                 context: int = 24, paper_defaults: bool = False, pointers: Pointers | None = None,
-                 adaptive: Adaptive | None = None, memories: Mapping[str, str | Path] | None = None,
-                 memory_lambda: float | None = None, default_memory: str | None = None,
-                 lambda_mode: str | None = None, lambda_by_distance: bool | None = None):
-        check_settings(lam=lam, temperature=knn_temperature, k=k)
-        check_lambda_mode(lambda_mode)
-        self.lambda_mode = lambda_mode  # None: adaptive unless lam is given (knnlm.core.settings.resolve)
-        self.lambda_by_distance = lambda_by_distance  # None: the datastore's λ-by-distance table when recorded
-        check_memory_lambda(memory_lambda)
-        self.pointers, self.adaptive = _checked(pointers, adaptive)  # defaults of every call (None: off)
+    def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None, *,
+                 memories: Mapping[str, str | Path] | None = None, default_memory: str | None = None,
+                 retrieval: RetrievalSettings | None = None, mixing: MixSettings | None = None, context: int = 24,
+                 **flat):
+        """`retrieval` and `mixing` (knnlm.run.options) are every call's defaults (None fields:
+        each datastore's tuned settings, each decoder's tuned λ); the flat names of their
+        fields (lam=, k=, knn_temperature=, index=, lambda_mode=, memory_lambda=, ...) work too."""
+        if "temperature" in flat:  # the kNN temperature is knn_temperature here (temperature is sampling's)
+            raise TypeError("KNNLM() got an unexpected keyword argument 'temperature'")
+        if "knn_temperature" in flat:
+            flat["temperature"] = flat.pop("knn_temperature")
+        retrieval, mixing = fold("KNNLM", flat, retrieval=retrieval, mixing=mixing)
+        if retrieval.actors or mixing.cache_lambda is not None:
+            raise KnnlmError("KNNLM searches in process and mixes no continuous cache (those are `evaluate`'s)")
+        lam, k, knn_temperature = mixing.lam, retrieval.k, retrieval.temperature
+        index, nprobe, rerank, paper_defaults = retrieval.index, retrieval.nprobe, retrieval.rerank, retrieval.paper_defaults
+        memory_lambda = mixing.memory_lambda
+        self.lambda_mode = mixing.mode  # None: adaptive unless lam is given (knnlm.core.settings.resolve)
+        self.lambda_by_distance = mixing.by_distance  # None: the datastore's λ-by-distance table when recorded
+        self.pointers, self.adaptive = _checked(retrieval.pointers, retrieval.adaptive)  # every call's (None: off)
         self.lm = lm
         self.searchers: dict[str, Searcher] = {}
         # defaults of every call; None: each datastore's tuned setting (the paper's with paper_defaults)
@@ -288,10 +298,9 @@ class KNNLM:
 
     # ---- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, text: str | Sequence[int], datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-              knn_temperature: float | None = None, neighbors: int = 0, top_logprobs: int = 0, pointers=DEFAULT,
-              adaptive=DEFAULT, following: bool = False, memory=DEFAULT,
-              memory_lambda: float | None = None) -> TextScore:
+    def score(self, text: str | Sequence[int], datastore=DEFAULT, *, retrieval: RetrievalSettings | None = None,
+              mixing: MixSettings | None = None, memory=DEFAULT, neighbors: int = 0, top_logprobs: int = 0,
+              following: bool = False, **flat) -> TextScore:
         """log p of every token of `text` given the ones before it, in one forward pass.
 
         A string gets the prefix token first and every one of its tokens is scored; a
@@ -306,8 +315,12 @@ class KNNLM:
         The mixing is generation's (knnlm.core.mix): λ adapts from its setting as the text is
         read (`lambda_mode`), as `knnlm eval` does, and the `following` distributions use the
         λ the text ended with, as generation after this text as a prompt would.
+        `retrieval` / `mixing`: this call's k, kNN temperature, pointers, adaptive retrieval,
+        λ and memory λ (None fields: the KNNLM's); their flat names work too.
         """
-        r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
+        over, _ = call_overrides("score", flat, retrieval, mixing)
+        memory_lambda = over.pop("memory_lambda", None)
+        r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
@@ -387,11 +400,13 @@ class KNNLM:
             out += [self.top_tokens(row, n) for row in mix]
         return out
 
-    def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, lam: float | None = None,
-                                k: int | None = None, knn_temperature: float | None = None,
-                                neighbors: int = 0, memory=DEFAULT, memory_lambda: float | None = None) -> NextToken:
+    def next_token_distribution(self, prefix: str | Sequence[int], datastore=DEFAULT, *,
+                                retrieval: RetrievalSettings | None = None, mixing: MixSettings | None = None,
+                                memory=DEFAULT, neighbors: int = 0, **flat) -> NextToken:
         """p(next token | prefix) under the LM, p_kNN and their mixture (with a memory decoder's on top)."""
-        r = self.retrieval(datastore, lam, k, knn_temperature)
+        over, _ = call_overrides("next_token_distribution", flat, retrieval, mixing)
+        memory_lambda = over.pop("memory_lambda", None)
+        r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prefix)
         self.check_length(len(ids), 1)
@@ -402,45 +417,42 @@ class KNNLM:
         return NextToken(mix, lm_lp, knn_lp, nb, self.lm.decode)
 
     # ---- generation --------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Generation:
-        """Generate a continuation; the options are `stream`'s.  Returns the text (stop
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 **options) -> Generation:
+        """Generate a continuation; the options are `prepare`'s.  Returns the text (stop
         string trimmed), every token with its scores, and why it stopped."""
-        req = self.prepare(prompt, max_new_tokens, **options)
+        req = self.prepare(prompt, max_new_tokens, sampling, **options)
         return _generation(req, list(self.run(req)))
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
+               **options) -> Iterator[StreamEvent]:
         """Generate token by token with the KV cache, yielding a StreamEvent per token and a
         last one with the finish reason; the events' texts add up to the completion.
 
-        Options: temperature (0, the default, is greedy; above, tokens are drawn from
-        softmax(log p_kNN-LM / temperature) after top_k / top_p filtering, from a generator
-        seeded with `seed`, None: random), stop (strings; trimmed from the text),
-        ignore_eos, neighbors (attached to each token), top_logprobs (the most likely
-        tokens at each step), the retrieval settings datastore, lam, k,
-        knn_temperature, and a memory decoder (memory, memory_lambda).  Generation ends at EOS, at a stop string or after
+        Options are `prepare`'s.  Generation ends at EOS, at a stop string or after
         max_new_tokens.  Every setting is checked here, before the first token.
         """
-        return self.run(self.prepare(prompt, max_new_tokens, **options))
+        return self.run(self.prepare(prompt, max_new_tokens, sampling, **options))
 
-    def prepare(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                top_k: int | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
-                seed: int | None = None, ignore_eos: bool = False, neighbors: int = 0, top_logprobs: int = 0,
-                datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                knn_temperature: float | None = None, report_eos: bool = False, pointers=DEFAULT,
-                adaptive=DEFAULT, memory=DEFAULT, memory_lambda: float | None = None) -> GenerationRequest:
+    def prepare(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: Sampling | None = None, *,
+                datastore=DEFAULT, memory=DEFAULT, retrieval: RetrievalSettings | None = None,
+                mixing: MixSettings | None = None, **flat) -> GenerationRequest:
         """Check a generation request and tokenize its prompt; `run` generates it.
-        `report_eos`: the end-of-text token that ends a generation is its last token (with
-        text ""), as OpenAI-compatible servers list it among the logprobs."""
-        check_sampling(temperature, top_k, top_p, max_new_tokens)
-        if neighbors < 0 or top_logprobs < 0:
-            raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
-        stops = parse_stops(stop)
-        r = self.retrieval(datastore, lam, k, knn_temperature, pointers, adaptive)
+        `sampling` (knnlm.run.options.Sampling: temperature, top_k, top_p, seed, stop,
+        ignore_eos, neighbors, top_logprobs, report_eos; default greedy), the datastore
+        (None: the base LM) and memory decoder to use, and this call's `retrieval` /
+        `mixing` (k, kNN temperature, pointers, adaptive, λ, memory λ; None fields: the
+        KNNLM's).  The flat names of all of these (temperature=, stop=, lam=, k=, ...) work too."""
+        over, sp = call_overrides("prepare", flat, retrieval, mixing, sampling, sampling_names=True)
+        check_sampling(sp.temperature, sp.top_k, sp.top_p, max_new_tokens)
+        stops = parse_stops(sp.stop)
+        memory_lambda = over.pop("memory_lambda", None)
+        r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
-        return GenerationRequest(ids, r, max_new_tokens, temperature, top_k, top_p, stops, seed, ignore_eos,
-                                 neighbors, top_logprobs, report_eos, m)
+        return GenerationRequest(ids, r, max_new_tokens, sp.temperature, sp.top_k, sp.top_p, stops, sp.seed,
+                                 sp.ignore_eos, sp.neighbors, sp.top_logprobs, sp.report_eos, m)
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""
@@ -455,13 +467,13 @@ class KNNLM:
             step.feed([tok])
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
-                      max_batch: int = 8, **options) -> list[Generation]:
+                      sampling: Sampling | None = None, max_batch: int = 8, **options) -> list[Generation]:
         """`generate` for several prompts at once, stepped together in batches of up to
         `max_batch` (one forward step of the batch and one search per datastore per
         token); the same options for every prompt.  Results are in the prompts' order."""
         from knnlm.run.batch import BatchGenerator
 
-        reqs = [self.prepare(p, max_new_tokens, **options) for p in prompts]  # every prompt checked first
+        reqs = [self.prepare(p, max_new_tokens, sampling, **options) for p in prompts]  # every prompt checked first
         events: list[list[StreamEvent]] = [[] for _ in reqs]
         batch, todo = BatchGenerator(self, max_batch), list(range(len(reqs)))[::-1]
         while todo or len(batch):

@@ -1,11 +1,12 @@
-"""The settings of a scoring or generation call, in four small validated groups:
+"""The settings of a scoring or generation call, in small validated groups:
 
 - `RetrievalSettings`: what a datastore search returns (k, the kNN temperature, the index
   and how it is searched, fewer searches with pointers or adaptive retrieval);
 - `MixSettings`: how the LM and the memories are mixed (the datastore's λ and whether it
   adapts to the text, the continuous cache's and a memory decoder's λ);
 - `WindowSettings`: how a text is cut into windows and batched;
-- `CacheSettings`: the continuous cache's similarity scale and size.
+- `CacheSettings`: the continuous cache's similarity scale and size;
+- `Sampling`: how generation picks its tokens and what each one reports.
 
 A field left None takes the datastore's recorded (self-tuned) setting, else the library's
 default (`knnlm.core.settings.resolve`).  The command line's flags map onto these fields
@@ -13,12 +14,14 @@ one to one (`knnlm eval --help`).
 
     from knnlm import MixSettings, RetrievalSettings, evaluate
     evaluate(lm, ["test.txt"], "ds", retrieval=RetrievalSettings(k=64), mixing=MixSettings(lam=0.3))
+    knn.generate("The history of", 32, Sampling(temperature=0.7, top_p=0.9), mixing=MixSettings(lam=0.5))
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 from knnlm.core.batching import check_windows
 from knnlm.core.scoring import check_cache_settings, check_settings
@@ -29,6 +32,25 @@ from knnlm.retrieval.pointers import Pointers
 
 DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
 DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
+MAX_STOPS = 16
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if not temperature >= 0:
+        raise KnnlmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise KnnlmError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise KnnlmError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise KnnlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def parse_stops(stop: str | Sequence[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS or any(not isinstance(s, str) or not s for s in stops):
+        raise KnnlmError(f"stop must be at most {MAX_STOPS} non-empty strings, got {stops!r}")
+    return stops
 
 
 @dataclass(frozen=True)
@@ -137,3 +159,74 @@ def fold(function: str, flat: dict, **groups):
         base = groups[name] if groups[name] is not None else GROUPS[name]()
         out.append(dataclasses.replace(base, **changes[name]) if name in changes else base)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How generation picks each token: greedy at `temperature` 0, else drawn from
+    softmax(log p / temperature) after `top_k` / `top_p` filtering (seeded with `seed`,
+    None: random); it stops at a `stop` string (trimmed) or EOS (unless `ignore_eos`).
+    Each token reports its `neighbors` nearest neighbours and the `top_logprobs` likeliest
+    tokens; `report_eos` lists the EOS that ends a generation as its last token."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    ignore_eos: bool = False
+    neighbors: int = 0
+    top_logprobs: int = 0
+    report_eos: bool = False
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p, 1)
+        if self.neighbors < 0 or self.top_logprobs < 0:
+            raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {self.neighbors} and {self.top_logprobs}")
+        parse_stops(self.stop)
+
+
+# a call's own retrieval and mixing (KNNLM.score, prepare, next_token_distribution): flat name -> (group, field)
+CALL = {"lam": ("mixing", "lam"), "k": ("retrieval", "k"), "knn_temperature": ("retrieval", "temperature"),
+        "pointers": ("retrieval", "pointers"), "adaptive": ("retrieval", "adaptive"),
+        "memory_lambda": ("mixing", "memory_lambda")}
+_PER_CALL = {"retrieval": {"k", "temperature", "pointers", "adaptive"}, "mixing": {"lam", "memory_lambda"}}
+
+
+def call_overrides(function: str, flat: dict, retrieval: RetrievalSettings | None = None,
+                   mixing: MixSettings | None = None, sampling: Sampling | None = None,
+                   sampling_names: bool = False) -> tuple[dict, Sampling | None]:
+    """A KNNLM call's settings: the overrides of the KNNLM's own (flat name -> value, only
+    those given: a field left None in `retrieval` / `mixing` keeps the KNNLM's; a flat
+    `pointers=None` turns them off for the call) and, with `sampling_names`, the Sampling
+    with its flat names (temperature=, stop=, ...) folded in.  Fields set only when the
+    KNNLM is made (index, λ mode, ...) are refused here."""
+    out: dict = {}
+    for name, group in (("retrieval", retrieval), ("mixing", mixing)):
+        if group is None:
+            continue
+        cls = GROUPS[name]
+        if not isinstance(group, cls):
+            raise TypeError(f"{function}() {name} must be a {cls.__name__}, got {type(group).__name__}")
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(group, f.name)
+            if f.name not in _PER_CALL[name]:
+                if value != getattr(default, f.name):
+                    raise KnnlmError(f"{cls.__name__}.{f.name} is set when the KNNLM is made, not per call")
+            elif value is not None:
+                out[next(n for n, (g, x) in CALL.items() if (g, x) == (name, f.name))] = value
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise TypeError(f"{function}() sampling must be a Sampling, got {type(sampling).__name__}")
+    fields = {f.name for f in dataclasses.fields(Sampling)} if sampling_names else set()
+    picked = {}
+    for name, value in flat.items():
+        if name in CALL:
+            out[name] = value
+        elif name in fields:
+            picked[name] = value
+        else:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    if sampling_names:
+        sampling = dataclasses.replace(sampling or Sampling(), **picked)
+    return out, sampling

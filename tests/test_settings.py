@@ -141,5 +141,7 @@ def test_self_tune_records_what_it_returns(lm, datastore, tmp_path):
     shutil.copytree(datastore.path, path)
     ds = Datastore(path)
     s = self_tune(lm, ds, sample_tokens=64, k=16, batch_tokens=128, progress=False)
-    assert Datastore(path).settings == json.loads(json.dumps(s))
+    recorded = dict(Datastore(path).settings)
+    assert recorded.pop("datastore_version") == ds.version  # the version they were tuned on, added when recorded
+    assert recorded == json.loads(json.dumps(s))
     assert s["k"] <= 16 and 0.0 <= s["lambda"] <= 1.0 and s["tokens"] >= 64

@@ -183,6 +183,20 @@ def test_one_trained_index_over_shards(single, sharded, tmp_path):
     assert recall > 0.5
 
 
+def wait_dead(ray, actor, seconds: float = 60.0) -> None:
+    """Until calls to `actor` fail (it is dead for good), at most `seconds`."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.pid.remote(), timeout=5)
+        except Exception:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the killed actor still answers")
+
+
 def test_ray_search_survives_a_killed_actor(ray_local, sharded):
     q = queries(sharded)
     want = open_searcher(sharded).search(q, 30)
@@ -200,6 +214,7 @@ def test_ray_search_survives_a_killed_actor(ray_local, sharded):
         assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
         assert ray_local.get(s.parts[1].pid.remote()) != pid  # restarted
         ray_local.kill(s.parts[0], no_restart=True)  # cannot come back: an error, not fewer neighbours
+        wait_dead(ray_local, s.parts[0])  # ray.kill returns before the actor is gone: a search could still reach it
         with pytest.raises(KnnlmError, match="died and could not be restarted"):
             s.search(q, 30)
     finally:

@@ -1,0 +1,189 @@
+"""The novels benchmark's page: benchmarks/results/novels.{md,json} and the size curve's plot
+(docs/img/novels-size-curve.png) from what bench_novels.py's phases cached."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from common import HERE
+
+LOG = logging.getLogger("bench_novels")
+
+
+def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> None:
+    """results/novels.{json,md} and the size curve's plot from the points that ran; `split`:
+    benchmarks/novels.json, `sizes`: size name -> novels of the datastore's order."""
+    titles = {r["file"]: r["title"] for r in split["novels"]}
+    points = {size: json.loads((cache / f"point-{size}.json").read_text("utf-8"))
+              for size in sizes if (cache / f"point-{size}.json").exists()}
+    results = HERE / "results"
+    speed = {size: json.loads((cache / f"speed-{size}.json").read_text("utf-8"))
+             for size in sizes if (cache / f"speed-{size}.json").exists()}
+    indexes = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("indexes-*.json"))}
+    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "indexes": indexes, "build_log": log},
+                                                    indent=1) + "\n", "utf-8")
+    made = [f"python benchmarks/bench_novels.py point --size {size} --cache CACHE" for size in points]
+    made.append(command.replace(str(cache), "CACHE"))
+    lines = ["# The kNN-LM on 41 English novels", "",
+             "Made by " + ", then ".join(f"`{c}`" for c in made) + " (CACHE: the `--cache` folder, by default benchmarks/cache/novels; see `benchmarks/bench_novels.py --help`), "
+             "on 2 CPU cores, SmolLM2-135M in bfloat16.  Held out: "
+             + ", ".join(titles[f] for f in split["tune"]) + " (tuning); "
+             + ", ".join(titles[f] for f in split["test"]) + " (test); each read from its start "
+             "(`--chars`, windows 1024/512).  *Own settings*: the k, λ, T that the datastore's self-tuning "
+             "recorded (leave-own-document-out on its own novels), applied as a fixed λ; *tuned*: chosen on the "
+             "tuning novels; *test optimum*: chosen on the test text itself (a bound, not a method); *default*: what "
+             "`knnlm eval` does with the datastore's recorded settings (λ from each position's nearest distance, "
+             "adapting over the text; λ end: where the adaptive λ ended).", "",
+             "| entries | novels | index | test tokens | LM | **kNN-LM, default** (λ end) | kNN-LM, own settings, fixed λ (k, λ, T) | "
+             "kNN-LM, tuned on the tuning novels (k, λ, T) | test optimum | search ms/token |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r, key):
+        s = r[key.replace("ppl_", "")]
+        ppl = r[key]
+        return f"{ppl:.3f} ({(ppl / r['ppl_lm'] - 1) * 100:+.1f}%) ({s['k']}, {s['lambda']:g}, {s['temperature']:g})"
+
+    def default(r):
+        if "ppl_default" not in r:
+            return "–"
+        return f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) ({r['lambda_end']:.2f})"
+
+    for size, r in points.items():
+        lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "
+                     f"{r['ppl_lm']:.3f} | {default(r)} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
+                     f"{r['search_ms_per_token']:.2f} |")
+    lines += ["", "## Builds", "", "| datastore | run | seconds | tokens | tokens/s | bare forward tokens/s | ratio | peak RSS MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, segs in log.get("segments", {}).items():
+        for i, g in enumerate(segs):
+            if "seconds" in g:
+                lines.append(f"| {size} | {i + 1} | {g['seconds']:.0f} | {g['tokens']:,} | {g['tokens_per_s']:.0f} | "
+                             f"{g['bare_tokens_per_s']:.0f} | {g['tokens_per_s'] / g['bare_tokens_per_s']:.2f} | "
+                             f"{g['peak_rss_mb']:.0f} |")
+    lines += ["", "Each run of a build is one row (a stopped build resumes in the next).  The bare forward pass is "
+              "timed on the build's first 8 batches at its start; under other load on the same cores the ratio "
+              "compares different moments and says nothing about the build's overhead.  Peak RSS includes the "
+              "pages of keys.npy written through its memory map (file-backed, reclaimable)."]
+    lines += curve_lines(points) + cost_lines(cache, points, log) + index_lines(cache)
+    (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
+    LOG.info("wrote %s", results / "novels.md")
+
+
+def curve_lines(points: dict) -> list[str]:
+    """The size curve: perplexity and the best λ per datastore size, and its plot."""
+    rows = sorted(points.values(), key=lambda r: r["entries"])
+    if len(rows) < 2:
+        return []
+    img = plot_curve(rows, HERE.parent / "docs" / "img" / "novels-size-curve.png")
+    lines = ["", "## The size curve", "",
+             "The datastores are prefixes of one another (the first novel, the first five, all 36), so each point "
+             "adds memories to the one before.  λ: the tuned λ (chosen on the tuning novels) and the test optimum's; "
+             "the paper finds the best λ grows with the datastore.", "",
+             "| entries | LM | kNN-LM, default | kNN-LM, tuned | test optimum | tuned λ | test-optimal λ |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['entries']:,} | {r['ppl_lm']:.3f} | {r.get('ppl_default', float('nan')):.3f} | "
+                     f"{r['ppl_tuned']:.3f} | {r['ppl_oracle']:.3f} | {r['tuned']['lambda']:g} | {r['oracle']['lambda']:g} |")
+    if img:
+        lines += ["", f"![perplexity and the best λ by datastore size](../../docs/img/{img.name})"]
+    return lines
+
+
+def plot_curve(rows: list[dict], out: Path) -> Path | None:
+    """Test perplexity (LM, default, tuned, test optimum) and the tuned and test-optimal λ
+    against the datastore's entries, as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = [r["entries"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax.plot(n, [r["ppl_lm"] for r in rows], "k--", label="LM alone")
+    for key, label in (("ppl_default", "kNN-LM, default"), ("ppl_tuned", "kNN-LM, λ tuned on tuning novels"),
+                       ("ppl_oracle", "kNN-LM, test optimum")):
+        if all(key in r for r in rows):
+            ax.plot(n, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore entries")
+    ax.set_ylabel("test perplexity (held-out novels)")
+    ax.legend(fontsize=7)
+    bx.plot(n, [r["tuned"]["lambda"] for r in rows], marker="o", label="tuned λ")
+    bx.plot(n, [r["oracle"]["lambda"] for r in rows], marker="s", label="test-optimal λ")
+    bx.set_xscale("log")
+    bx.set_xlabel("datastore entries")
+    bx.set_ylabel("λ")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def disk_mb(folder: Path) -> float:
+    """Bytes that `folder`'s files hold on disk (allocated blocks, so sparse files count as written), in MB."""
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
+def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
+    """The cost table: per size, build and index time, disk, the search process's anonymous
+    RSS and the speed phase's evaluation and generation ratios."""
+    rows = []
+    for size, r in points.items():
+        speed_path = cache / f"speed-{size}.json"
+        sp = json.loads(speed_path.read_text("utf-8")) if speed_path.exists() else None
+        segs = [g for g in log.get("segments", {}).get(size, []) if "seconds" in g]
+        index_dir = cache / f"ds-{size}" / "indexes" / r["index"]["index"]
+        rows.append(f"| {r['entries']:,} | {sum(g['seconds'] for g in segs):,.0f} | "
+                    f"{json.loads((index_dir / 'index.json').read_text('utf-8'))['build_seconds']:,.0f} | {disk_mb(cache / f'ds-{size}') / 1e3:.2f} | "
+                    f"{disk_mb(index_dir):,.0f} | "
+                    + (f"{sp['anon_rss_mb']:,.0f} | {sp['eval_ratio']:.2f}x ({sp['tokens_per_s']['eval_knnlm']:.0f} / "
+                       f"{sp['tokens_per_s']['eval_lm']:.0f}) | {sp['gen_ratio']:.2f}x ({sp['tokens_per_s']['gen_knnlm']:.1f} / "
+                       f"{sp['tokens_per_s']['gen_lm']:.1f}) |" if sp else "– | – | – |"))
+    if not rows:
+        return []
+    return ["", "## Cost as the datastore grows", "",
+            "Made by `python benchmarks/bench_novels.py speed --size S --cache CACHE` (evaluation of the first "
+            "6,000 characters of each test novel with the datastore's defaults, as `knnlm eval` does, and greedy "
+            "generation of 32 tokens from each novel's first 200 characters, one stream, as `KNNLM.generate` does; "
+            "interleaved with the base LM in the same process, median of 2).  Build and index seconds are the "
+            "runs' wall times on a shared machine (see Builds); RSS: the search process's anonymous resident "
+            "memory (model included) after the searches.", "",
+            "| entries | build s | index s | datastore GB on disk | index MB | search process anon RSS MB | "
+            "eval tokens/s, kNN-LM / LM | generation tokens/s, kNN-LM / LM |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "Each repeat's tokens/s are in results/novels.json (`speed`).  Measured while the 10^7 build and "
+            "other benchmarks shared the 2 cores: the base LM's own rate moved by up to 2x between repeats, so "
+            "these ratios are rough, and the generation ratios (a few tokens/s each) are noise, not overhead.  "
+            "Up to 2 GiB of keys the searcher re-ranks from a float16 copy in RAM (the 10^6 row's RSS holds its "
+            "1.1 GB); larger keys are re-ranked from the memory-mapped file."]
+
+
+def index_lines(cache: Path) -> list[str]:
+    """The FAISS configurations measured by the indexes phase, against exact search."""
+    lines = []
+    for path in sorted(cache.glob("indexes-*.json")):
+        size = path.stem.split("-", 1)[1]
+        for row in json.loads(path.read_text("utf-8")):
+            for n in row["nprobe"]:
+                lines.append(f"| {size} | {row['factory']} | {row['train_size']:,} | {row['build_seconds']:,.0f} | "
+                             f"{row['bytes_per_entry']:.1f} | {n['nprobe']} | {n['recall']:.3f} | {n['ms_per_token']:.2f} | "
+                             f"{n['ppl']:.3f} | {n['ppl_exact']:.3f} | {(n['ppl'] / n['ppl_exact'] - 1) * 100:+.2f}% |")
+    if not lines:
+        return []
+    return ["", "## Index configurations against exact search", "",
+            "Made by `python benchmarks/bench_novels.py indexes --size S --factories F --nprobes 8,32 --cache CACHE`: "
+            "each FAISS configuration trained on its sample and filled with every key, searched at k = 1024 with "
+            "re-ranking from the stored keys, against exact search over all entries (one streamed pass over the "
+            "keys) on 2,000 test tokens spread over the test text; perplexity with the settings tuned on the "
+            "tuning novels through that index.", "",
+            "| size | factory | trained on | build s | index bytes/entry | nprobe | recall of exact top-1024 | "
+            "search ms/token | ppl | ppl, exact search | vs exact |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *lines]
+
+

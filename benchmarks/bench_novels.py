@@ -298,6 +298,36 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
             "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
 
 
+def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repeats: int) -> dict:
+    """`knnlm serve` over the datastore with its defaults: completion tokens/s for 1 and 8
+    concurrent streams (greedy, `tokens` each), against the same server answering with the
+    base LM alone (`"datastore": null`), interleaved, the median of `repeats`."""
+    import statistics
+
+    from bench_serve import load
+
+    from knnlm.run.generate import KNNLM
+    from knnlm.serve.server import create_app, serve_in_thread
+
+    text = excerpts(folder, SPLIT["test"], 6_000, cache / "test-6000.jsonl")
+    prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
+    app = create_app(KNNLM(lm, {"novels": ds_path}), max_queue=32, max_tokens=tokens, max_batch=8)
+    runs = {f"{who}, {n} stream{'s' * (n > 1)}": [] for n in (1, 8) for who in ("LM", "kNN-LM")}
+    with serve_in_thread(app) as url:
+        load(url, 2, 1, 4, {"temperature": 0}, prompts)  # warm-up: model, index pages
+        for _ in range(repeats):
+            for name in runs:
+                streams = 1 if name.endswith(" 1 stream") else 8
+                body = {"temperature": 0, "datastore": "novels" if name.startswith("kNN") else None}
+                seconds, _, _, made = load(url, streams, 3 if streams == 1 else 1, tokens, body, prompts)
+                runs[name].append(made / seconds)
+                LOG.info("%s: %.1f tokens/s", name, runs[name][-1])
+    rate = {name: statistics.median(v) for name, v in runs.items()}
+    return {"tokens": tokens, "repeats": repeats, "tokens_per_s": rate, "runs": runs,
+            "ratio_1": rate["kNN-LM, 1 stream"] / rate["LM, 1 stream"],
+            "ratio_8": rate["kNN-LM, 8 streams"] / rate["LM, 8 streams"], "anon_rss_mb": anon_rss_mb()}
+
+
 def save_log(cache: Path, log: dict) -> None:
     tmp = cache / "build-log.json.tmp"
     tmp.write_text(json.dumps(log, indent=1) + "\n", "utf-8")
@@ -306,10 +336,11 @@ def save_log(cache: Path, log: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "speed", "report"],
+    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "speed", "serve", "report"],
                     help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
                          "one size; indexes: FAISS configurations on one size against exact search; speed: evaluation "
-                         "and generation tokens/s against the base LM; "
+                         "and generation tokens/s against the base LM; serve: `knnlm serve`'s tokens/s for 1 and 8 streams "
+                         "against the base LM; "
                          "report: write results/novels.{md,json}")
     ap.add_argument("--factories", default="IVF1024,PQ64;IVF4096,PQ64;IVF4096,PQ32",
                     help="indexes phase: FAISS factory strings, ';'-separated")
@@ -369,6 +400,11 @@ def main() -> None:
         out = cache / f"speed-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
+    if args.phase == "serve":
+        res = phase_serve(lm, ds_path, folder, cache, args.gen_tokens, args.repeats)
+        out = cache / f"serve-{args.size}.json"
+        out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
+        LOG.info("%s: 1 stream %.2fx, 8 streams %.2fx the base LM", out, res["ratio_1"], res["ratio_8"])
 
 
 if __name__ == "__main__":

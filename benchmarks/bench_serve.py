@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
 
 
-def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tuple[float, list[float], dict, int]:
+def load(url: str, clients: int, requests: int, tokens: int, body: dict,
+         prompts: list[str] = PROMPTS) -> tuple[float, list[float], dict, int]:
     """All clients at once; (seconds, latencies, {(client, i): text}, completion tokens)."""
     latencies, texts, counted, errors = [], {}, [0], []
     lock, start = threading.Lock(), threading.Barrier(clients + 1)
@@ -46,7 +47,7 @@ def load(url: str, clients: int, requests: int, tokens: int, body: dict) -> tupl
         with httpx.Client(base_url=url, timeout=600) as http:
             start.wait()
             for i in range(requests):
-                prompt = PROMPTS[(c + i) % len(PROMPTS)]
+                prompt = prompts[(c + i) % len(prompts)]
                 t = time.perf_counter()
                 r = http.post("/v1/completions", json={**body, "prompt": prompt, "max_tokens": tokens})
                 dt = time.perf_counter() - t

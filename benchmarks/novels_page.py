@@ -144,7 +144,8 @@ def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
                     f"{disk_mb(index_dir):,.0f} | "
                     + (f"{sp['anon_rss_mb']:,.0f} | {sp['eval_ratio']:.2f}x ({sp['tokens_per_s']['eval_knnlm']:.0f} / "
                        f"{sp['tokens_per_s']['eval_lm']:.0f}) | {sp['gen_ratio']:.2f}x ({sp['tokens_per_s']['gen_knnlm']:.1f} / "
-                       f"{sp['tokens_per_s']['gen_lm']:.1f}) |" if sp else "– | – | – |"))
+                       f"{sp['tokens_per_s']['gen_lm']:.1f}) |" if sp else "– | – | – |")
+                    + serve_cells(cache / f"serve-{size}.json"))
     if not rows:
         return []
     return ["", "## Cost as the datastore grows", "",
@@ -155,13 +156,27 @@ def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
             "runs' wall times on a shared machine (see Builds); RSS: the search process's anonymous resident "
             "memory (model included) after the searches.", "",
             "| entries | build s | index s | datastore GB on disk | index MB | search process anon RSS MB | "
-            "eval tokens/s, kNN-LM / LM | generation tokens/s, kNN-LM / LM |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "eval tokens/s, kNN-LM / LM | generation tokens/s, kNN-LM / LM | serve, 1 stream | serve, 8 streams |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "Serve: `python benchmarks/bench_novels.py serve --size S --cache CACHE`: `knnlm serve`'s completion "
+            "tokens/s (greedy, 32 tokens each, from the test novels' openings) for one stream and for 8 concurrent "
+            "streams (the server batches them), kNN-LM over LM alone on the same server, interleaved, median of 2.",
+            "",
             "Each repeat's tokens/s are in results/novels.json (`speed`).  Measured while the 10^7 build and "
             "other benchmarks shared the 2 cores: the base LM's own rate moved by up to 2x between repeats, so "
             "these ratios are rough, and the generation ratios (a few tokens/s each) are noise, not overhead.  "
             "Up to 2 GiB of keys the searcher re-ranks from a float16 copy in RAM (the 10^6 row's RSS holds its "
             "1.1 GB); larger keys are re-ranked from the memory-mapped file."]
+
+
+def serve_cells(path: Path) -> str:
+    """The serve phase's two ratios as table cells ("–" where it did not run)."""
+    if not path.exists():
+        return " – | – |"
+    sv = json.loads(path.read_text("utf-8"))
+    rate = sv["tokens_per_s"]
+    return (f" {sv['ratio_1']:.2f}x ({rate['kNN-LM, 1 stream']:.1f} / {rate['LM, 1 stream']:.1f}) |"
+            f" {sv['ratio_8']:.2f}x ({rate['kNN-LM, 8 streams']:.1f} / {rate['LM, 8 streams']:.1f}) |")
 
 
 def index_lines(cache: Path) -> list[str]:

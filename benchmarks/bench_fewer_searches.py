@@ -73,7 +73,8 @@ def assets(args) -> Datastore:
         from bench_wikitext import split_valid
 
         ds_txt, _ = split_valid(lm_once(args), cache, 25_000)
-        build_datastore(lm_once(args), [ds_txt], path, WINDOW, STRIDE, BATCH, progress=False)
+        build_datastore(lm_once(args), [ds_txt], path, window=WINDOW, stride=STRIDE, batch_tokens=BATCH,
+                        progress=False)
     ds = Datastore(path)
     for factory, name in (("Flat", "flat"), ("IVF2048,PQ64", "ivf2048-pq64")):
         if name not in list_indexes(ds):

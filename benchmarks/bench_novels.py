@@ -97,7 +97,7 @@ def phase_build(lm, folder: Path, cache: Path, size: str, log: dict) -> Path:
     seg = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bare_tokens_per_s": bare}
     log.setdefault("segments", {}).setdefault(size, []).append(seg)
     try:
-        build_datastore(lm, files, out, W, S, B, on_batch=on_batch)
+        build_datastore(lm, files, out, window=W, stride=S, batch_tokens=B, on_batch=on_batch)
     finally:
         seg.update(seconds=time.perf_counter() - t0, tokens=state["tokens"], batches=state["batches"],
                    peak_rss_mb=peak_rss_mb())

@@ -113,7 +113,7 @@ def ensure_datastore(lm, args, res, ds_path, ds_txt, flat: bool) -> None:
     if not (ds_path / "meta.json").exists() or Datastore(ds_path).meta["corpora"][0]["sha256"] != file_sha256(ds_txt):
         LOG.info("building the datastore %s (once; cached)", ds_path)
         t0 = time.perf_counter()
-        build_datastore(lm, [ds_txt], ds_path, W, S, B, overwrite=True)
+        build_datastore(lm, [ds_txt], ds_path, window=W, stride=S, batch_tokens=B, overwrite=True)
         res["datastore_build_seconds"] = time.perf_counter() - t0
     ds = open_for_model(lm, ds_path)
     have = list_indexes(ds)
@@ -183,7 +183,8 @@ def speed(lm, args, res, cache, ds_path, ds_txt, sub_txt) -> None:
         bare.append(bare_forward_seconds(lm, sub_plan))
         bare_keys.append(bare_forward_seconds(lm, sub_plan, logits=False))
         t0 = time.perf_counter()
-        build_datastore(lm, [sub_txt], cache / "speed_ds", W, S, B, overwrite=True, progress=False)
+        build_datastore(lm, [sub_txt], cache / "speed_ds", window=W, stride=S, batch_tokens=B, overwrite=True,
+                        progress=False)
         build.append(time.perf_counter() - t0)
     res["build_speed"] = {"tokens": sub_plan.count, "bare_forward_tok_s": sub_plan.count / min(bare),
                           "bare_forward_no_logits_tok_s": sub_plan.count / min(bare_keys),

@@ -8,6 +8,7 @@ import pytest
 
 import knnlm
 from knnlm import CacheSettings, KnnlmError, MixSettings, RetrievalSettings, WindowSettings
+from knnlm.core.datastore import BuildSettings, build_datastore
 
 
 def test_import_is_cheap():
@@ -107,8 +108,22 @@ def test_no_public_call_takes_a_long_keyword_list():
     from knnlm.run.generate import KNNLM
 
     calls = [knnlm.load, knnlm.load_lm, knnlm.build, knnlm.evaluate, KNNLM.__init__, KNNLM.load, KNNLM.score,
-             KNNLM.prepare, KNNLM.generate, KNNLM.stream, KNNLM.generate_many, KNNLM.next_token_distribution]
+             KNNLM.prepare, KNNLM.generate, KNNLM.stream, KNNLM.generate_many, KNNLM.next_token_distribution,
+             build_datastore]
     for f in calls:
         params = [p for p in inspect.signature(f).parameters.values()
                   if p.name not in ("self", "cls") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
         assert len(params) <= 9, (f.__qualname__, [p.name for p in params])
+
+
+def test_build_settings_take_the_old_flat_keywords():
+    """build_datastore's settings object, and its older flat keywords folded into it."""
+    flat = dict(window=32, stride=16, batch_tokens=128, key_points=["final"], documents=[0, 3])
+    assert BuildSettings.of(None, flat) == BuildSettings(WindowSettings(32, 16, 128), ("final",), (0, 3))
+    base = BuildSettings(WindowSettings(64, 32, 256), key_points=("ffn_input",))
+    assert BuildSettings.of(base, {"stride": 16}) == BuildSettings(WindowSettings(64, 16, 256), ("ffn_input",))
+    assert BuildSettings.of(base, {}) is base
+    with pytest.raises(TypeError, match="unexpected keyword argument 'windw'"):
+        BuildSettings.of(None, {"windw": 32})
+    with pytest.raises(KnnlmError, match="stride <= window"):
+        BuildSettings.of(None, {"window": 32, "stride": 64})

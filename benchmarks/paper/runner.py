@@ -232,8 +232,8 @@ class Run:
         if all((o / "meta.json").exists() for o in outs):
             return outs
         t0 = time.perf_counter()
-        build_datastore(self.lm, [self.files()[c] for c in corpora], out, self.W, self.S, self.B, key_points=kps,
-                        overwrite=True, progress=False)
+        build_datastore(self.lm, [self.files()[c] for c in corpora], out, window=self.W, stride=self.S,
+                        batch_tokens=self.B, key_points=kps, overwrite=True, progress=False)
         self.timer.record(f"datastore {name} ({Datastore(out).count} entries, {len(kps)} key point(s), one pass)",
                           time.perf_counter() - t0)
         return outs

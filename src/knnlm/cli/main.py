@@ -40,7 +40,8 @@ SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's 
 
 # ---- subcommands ---------------------------------------------------------------------
 def cmd_build(args) -> None:
-    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.batching import WindowSettings
+    from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
     from knnlm.core.index import build_index
 
     check_texts(args.corpus)
@@ -53,9 +54,9 @@ def cmd_build(args) -> None:
             from knnlm.cli.scale import build_on_ray
 
             return build_on_ray(args, lm, published)
+        settings = BuildSettings(WindowSettings(args.window, args.stride, args.batch_tokens))
         out = Path(args.output) if published else build_datastore(
-            lm, args.corpus, args.output, window=args.window, stride=args.stride, batch_tokens=args.batch_tokens,
-            overwrite=args.overwrite, progress=not args.quiet)[0]
+            lm, args.corpus, args.output, settings, overwrite=args.overwrite, progress=not args.quiet)[0]
         ds = Datastore(out)
         print(f"datastore {out}: {ds.count} entries, d={ds.dim}, key point {ds.key_point}")
         if args.index != "none":

@@ -59,6 +59,21 @@ def check_windows(window: int, stride: int) -> None:
         raise KnnlmError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
 
 
+@dataclass(frozen=True)
+class WindowSettings:
+    """Windows of `window` tokens every `stride` (each token scored once, with at least
+    window - stride tokens of context after the first window), about `batch_tokens` a batch."""
+
+    window: int = 1024
+    stride: int = 512
+    batch_tokens: int = 4096
+
+    def __post_init__(self):
+        check_windows(self.window, self.stride)
+        if self.batch_tokens < 1:
+            raise KnnlmError(f"batch tokens must be >= 1, got {self.batch_tokens}")
+
+
 def make_plan(
     encode, documents: Sequence[Document], window: int, stride: int, batch_tokens: int
 ) -> Plan:

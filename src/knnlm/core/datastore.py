@@ -27,13 +27,14 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from knnlm import __version__
-from knnlm.core.batching import plan_files
+from knnlm.core.batching import WindowSettings, plan_files
 from knnlm.core.corpus import corpus_record, file_sha256
 from knnlm.core.settings import recorded
 from knnlm.errors import KnnlmError
@@ -304,33 +305,74 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """How a datastore is built: its windows and batches (`windows`), the key point(s) it
+    keeps (`key_points`, None: the model's; several: one datastore each from the same pass),
+    `documents=(a, b)`: only documents a..b-1 of the corpora (in reading order, before empty
+    ones are dropped: one shard of a build split by documents)."""
+
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    key_points: tuple[str, ...] | None = None
+    documents: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.key_points is not None:
+            object.__setattr__(self, "key_points", tuple(self.key_points))
+            if not self.key_points:
+                raise KnnlmError("key_points must name at least one key point (None: the model's)")
+        if self.documents is not None:
+            a, b = (int(x) for x in self.documents)
+            if not 0 <= a <= b:
+                raise KnnlmError(f"documents must be a range (a, b) with 0 <= a <= b, got {self.documents}")
+            object.__setattr__(self, "documents", (a, b))
+
+    @classmethod
+    def of(cls, settings: "BuildSettings | None", flat: dict) -> "BuildSettings":
+        """`settings` with the flat keyword arguments of build_datastore's older signature
+        (window, stride, batch_tokens, key_points, documents) folded in."""
+        base = settings if settings is not None else cls()
+        if not isinstance(base, cls):
+            raise TypeError(f"build_datastore() settings must be a BuildSettings, got {type(base).__name__}")
+        unknown = sorted(set(flat) - {"window", "stride", "batch_tokens", "key_points", "documents"})
+        if unknown:
+            raise TypeError(f"build_datastore() got an unexpected keyword argument {unknown[0]!r}")
+        windows = {k: flat[k] for k in ("window", "stride", "batch_tokens") if k in flat}
+        own = {k: flat[k] for k in ("key_points", "documents") if k in flat}
+        if windows:
+            own["windows"] = replace(base.windows, **windows)
+        return replace(base, **own) if own else base
+
+
 def build_datastore(
     lm,
     corpora: Sequence[str | Path],
     out: str | Path,
-    window: int = 1024,
-    stride: int = 512,
-    batch_tokens: int = 4096,
-    key_points: Sequence[str] | None = None,
+    settings: BuildSettings | None = None,
+    *,
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
-    documents: tuple[int, int] | None = None,
+    **flat,
 ) -> list[Path]:
     """Build a datastore from corpus files with one forward pass; returns its path(s).
 
-    With several `key_points`, one pass writes one datastore per key point, to
-    `out` for the first and `out-<key point>` for the others.  A build interrupted
-    (crash, Ctrl-C) resumes from its last flushed batch when called again with the
-    same arguments.  `on_batch(i)` is called after batch i is safely on disk.
-    `documents=(a, b)` keeps only documents a..b-1 of the corpora (in reading order,
-    before empty ones are dropped): one shard of a build split by documents.
+    `settings` (a BuildSettings; the flat keywords window=, stride=, batch_tokens=,
+    key_points=, documents= still work) say what is built.  With several key points, one
+    pass writes one datastore per key point, to `out` for the first and `out-<key point>`
+    for the others.  A build interrupted (crash, Ctrl-C) resumes from its last flushed
+    batch when called again with the same arguments.  `on_batch(i)` is called after
+    batch i is safely on disk.
     """
     import torch
     from tqdm.auto import tqdm
 
+    settings = BuildSettings.of(settings, flat)
+    window, stride, batch_tokens = (settings.windows.window, settings.windows.stride,
+                                    settings.windows.batch_tokens)
+    documents = settings.documents
     out = Path(out)
-    key_points = list(key_points or [lm.key_point])
+    key_points = list(settings.key_points or [lm.key_point])
     outs = [out] + [out.with_name(f"{out.name}-{kp}") for kp in key_points[1:]]
     for o in outs:
         if o.exists() and not overwrite:

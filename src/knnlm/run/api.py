@@ -33,14 +33,13 @@ def build(lm, corpora: Sequence[str | Path], out: str | Path, windows: WindowSet
     """What `knnlm build` does: a datastore of `corpora` at `out` (keys of `lm`, an LM or a
     model name), its `index` ("none": no index, nor tuning) and, with `tune`, its settings
     tuned on its own corpus (knnlm.run.selftune).  Returns the opened `knnlm.Datastore`."""
-    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
     from knnlm.core.index import build_index
 
     if isinstance(lm, str):
         lm = load_lm(lm)
     w = windows or WindowSettings()
-    path = build_datastore(lm, corpora, out, window=w.window, stride=w.stride, batch_tokens=w.batch_tokens,
-                           overwrite=overwrite, progress=progress)[0]
+    path = build_datastore(lm, corpora, out, BuildSettings(windows=w), overwrite=overwrite, progress=progress)[0]
     ds = Datastore(path)
     if index != "none":
         build_index(ds, index, progress=progress)

@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from knnlm.core.batching import check_windows
+from knnlm.core.batching import WindowSettings
 from knnlm.core.scoring import check_cache_settings, check_settings
 from knnlm.core.settings import check_lambda_mode
 from knnlm.errors import KnnlmError
@@ -101,21 +101,6 @@ class MixSettings:
         check_cache_settings(lam=self.cache_lambda)
         if self.memory_lambda is not None and not 0.0 <= self.memory_lambda <= 1.0:
             raise KnnlmError(f"memory lambda must be in [0, 1], got {self.memory_lambda}")
-
-
-@dataclass(frozen=True)
-class WindowSettings:
-    """Windows of `window` tokens every `stride` (each token scored once, with at least
-    window - stride tokens of context after the first window), about `batch_tokens` a batch."""
-
-    window: int = 1024
-    stride: int = 512
-    batch_tokens: int = 4096
-
-    def __post_init__(self):
-        check_windows(self.window, self.stride)
-        if self.batch_tokens < 1:
-            raise KnnlmError(f"batch tokens must be >= 1, got {self.batch_tokens}")
 
 
 @dataclass(frozen=True)

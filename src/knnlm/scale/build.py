@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from knnlm.core.batching import make_plan
+from knnlm.core.batching import WindowSettings, make_plan
 from knnlm.core.corpus import corpus_record, read_documents
-from knnlm.core.datastore import Datastore, build_datastore, publish, write_json_atomic
+from knnlm.core.datastore import BuildSettings, Datastore, build_datastore, publish, write_json_atomic
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import write_manifest
 
@@ -78,8 +78,8 @@ class ShardBuilder:
         if (Path(out) / "meta.json").exists():  # published by an earlier attempt
             return Datastore(out).count
         hook = (lambda b: on_batch(shard, b)) if on_batch is not None else None
-        build_datastore(self.lm, corpora, out, window=window, stride=stride, batch_tokens=batch_tokens,
-                        progress=False, on_batch=hook, documents=documents)
+        settings = BuildSettings(WindowSettings(window, stride, batch_tokens), documents=tuple(documents))
+        build_datastore(self.lm, corpora, out, settings, progress=False, on_batch=hook)
         return Datastore(out).count
 
     def pid(self) -> int:

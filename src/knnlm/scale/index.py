@@ -21,7 +21,7 @@ import numpy as np
 
 from knnlm.core.corpus import file_sha256
 from knnlm.core.datastore import Datastore, publish, write_json_atomic
-from knnlm.core.index import build_index, index_target, train_sample_size
+from knnlm.core.index import build_index, index_target, train_index, train_sample_size
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -61,7 +61,7 @@ def build_sharded_index(ds: ShardedDatastore, kind: str = "auto", name: str | No
         LOG.info("training %s once on %d keys from all %d shards", factory, n_train, len(ds.shards))
         xs = np.asarray(ds.keys[sample], dtype=np.float32)  # (n_train, d)
         try:
-            index.train(xs)
+            train_index(index, xs, factory)
         except RuntimeError as e:
             raise KnnlmError(f"cannot train {factory} on {n_train} keys: {str(e).strip().splitlines()[-1]}") from None
         del xs

@@ -10,6 +10,7 @@ import torch
 
 from knnlm.core.mix import Mixture, Weight, candidates, chain_weights, mix_targets, mix_text, mix_vocab
 from knnlm.core.scoring import interpolate
+from knnlm.errors import KnnlmError
 
 
 def _text(n=300, J=2, seed=0, gaps=True):
@@ -148,6 +149,62 @@ def test_distance_table_golden():
     assert t([4.0, 15.0, 20.0, np.nan]).tolist() == [0.6, 0.3, 0.05, 0.0]
     assert DistanceLambda.from_dict(t.as_dict()) == t
     assert DistanceLambda.from_dict({"edges": [2, 1], "lambdas": [0, 0, 0]}) is None  # not ascending: unreadable
+
+
+def test_distance_and_confidence_table_golden():
+    """The module doc's worked example with the LM's confidence; tables recorded before it
+    (one λ per distance bucket) read as before, and need no confidence."""
+    from knnlm.core.neighbor import DistanceLambda
+
+    t = DistanceLambda((10.0, 20.0), ((0.6, 0.4), (0.3, 0.2), (0.05, 0.0)), (-1.0,))
+    assert t([4.0, 4.0, 15.0, 20.0, np.nan], [math.log(0.2), math.log(0.9), -2.0, -0.5, -2.0]).tolist() == \
+        [0.6, 0.4, 0.3, 0.0, 0.0]
+    assert t.reads_confidence and DistanceLambda.from_dict(t.as_dict()) == t
+    assert t.as_dict()["lambdas"] == [[0.6, 0.4], [0.3, 0.2], [0.05, 0.0]]
+    with pytest.raises(KnnlmError, match="confidence"):
+        t([4.0])
+    old = DistanceLambda.from_dict({"edges": [10.0, 20.0], "lambdas": [0.6, 0.3, 0.05]})
+    assert not old.reads_confidence and old([4.0, 15.0]).tolist() == old([4.0, 15.0], [-3.0, -0.1]).tolist() == [0.6, 0.3]
+    bad = {"edges": [10.0], "lambdas": [[0.6, 0.4], [0.3]], "confidence_edges": [-1.0]}  # a short row: unreadable
+    assert DistanceLambda.from_dict(bad) is None
+
+
+def test_fit_reads_the_lms_confidence():
+    """Near neighbours help only where the LM hesitates (its top token's p is low): the cells
+    of a confident LM get a small λ, those of a hesitant one a large λ, and the fitted
+    mixture beats the distance-only table on the same positions."""
+    from knnlm.core.neighbor import fit
+
+    rng = np.random.default_rng(1)
+    n = 8000
+    d = rng.uniform(0, 100, n)
+    conf = rng.uniform(-4.0, 0.0, n)
+    ll = np.where(conf > -2.0, math.log(0.8), math.log(0.05))
+    lk = np.where(d < 50, np.where(conf > -2.0, math.log(0.01), math.log(0.9)), math.log(1e-4))
+    t = fit(ll, lk, d, fallback=0.25, confidence=conf)
+    plain = fit(ll, lk, d, fallback=0.25)
+    assert t.reads_confidence and not plain.reads_confidence
+    lam = t(d, conf)
+    assert lam[(d < 40) & (conf < -2.5)].min() >= 0.9 and lam[(d < 40) & (conf > -1.5)].max() <= 0.05
+    assert mix_targets(ll, lk[:, None], lam[:, None]).sum() > mix_targets(ll, lk[:, None], plain(d)[:, None]).sum()
+
+
+def test_fit_checked_keeps_the_confidence_only_where_it_helps_held_out():
+    """Self-tuning's choice: where the LM's confidence tells when the memory helps, the held-out
+    check keeps it; where it is noise (the memory helps alike at every confidence), the table
+    reads the distance alone."""
+    from knnlm.core.neighbor import fit_checked
+
+    rng = np.random.default_rng(2)
+    n = 8000
+    d, conf, groups = rng.uniform(0, 100, n), rng.uniform(-4.0, 0.0, n), np.arange(n) // 100
+    ll = np.where(conf > -2.0, math.log(0.8), math.log(0.05))
+    helps = np.where(d < 50, np.where(conf > -2.0, math.log(0.01), math.log(0.9)), math.log(1e-4))
+    t, check = fit_checked(ll, helps, d, 0.25, conf, groups)
+    assert t.reads_confidence and check["distance_and_confidence"] < check["distance"]
+    alike = np.where(d < 50, math.log(0.3), math.log(1e-4)) + rng.normal(0, 0.5, n)
+    t, check = fit_checked(np.full(n, math.log(0.2)), alike, d, 0.25, conf, groups)
+    assert not t.reads_confidence and check["distance"] <= check["distance_and_confidence"]
 
 
 def test_fit_finds_the_buckets_where_the_memory_helps():

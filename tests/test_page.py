@@ -238,25 +238,38 @@ def test_sliders_give_the_fixed_lambda_evaluation(browser, base, lm, docs_ds, tm
     assert by_id(browser, "lambda-val").text == "0.60"
 
 
-def test_a_datastores_lambda_by_distance_table_is_recomputed_too(browser, lm, docs_ds, tmp_path):
+def _confidence_table(lm) -> dict:
+    """A table of λ by distance and the LM's log max p, its confidence edge at the median of
+    the LM's confidences on TEXT (so that both columns are read)."""
+    import torch
+
+    _, logits = lm.forward(torch.tensor([lm.encode(TEXT)]), [], logits=True)
+    edge = float(np.median(torch.log_softmax(logits[0].float(), -1).max(-1).values.numpy()))
+    return {"edges": [0.1, 3.0], "lambdas": [[0.9, 0.6], [0.5, 0.2], [0.1, 0.0]], "confidence_edges": [edge]}
+
+
+@pytest.mark.parametrize("reads_confidence", [False, True], ids=["distance", "distance+confidence"])
+def test_a_datastores_lambda_by_distance_table_is_recomputed_too(browser, lm, docs_ds, tmp_path, reads_confidence):
     """A datastore with a λ-by-distance table (each position's base λ from its nearest
-    distance, adapting around it): the page shows the server's and `evaluate`'s numbers, and
-    a λ moved by hand is one λ for every position again."""
+    distance, and the LM's confidence when the table reads it, adapting around it): the page
+    shows the server's and `evaluate`'s numbers, and a λ moved by hand is one λ for every
+    position again."""
     path = tmp_path / "ds"
     shutil.copytree(docs_ds.path, path)
     from knnlm.core.datastore import Datastore
 
+    table = _confidence_table(lm) if reads_confidence else {"edges": [0.1, 3.0], "lambdas": [0.9, 0.5, 0.1]}
     Datastore(path).record_settings({"k": 16, "lambda": 0.4, "temperature": 2.0, "how": "test",
-                                     "lambda_by_distance": {"edges": [0.1, 3.0], "lambdas": [0.9, 0.5, 0.1]}})
+                                     "lambda_by_distance": table})
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
     with running(create_app(KNNLM(lm, {"tabled": path}), max_queue=4, model_name="tiny")) as url:
         open_page(browser, url)
         score_in_page(browser, TEXT, "tabled")
         api = api_score(url, TEXT, datastore="tabled").json()
-    assert api["lambda_by_distance"]["lambdas"] == [0.9, 0.5, 0.1] and api["lambda_mode"] == "adaptive"
+    assert api["lambda_by_distance"] == table and api["lambda_mode"] == "adaptive"
     res = evaluate(lm, [text], path, index="flat", window=128, stride=64, progress=False)
-    assert res["lambda_by_distance"]["lambdas"] == [0.9, 0.5, 0.1]
+    assert res["lambda_by_distance"] == table
     lm_ppl, mix_ppl = shown_ppl(browser)
     assert mix_ppl == pytest.approx(api["ppl"], rel=1e-9) and mix_ppl == pytest.approx(res["ppl_knnlm"], rel=1e-6)
     assert by_id(browser, "by-distance").is_selected()

@@ -23,6 +23,7 @@ from knnlm.run.evaluate import evaluate
 from knnlm.run.generate import KNNLM
 
 N = 10  # tokens generated per path
+MODES = ["fixed", "adaptive", "adaptive+distance", "adaptive+confidence"]  # λ policies
 ATOL = 1e-4  # float32 over the vocabulary vs float64 of the targets
 
 
@@ -54,10 +55,29 @@ def tabled(datastore, tmp_path_factory):
     return Datastore(out)
 
 
+@pytest.fixture(scope="module")
+def confident(lm, tabled, tmp_path_factory):
+    """The datastore with a recorded table of λ by distance and by the LM's log max p (its
+    confidence), its confidence edges cutting the LM's confidences on the text in three."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("confident") / "ds"
+    shutil.copytree(tabled.path, out)
+    _, logits = lm.forward(torch.tensor([lm.encode(TEXT)]), [], logits=True)
+    conf = torch.log_softmax(logits[0].float(), -1).max(-1).values.numpy()
+    table = {**tabled.settings["lambda_by_distance"], "confidence_edges": np.quantile(conf, [1 / 3, 2 / 3]).tolist(),
+             "lambdas": [[0.8, 0.6, 0.4], [0.5, 0.3, 0.2], [0.1, 0.05, 0.0]]}
+    ds = Datastore(out)
+    ds.record_settings({"k": 8, "lambda": 0.3, "temperature": 2.0, "lambda_by_distance": table})
+    return Datastore(out)
+
+
 def _knn(lm, datastore, mem_dir, mode, memory, tabled=None):
-    """mode: "fixed", "adaptive", or "adaptive+distance" (λ from the recorded distance table)."""
-    by_distance = mode.endswith("+distance")
-    ds = tabled if by_distance else datastore
+    """mode: "fixed", "adaptive", "adaptive+distance" (λ from the recorded distance table) or
+    "adaptive+confidence" (a table of distance and the LM's confidence); `tabled`: the
+    datastore of each table mode."""
+    by_distance = "+" in mode
+    ds = tabled[mode] if by_distance else datastore
     return KNNLM(lm, {"ds": ds.path}, memories={"mem": mem_dir} if memory else None, lam=0.3, k=8,
                  knn_temperature=2.0, memory_lambda=0.4, lambda_mode=mode.split("+")[0],
                  lambda_by_distance=by_distance or None)
@@ -115,14 +135,15 @@ PATHS = {"generate": path_generate, "batch": path_batch, "teacher_forced": path_
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
-@pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive+distance"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", list(PATHS))
-def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, mem_dir, path, mode, memory):
+def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, confident, mem_dir, path, mode, memory):
     if path == "logits_processor" and memory:
         pytest.skip("transformers' generate takes the datastore only")
-    knn = _knn(lm, datastore, mem_dir, mode, memory, tabled)
-    if mode.endswith("+distance"):
-        assert "lambda_by_distance" in knn.retrieval().settings()
+    knn = _knn(lm, datastore, mem_dir, mode, memory, {"adaptive+distance": tabled, "adaptive+confidence": confident})
+    if "+" in mode:
+        table = knn.retrieval().settings()["lambda_by_distance"]
+        assert ("confidence_edges" in table) == mode.endswith("+confidence")
     prompt = lm.encode(TEXT[:40])
     ids, got = PATHS[path](knn, lm, prompt)
     start = len(ids) - len(got)
@@ -133,16 +154,17 @@ def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, mem_dir, path
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
-@pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive+distance"])
-def test_evaluate_gives_scores_perplexity(lm, datastore, tabled, mem_dir, corpus, tmp_path, mode, memory):
+@pytest.mark.parametrize("mode", MODES)
+def test_evaluate_gives_scores_perplexity(lm, datastore, tabled, confident, mem_dir, corpus, tmp_path, mode, memory):
     """`evaluate` of a text read in one window: the perplexity of KNNLM.score's log-probs."""
     text = TEXT[:300]
     f = tmp_path / "t.txt"
     f.write_text(text)
-    knn = _knn(lm, datastore, mem_dir, mode, memory, tabled)
+    tables = {"adaptive+distance": tabled, "adaptive+confidence": confident}
+    knn = _knn(lm, datastore, mem_dir, mode, memory, tables)
     ids = lm.encode(text)
-    by_distance = mode.endswith("+distance")
-    res = evaluate(lm, [f], (tabled if by_distance else datastore).path, mem_dir if memory else None, index="flat",
+    by_distance = "+" in mode
+    res = evaluate(lm, [f], (tables[mode] if by_distance else datastore).path, mem_dir if memory else None, index="flat",
                    k=8, lam=0.3, temperature=2.0, lambda_mode=mode.split("+")[0], memory_lambda=0.4,
                    lambda_by_distance=by_distance or None, window=len(ids), stride=len(ids),
                    batch_tokens=len(ids), progress=False)

@@ -101,7 +101,9 @@ def cmd_eval(args) -> None:
         lam = (f"lambda={res['lambda']} adaptive (ended at {res['lambda_adapted']:.3g})"
                if res["lambda_mode"] == "adaptive" else f"lambda={res['lambda']}")
         if "lambda_by_distance" in res:
-            lam += f" by nearest distance ({len(res['lambda_by_distance']['lambdas'])} buckets)"
+            t = res["lambda_by_distance"]
+            lam += (f" by nearest distance and LM confidence ({len(t['lambdas'])} x {len(t['lambdas'][0])} buckets)"
+                    if "confidence_edges" in t else f" by nearest distance ({len(t['lambdas'])} buckets)")
         rows.append(("settings", f"k={res['k']} {lam} T={res['temperature']} "
                                  f"({SOURCES[res['settings_source']]}) index={res['factory']} rerank={res['rerank']}"))
         if res["search_rate"] < 1 or settings["retrieval"].pointers or settings["retrieval"].adaptive:

@@ -321,13 +321,19 @@ def cached_forward(model: nn.Module, cache=None, **inputs):
     return out, (out.cache if new else out.past_key_values)
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """log p(target) from logits (N, V) and targets (N,), in float32, chunked over N."""
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048, with_max: bool = False):
+    """log p(target) from logits (N, V) and targets (N,), in float32, chunked over N; with
+    `with_max` also the log max p of each row (N,) (the LM's confidence: its most likely
+    token's log-probability)."""
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
+    top = torch.empty_like(out) if with_max else None
     for i in range(0, targets.shape[0], chunk):
         lg = logits[i : i + chunk].float()  # (n, V)
-        out[i : i + chunk] = lg.gather(1, targets[i : i + chunk, None]).squeeze(1) - torch.logsumexp(lg, dim=1)
-    return out
+        lse = torch.logsumexp(lg, dim=1)
+        out[i : i + chunk] = lg.gather(1, targets[i : i + chunk, None]).squeeze(1) - lse
+        if with_max:
+            top[i : i + chunk] = lg.max(dim=1).values - lse
+    return (out, top) if with_max else out
 
 
 def to_numpy(t: torch.Tensor, dtype=np.float32) -> np.ndarray:

@@ -57,6 +57,7 @@ class TokenScore:
     neighbors: list[Neighbor] = field(default_factory=list)
     top: dict[str, float] = field(default_factory=dict)  # the most likely tokens' log p_kNN-LM, when asked
     logprob_memory: float | None = None  # log p_mem of a memory decoder, when one is mixed in (scoring)
+    logprob_lm_max: float | None = None  # the LM's log max p at this position (its confidence; scoring)
 
 
 @dataclass
@@ -149,13 +150,15 @@ class MixState:
     def adapts(self) -> bool:
         return self.mixture.adapts
 
-    def base(self, nearest) -> np.ndarray | None:
+    def base(self, nearest, confidence=None) -> np.ndarray | None:
         """Each memory's base λ (n, J) at positions whose nearest neighbours are at `nearest`
-        (n,): the datastore's from its distance table; None without a table."""
+        (n,) and where the LM's log max p is `confidence` (n,): the datastore's from its
+        distance table; None without a table."""
         if self.table is None:
             return None
         d = np.atleast_1d(np.asarray(nearest, dtype=np.float64))
-        cols = [self.table(d)] + [np.full(len(d), lam) for lam in self.lams[1:]]
+        c = None if confidence is None else np.atleast_1d(np.asarray(confidence, dtype=np.float64))
+        cols = [self.table(d, c)] + [np.full(len(d), lam) for lam in self.lams[1:]]
         return np.stack(cols, axis=1)
 
     def mix(self, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, hit: torch.Tensor | None,
@@ -164,7 +167,7 @@ class MixState:
         outside `hit`) and p_mem's log-probs (V,); `nearest`: the nearest neighbour's distance."""
         mems = [x for x, on in zip((knn_lp, mem_lp), self.slots) if on]
         hits = [x for x, on in zip((hit, None), self.slots) if on]
-        base = None if nearest is None else self.base([nearest])
+        base = None if nearest is None else self.base([nearest], [float(lm_lp.max())])
         base = None if base is None else base[0]
         omega = self.mixture.omega([x is not None for x in mems], base)
         self.pending = (lm_lp, mems, base) if self.adapts else None
@@ -177,12 +180,13 @@ class MixState:
         self.pending = None
 
     def read(self, lm_logprobs: np.ndarray, knn_logprobs: np.ndarray | None, mem_logprobs: np.ndarray | None,
-             nearest: np.ndarray | None = None):
+             nearest: np.ndarray | None = None, confidence: np.ndarray | None = None):
         """A text's targets (n,) each: their flat weights (n, J), taken in as evidence;
-        nearest (n,): each position's nearest neighbour's distance (NaN: none)."""
+        nearest (n,): each position's nearest neighbour's distance (NaN: none); confidence
+        (n,): the LM's log max p at each position."""
         cols = [x for x, on in zip((knn_logprobs, mem_logprobs), self.slots) if on]
         mems = np.stack(cols, axis=1) if cols else np.zeros((len(lm_logprobs), 0))
-        base = None if nearest is None else self.base(nearest)
+        base = None if nearest is None else self.base(nearest, confidence)
         return self.mixture.step(lm_logprobs, mems, base), mems
 
 
@@ -299,7 +303,8 @@ class Decoder:
               mem_logits: torch.Tensor | None) -> None:
         """Take the fed tokens ids[1:] in as the mixing's evidence (a plain search for each)."""
         targets = torch.tensor(ids[1:], device=logits.device)[:, None]  # (t-1, 1)
-        lm = torch.log_softmax(logits[:-1].float(), -1).gather(1, targets)[:, 0].cpu().numpy()  # (t-1,)
+        lm_all = torch.log_softmax(logits[:-1].float(), -1)  # (t-1, V)
+        lm = lm_all.gather(1, targets)[:, 0].cpu().numpy()  # (t-1,)
         knn = mem = nearest = None
         if self.r is not None:
             d, i = self.r.searcher.search(keys[:-1], self.r.k)  # (t-1, k)
@@ -308,7 +313,7 @@ class Decoder:
         if self.m is not None:
             mem_lp = torch.log_softmax(mem_logits[:-1].float(), -1)
             mem = mem_lp.gather(1, targets.to(mem_lp.device))[:, 0].cpu().numpy()
-        self.mixing.read(lm, knn, mem, nearest)
+        self.mixing.read(lm, knn, mem, nearest, lm_all.max(-1).values.cpu().numpy())
 
     def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor | None]:

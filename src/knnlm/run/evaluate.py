@@ -59,6 +59,7 @@ class Scores:
     searched: np.ndarray | None = None  # (n,) bool: positions that searched (all of them without pointers/adaptive)
     memory: np.ndarray | None = None  # (n,) log p_mem(target) of a memory decoder
     nearest: np.ndarray | None = None  # (n,) the nearest neighbour's squared distance (NaN: not searched)
+    lm_max: np.ndarray | None = None  # (n,) the LM's log max p at each position (its confidence)
     seconds: dict = field(default_factory=dict)
 
 
@@ -110,6 +111,7 @@ def score_plan(
     n = plan.count
     targets = plan.targets().astype(np.int64)
     lm_lp = np.empty(n, dtype=np.float32)
+    lm_max = np.empty(n, dtype=np.float32)
     knn_lp = np.empty(n, dtype=np.float64) if searcher else None
     nearest = np.full(n, np.nan) if searcher else None
     if searcher is not None and k > searcher.ds.count:
@@ -145,7 +147,8 @@ def score_plan(
         if use_cache:
             h = [keys[CACHE_KEY_POINT][row, c0:c1] for row, c0, c1, _ in windows]
             ckeys[sel] = torch.cat(h).float().cpu().numpy()  # (m, d)
-        lm_lp[sel] = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device)).cpu().numpy()
+        lp, top = target_logprobs(torch.cat(rows), torch.from_numpy(targets[sel]).to(logits.device), with_max=True)
+        lm_lp[sel], lm_max[sel] = lp.cpu().numpy(), top.cpu().numpy()
         t1 = time.perf_counter()
         t_lm += t1 - t0
         if replay:
@@ -191,7 +194,7 @@ def score_plan(
     elif searcher is not None:
         searched = np.ones(n, dtype=bool)
     out = Scores(plan, targets, lm_lp, knn_lp, seconds={"lm": t_lm, "knn": t_search, "memory": t_mem},
-                 searched=searched, memory=mem_lp, nearest=nearest)
+                 searched=searched, memory=mem_lp, nearest=nearest, lm_max=lm_max)
     if keep_neighbors and searcher is not None:
         out.dists, out.ids = dists, ids
         out.vals = searcher.ds.vals[np.maximum(ids, 0)]
@@ -297,7 +300,8 @@ def evaluate(
     def mixed(*memories) -> tuple[np.ndarray, np.ndarray]:  # the LM and memories through the one mixer
         base = None  # each position's base λ: the datastore's from its distance table, the others' own
         if table is not None:
-            base = np.stack([table(s.nearest)] + [np.full(len(s.lm), w.lam) for _, w in memories[1:]], axis=1)
+            base = np.stack([table(s.nearest, s.lm_max)] + [np.full(len(s.lm), w.lam) for _, w in memories[1:]],
+                            axis=1)
         lp, _, lams = mix_text(s.lm, np.stack([m for m, _ in memories], axis=1), [w for _, w in memories], base)
         return lp, lams
 

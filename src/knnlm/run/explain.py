@@ -75,9 +75,10 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
 
 def knn_mixture(scores: Scores, lam: float, adapt: bool = False, by_distance=None) -> tuple[np.ndarray, np.ndarray]:
     """The kNN-LM's log p(target) (n,) and the datastore's weight at each position (n,), as
-    `evaluate` mixes them (knnlm.core.mix; a `by_distance` table reads the nearest distances)."""
+    `evaluate` mixes them (knnlm.core.mix; a `by_distance` table reads the nearest distances,
+    and the LM's confidence when it was tuned with it)."""
     nearest = scores.nearest if scores.nearest is not None else (None if scores.dists is None else scores.dists[:, 0])
-    base = None if by_distance is None or nearest is None else by_distance(nearest)[:, None]
+    base = None if by_distance is None or nearest is None else by_distance(nearest, scores.lm_max)[:, None]
     mix, omega, _ = mix_text(scores.lm, scores.knn[:, None], [Weight(lam, adapt)], base)
     return mix, omega[:, 0]
 

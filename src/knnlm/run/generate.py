@@ -352,7 +352,8 @@ class KNNLM:
             mem_all = torch.log_softmax(mem_logits[0, :-1].float(), -1)  # (T-1, V_mem)
             mem_lp = mem_all.gather(1, targets[:, None].to(mem_all.device))[:, 0].cpu().numpy().astype(np.float64)
         mixing = MixState(r, m)  # the one mixer, as generation uses it: λ read from the tokens so far
-        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp, None if dists is None else dists[:, 0])  # (T-1, J) each
+        lm_max = lm_all.max(-1).values.cpu().numpy()  # (T-1,) the LM's confidence at each position
+        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp, None if dists is None else dists[:, 0], lm_max)  # (T-1, J)
         mix = mix_targets(lm_lp, mems, omega)
         tops = (self._top_rows(lm_all, r, dists, nids, omega, top_logprobs, mem_all)
                 if top_logprobs else [{} for _ in mix])
@@ -365,7 +366,8 @@ class KNNLM:
                 top[text_i] = float(mix[i])  # the token's own value, exactly (a greedy token is the top one)
             tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
                                      None if knn_lp is None or not found else float(knn_lp[i]), nb, top,
-                                     logprob_memory=None if mem_lp is None else float(mem_lp[i])))
+                                     logprob_memory=None if mem_lp is None else float(mem_lp[i]),
+                                     logprob_lm_max=float(lm_max[i])))
         nxt = None
         if following:
             d, n = after if after is not None else (None, None)

@@ -19,14 +19,15 @@ import numpy as np
 DOCUMENTS = 100  # documents in the summary (as /v1/score)
 
 
-def knn_rows(search: tuple | None, n: int) -> list[dict | None]:
+def knn_rows(search: tuple | None, n: int, confidence=None) -> list[dict | None]:
     """Every token's k neighbours as searched (nearest first), from (distances (n, k),
     hits (n, k) bool, counts (n, k) or None) or None (no datastore: n Nones): per token
     {"distances": [...], "hits": [indices of the neighbours whose value is the token],
     "counts": [...] (a pruned datastore's merged entries only)}, or None where no search ran
     (adaptive retrieval).  A distance is written as the shortest decimal that reads back as
     its float32 (null for an empty slot): half the characters of a float64's, and
-    Math.fround (or np.float32) of it is the distance the search returned, exactly."""
+    Math.fround (or np.float32) of it is the distance the search returned, exactly.
+    `confidence` (n,): the LM's log max p at each position, as "lm_max" (a λ table may read it)."""
     if search is None:
         return [None] * n
     dists, hits, counts = search
@@ -42,6 +43,8 @@ def knn_rows(search: tuple | None, n: int) -> list[dict | None]:
                "hits": np.flatnonzero(hits[i]).tolist()}
         if counts is not None:
             row["counts"] = np.asarray(counts[i]).tolist()
+        if confidence is not None and confidence[i] is not None:
+            row["lm_max"] = float(np.float32(confidence[i]))
         out.append(row)
     return out
 
@@ -61,7 +64,7 @@ def page_score(lm, ds, scores, resolved, neighbors: int = 8, context: int = 24, 
     plan, targets = scores.plan, scores.targets
     mix, _ = knn_mixture(scores, resolved.lam, resolved.adapt, resolved.by_distance)  # as eval mixes (core.mix)
     hits = (scores.vals == targets[:, None]) & (scores.ids >= 0)
-    knn = knn_rows((scores.dists, hits, ds.counts_of(scores.ids)), len(targets))
+    knn = knn_rows((scores.dists, hits, ds.counts_of(scores.ids)), len(targets), scores.lm_max)
     starts = set(int(x) for x in plan.docs[1:, 2])
     shown = scores.ids[:, :neighbors]
     entries = np.unique(shown[shown >= 0])

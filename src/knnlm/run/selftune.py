@@ -5,8 +5,9 @@ read by the LM as if they were new text, each position retrieves its neighbours 
 own document left out (`Searcher.search(..., exclude=)`: the same document within 8192
 tokens, i.e. a whole article, or a neighbourhood in a long .txt stream), so the sweep sees
 what unseen text of the same kind sees.  λ, T and k are swept from that one retrieval
-(`knnlm.run.tune.sweep`), then λ per bucket of the nearest neighbour's distance at the best
-k and T (knnlm.core.neighbor), and recorded in meta.json; commands default to them.
+(`knnlm.run.tune.sweep`), then λ per bucket of the nearest neighbour's distance and, where
+that helps on held-out pieces, of the LM's confidence (its log max p) at the best k and T
+(knnlm.core.neighbor), and recorded in meta.json; commands default to them.
 The continuous cache's λ is swept on the same positions on top of that kNN-LM (each piece
 is its own document, its cache its own earlier positions) and recorded as `cache_lambda`
 (0 when the cache does not help there); `--cache-lambda auto` uses it (core.settings.cache_weight).
@@ -23,7 +24,7 @@ from knnlm.core.batching import Plan, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
 from knnlm.core.mix import best_lambda, mix_targets
-from knnlm.core.neighbor import DistanceLambda, fit
+from knnlm.core.neighbor import DistanceLambda, fit_checked
 from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
 from knnlm.core.settings import CACHE_LAMBDAS
 from knnlm.run.evaluate import score_plan
@@ -81,7 +82,7 @@ def cache_lambda(scores, best: dict, table: DistanceLambda | None) -> dict:
     (λ by distance when there is a table) on the tuning positions: {"cache_lambda", ...}."""
     k, t = best["k"], best["temperature"]
     knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)
-    base = (mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0])[:, None]) if table is not None
+    base = (mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0], scores.lm_max)[:, None]) if table is not None
             else interpolate(scores.lm, knn, best["lambda"]))
     res = best_lambda(base, scores.cache, CACHE_LAMBDAS)
     c = CacheSettings()
@@ -89,16 +90,19 @@ def cache_lambda(scores, best: dict, table: DistanceLambda | None) -> dict:
             "ppl_knnlm_cache": res["best"]["ppl"]}
 
 
-def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | None]:
-    """λ per bucket of the nearest neighbour's distance (knnlm.core.neighbor), fitted on the
-    same leave-own-document-out positions at the best k and T, and its perplexity there;
-    (None, None) when there are too few positions for more than one bucket."""
+def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | None, dict]:
+    """λ per bucket of the nearest neighbour's distance and, where that helps held out, of the
+    LM's log max p (knnlm.core.neighbor.fit_checked), fitted on the same leave-own-document-out
+    positions at the best k and T; its perplexity there and the held-out check; (None, None,
+    {}) when there are too few positions for more than one bucket."""
     k, t = best["k"], best["temperature"]
     knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)  # as `sweep` scores
-    table = fit(scores.lm, knn, scores.dists[:, 0], fallback=best["lambda"])
+    piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(scores.lm)), "right") - 1  # (n,) each one's piece
+    table, check = fit_checked(scores.lm, knn, scores.dists[:, 0], best["lambda"], scores.lm_max, piece)
     if len(table.lams) < 2:
-        return None, None
-    return table, perplexity(mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0])[:, None]))
+        return None, None, {}
+    return table, perplexity(mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0], scores.lm_max)[:, None])), \
+        check
 
 
 def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAMPLE_TOKENS, k: int = 1024,
@@ -117,7 +121,7 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
                         cache=CacheSettings(), progress=progress)
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
-    table, by_distance = distance_table(scores, best)
+    table, by_distance, check = distance_table(scores, best)
     settings = {
         "k": int(best["k"]), "lambda": float(best["lambda"]), "temperature": float(best["temperature"]),
         "how": "leave-own-document-out on the datastore's corpus",
@@ -127,6 +131,8 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
     }
     if table is not None:
         settings.update(lambda_by_distance=table.as_dict(), ppl_knnlm_by_distance=by_distance)
+        if check:
+            settings["lambda_table_heldout_ppl"] = check
     settings.update(cache_lambda(scores, best, table))
     LOG.info("tuned on %d positions of %s: k=%d lambda=%.2f T=%g (ppl %.3f -> %.3f)", plan.count, ds.path,
              settings["k"], settings["lambda"], settings["temperature"], res["ppl_lm"], best["ppl"])

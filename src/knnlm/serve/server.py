@@ -470,7 +470,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
         s, documents = await first_item(await submit(scored))
         tokens = [token_json(t, req.return_neighbors > 0) for t in s.tokens]
         if req.return_knn:
-            for t, row in zip(tokens, knn_rows(s.search, len(tokens))):
+            for t, row in zip(tokens, knn_rows(s.search, len(tokens), [x.logprob_lm_max for x in s.tokens])):
                 t["knn"] = row
         return {"object": "score", "model": name, **s.settings, "ppl": num(s.ppl), "ppl_lm": num(s.ppl_lm),
                 "tokens": tokens,

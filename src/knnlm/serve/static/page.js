@@ -43,14 +43,20 @@
   }
   // λ_t per position: fixed, or adapting from lam0 as the text is read (knnlm.core.mix); with
   // a λ-by-distance table (knnlm.core.neighbor) each position's base λ is read from its
-  // nearest neighbour's distance, the adaptive candidates being {0, base, hi(base)} there
+  // nearest neighbour's distance (and, when the table was tuned with it, the LM's log max p
+  // there), the adaptive candidates being {0, base, hi(base)} there
   const hiOf = (b) => Math.min(2 * b, (1 + b) / 2);
   function baseLambda(table, knn) {
     if (!knn || knn.distances[0] === null) return 0;
     const d = Math.fround(knn.distances[0]);
     let b = 0;
     while (b < table.edges.length && table.edges[b] <= d) b++;
-    return table.lambdas[b];
+    const conf = table.confidence_edges;
+    if (!conf) return table.lambdas[b];
+    const c = Math.fround(knn.lm_max ?? 0);
+    let j = 0;
+    while (j < conf.length && conf[j] <= c) j++;
+    return table.lambdas[b][j];
   }
   function lambdas(ll, lk, lam0, mode, table, knns) {
     const n = ll.length, out = new Float64Array(n), base = new Float64Array(n);

@@ -55,13 +55,14 @@ def set_results(path: Path) -> None:
 
 
 def phase_targets(a) -> None:
-    from knnlm.memory.targets import Targets, build_targets
+    from knnlm import RetrievalSettings
+    from knnlm.memory.targets import Targets, TargetSettings, build_targets
 
     out = a.cache / f"targets-k{a.k}-T{a.temperature:g}"
     t0 = time.perf_counter()
     if not (out / "meta.json").exists():
-        build_targets(a.datastore, out, k=a.k, temperature=a.temperature, keep=a.keep, exclude=a.exclude,
-                      index=a.index, chunk=a.chunk, limit=a.limit)
+        build_targets(a.datastore, out, TargetSettings(a.keep, a.exclude, chunk=a.chunk),
+                      retrieval=RetrievalSettings(k=a.k, temperature=a.temperature, index=a.index), limit=a.limit)
     t = Targets(out)
     save("targets", {"path": str(out), "seconds": t.meta["seconds"], "wall_seconds": round(time.perf_counter() - t0, 1),
                      "count": t.count, "k": a.k, "temperature": a.temperature, "keep": a.keep, "exclude": a.exclude,

@@ -64,12 +64,14 @@ def heldout_documents(a) -> list[int]:
 
 
 def phase_targets(a) -> None:
-    from knnlm.memory.targets import Targets, build_targets
+    from knnlm import RetrievalSettings
+    from knnlm.memory.targets import Targets, TargetSettings, build_targets
 
     out = targets_dir(a)
     if not (out / "meta.json").exists():
-        build_targets(a.datastore, out, k=a.k, temperature=a.temperature, keep=64, exclude="document",
-                      progress=False, exclude_documents=heldout_documents(a) if a.clean else None)
+        held = heldout_documents(a) if a.clean else ()
+        build_targets(a.datastore, out, TargetSettings(keep=64, exclude="document", exclude_documents=held),
+                      retrieval=RetrievalSettings(k=a.k, temperature=a.temperature), progress=False)
     t = Targets(out)
     save(f"es-targets-T{a.temperature:g}{'-clean' if a.clean else ''}", {"clean": a.clean,"count": t.count, "k": a.k, "temperature": a.temperature, "keep": 64,
                                             "exclude": "document", "seconds": t.meta["seconds"],

@@ -12,6 +12,7 @@ from test_bad_input import fails, model_args, snapshot, succeeds
 from test_memory_cli import TRAIN
 from tiny import TEXT
 
+from knnlm import RetrievalSettings
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.edit import compact, remove_documents
 from knnlm.core.index import build_index
@@ -43,7 +44,7 @@ def edited(made, tmp_path):
 
 
 def test_indexes_settings_targets_and_decoders_record_the_version(made, edited):
-    from knnlm.memory.targets import build_targets
+    from knnlm.memory.targets import TargetSettings, build_targets
 
     assert json.loads((made["targets"] / "meta.json").read_text())["datastore_version"] == 0
     assert json.loads((made["mem"] / "memory.json").read_text())["datastore_version"] == 0
@@ -53,20 +54,22 @@ def test_indexes_settings_targets_and_decoders_record_the_version(made, edited):
     assert Datastore(edited).settings["datastore_version"] == 1
     build_index(Datastore(edited), "Flat", name="again", progress=False)
     assert json.loads((edited / "indexes" / "again" / "index.json").read_text())["datastore_version"] == 1
-    t = build_targets(edited, edited.parent / "t", k=8, keep=8, index="flat", progress=False)
+    t = build_targets(edited, edited.parent / "t", TargetSettings(keep=8), retrieval=RetrievalSettings(k=8, index="flat"),
+                      progress=False)
     meta = json.loads((t / "meta.json").read_text())
     assert meta["datastore_version"] == 1 and meta["datastore_removed"] == [3]
 
 
 def test_targets_from_before_a_removal_are_refused(made, edited, capsys, llama_dir, tmp_path):
-    from knnlm.memory.targets import Targets, build_targets
+    from knnlm.memory.targets import Targets, TargetSettings, build_targets
 
     before = snapshot(tmp_path)
     err = fails(capsys, ["memory", "train", edited, "--targets", made["targets"], "-o", tmp_path / "mem",
                          "--layers", "1", *TRAIN, *model_args(llama_dir)])
     assert "before 1 of its documents were removed" in err and "compute the targets again" in err
     assert snapshot(tmp_path) == before
-    Targets(build_targets(edited, tmp_path / "t", k=8, keep=8, progress=False)).check_for(Datastore(edited))
+    t = build_targets(edited, tmp_path / "t", TargetSettings(keep=8), retrieval=RetrievalSettings(k=8), progress=False)
+    Targets(t).check_for(Datastore(edited))
 
 
 def test_a_decoder_trained_on_removed_documents_says_so_in_one_line(made, edited, caplog):

@@ -1,9 +1,14 @@
 import numpy as np
+import pytest
 
 from knnlm.core.batching import plan_files
 from knnlm.core.index import Searcher
+from knnlm.core.settings import Resolved
+from knnlm.errors import KnnlmError
 from knnlm.run.evaluate import score_plan
-from knnlm.run.explain import explain, neighbor_weights, render
+from knnlm.run.explain import ExplainSettings, explain, neighbor_weights, render
+
+HALF = Resolved(4, 0.5, 1.0, "explicit")  # λ = 0.5 fixed, T = 1
 
 
 def test_neighbor_weights_golden():
@@ -15,7 +20,7 @@ def test_neighbor_weights_golden():
 def test_explain_shows_biggest_gains_with_their_memories(lm, datastore, corpus):
     plan = plan_files(lm, [corpus], 32, 16, 128)
     s = score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True, progress=False)
-    items = explain(lm, datastore, s, lam=0.5, temperature=1.0, top=3, neighbors=2, min_context=4)
+    items = explain(lm, datastore, s, HALF, ExplainSettings(top=3, neighbors=2, min_context=4))
     assert len(items) == 3
     gains = [np.log(it["p_knnlm"]) - np.log(it["p_lm"]) for it in items]
     assert gains == sorted(gains, reverse=True)
@@ -39,10 +44,33 @@ def test_explain_shows_biggest_gains_with_their_memories(lm, datastore, corpus):
 def test_explain_by_probability_ranks_the_probability_added(lm, datastore, corpus):
     plan = plan_files(lm, [corpus], 32, 16, 128)
     s = score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True, progress=False)
-    items = explain(lm, datastore, s, lam=0.5, temperature=1.0, top=5, neighbors=1, by="prob")
+    items = explain(lm, datastore, s, HALF, ExplainSettings(top=5, neighbors=1, by="prob"))
     added = [it["p_knnlm"] - it["p_lm"] for it in items]
     assert added == sorted(added, reverse=True)
     mix = np.logaddexp(np.log(0.5) + s.knn, np.log(0.5) + s.lm)
     doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(mix)), side="right") - 1
     eligible = np.arange(len(mix)) - plan.docs[doc_of, 2] + 1 > 4
     assert np.isclose(added[0], (np.exp(mix) - np.exp(s.lm))[eligible].max())
+
+
+def test_explain_takes_its_flat_keywords_too(lm, datastore, corpus):
+    """The settings groups and the flat keywords they replaced give the same items; a
+    misspelt keyword, a bad setting or no λ at all is refused."""
+    plan = plan_files(lm, [corpus], 32, 16, 128)
+    s = score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True, progress=False)
+    adaptive = Resolved(4, 0.3, 2.0, "explicit", adapt=True)
+    grouped = explain(lm, datastore, s, adaptive, ExplainSettings(top=4, neighbors=2, context=8, by="prob"))
+    flat = explain(lm, datastore, s, lam=0.3, temperature=2.0, adapt=True, top=4, neighbors=2, context=8, by="prob")
+    assert grouped == flat and len(grouped) == 4
+    assert grouped != explain(lm, datastore, s, adaptive, ExplainSettings(top=4, neighbors=2, context=8))
+    assert explain(lm, datastore, s, adaptive, top=4, neighbors=2, context=8, by="prob") == grouped
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lamda'"):
+        explain(lm, datastore, s, lamda=0.3, temperature=1.0)
+    with pytest.raises(TypeError, match="needs settings"):
+        explain(lm, datastore, s, top=3)
+    with pytest.raises(KnnlmError, match="by must be 'log' or 'prob'"):
+        ExplainSettings(by="gain")
+    with pytest.raises(KnnlmError, match="need top >= 1"):
+        explain(lm, datastore, s, adaptive, top=0)
+    with pytest.raises(KnnlmError, match="lambda must be in"):
+        explain(lm, datastore, s, lam=1.5, temperature=1.0)

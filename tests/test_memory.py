@@ -9,15 +9,17 @@ import pytest
 import torch
 from tiny import TEXT
 
+from knnlm import RetrievalSettings
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.index import build_index
 from knnlm.core.model import LM
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder, init_decoder, truncated_copy
 from knnlm.memory.loss import memory_loss, sparse_knn_targets
-from knnlm.memory.targets import Targets, build_targets
+from knnlm.memory.targets import Targets, TargetSettings, build_targets
 from knnlm.memory.train import TrainConfig, _Data, heldout_loss, pieces, train_decoder
 
+K8 = RetrievalSettings(k=8, temperature=4.0)
 SMALL = dict(batch_size=4, seq_len=16, heldout=0.2, lr=3e-3, save_every=2)
 
 
@@ -74,8 +76,8 @@ def docs_ds(lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def docs_targets(docs_ds, tmp_path_factory):
-    return Targets(build_targets(docs_ds.path, tmp_path_factory.mktemp("mem") / "t", k=8, temperature=4.0,
-                                 keep=8, chunk=16, progress=False))
+    return Targets(build_targets(docs_ds.path, tmp_path_factory.mktemp("mem") / "t", TargetSettings(keep=8, chunk=16),
+                                 retrieval=K8, progress=False))
 
 
 def brute_force_pknn(ds, row: int, allowed: np.ndarray, k: int, temperature: float) -> dict[int, float]:
@@ -105,8 +107,8 @@ def test_targets_round_trip_against_brute_force(docs_ds, docs_targets):
 def test_held_out_documents_never_reach_the_targets(docs_ds, tmp_path):
     """exclude_documents: p_kNN over the entries of neither the position's own document nor
     the left-out ones (brute force), recorded in meta.json; a bad document number is refused."""
-    t = Targets(build_targets(docs_ds.path, tmp_path / "t", k=8, temperature=4.0, keep=8, chunk=16,
-                              exclude_documents=[5, 2], progress=False))
+    t = Targets(build_targets(docs_ds.path, tmp_path / "t", TargetSettings(8, exclude_documents=[5, 2], chunk=16),
+                              retrieval=K8, progress=False))
     assert t.meta["exclude_documents"] == [2, 5]
     own = docs_ds.document_of(np.arange(docs_ds.count))
     for row in range(docs_ds.count):
@@ -115,7 +117,8 @@ def test_held_out_documents_never_reach_the_targets(docs_ds, tmp_path):
         got = {int(i): float(p) for i, p in zip(t.ids[row], t.probs[row]) if i >= 0}
         assert got.keys() == ref.keys() and all(abs(got[x] - ref[x]) < 1e-5 for x in ref), row
     with pytest.raises(KnnlmError, match="exclude_documents"):
-        build_targets(docs_ds.path, tmp_path / "bad", k=8, exclude_documents=[99], progress=False)
+        build_targets(docs_ds.path, tmp_path / "bad", TargetSettings(exclude_documents=[99]),
+                      retrieval=RetrievalSettings(k=8), progress=False)
 
 
 def test_no_position_sees_its_own_memories(docs_ds, docs_targets, tmp_path):
@@ -128,7 +131,7 @@ def test_no_position_sees_its_own_memories(docs_ds, docs_targets, tmp_path):
     for row in range(docs_ds.count):
         allowed = set(vals[own != own[row]].tolist())
         assert set(docs_targets.ids[row][docs_targets.ids[row] >= 0].tolist()) <= allowed
-    t = Targets(build_targets(docs_ds.path, tmp_path / "self", k=8, temperature=4.0, keep=8, exclude="self",
+    t = Targets(build_targets(docs_ds.path, tmp_path / "self", TargetSettings(keep=8, exclude="self"), retrieval=K8,
                               progress=False))
     differs = 0
     everyone = np.arange(docs_ds.count)
@@ -148,14 +151,35 @@ def test_targets_resume_after_an_interruption(docs_ds, docs_targets, tmp_path):
 
     out = tmp_path / "t"
     with pytest.raises(KnnlmError, match="interrupted"):
-        build_targets(docs_ds.path, out, k=8, temperature=4.0, keep=8, chunk=16, progress=False, on_chunk=stop)
+        build_targets(docs_ds.path, out, TargetSettings(keep=8, chunk=16), retrieval=K8, progress=False, on_chunk=stop)
     assert not out.exists() and (tmp_path / "t.partial" / "progress.json").exists()
     seen = []
-    build_targets(docs_ds.path, out, k=8, temperature=4.0, keep=8, chunk=16, progress=False, on_chunk=seen.append)
+    build_targets(docs_ds.path, out, TargetSettings(keep=8, chunk=16), retrieval=K8, progress=False,
+                  on_chunk=seen.append)
     assert seen[0] == 2  # chunks 0 and 1 were not searched again
     for name in ("ids.npy", "probs.npy", "mass.npy"):
         assert (out / name).read_bytes() == (docs_targets.path / name).read_bytes()
     assert not (tmp_path / "t.partial").exists()
+
+
+def test_targets_take_their_flat_keywords_too(docs_ds, docs_targets, tmp_path):
+    """The settings groups and the flat keywords they replaced write the same targets; a
+    misspelt keyword or a retrieval setting that does not apply is refused before any work."""
+    flat = Targets(build_targets(docs_ds.path, tmp_path / "t", k=8, temperature=4.0, keep=8, chunk=16, progress=False))
+    for name in ("ids.npy", "probs.npy", "mass.npy"):
+        assert (flat.path / name).read_bytes() == (docs_targets.path / name).read_bytes()
+    assert {f: flat.meta[f] for f in ("k", "temperature", "keep", "exclude")} == {
+        f: docs_targets.meta[f] for f in ("k", "temperature", "keep", "exclude")}
+    assert Targets(build_targets(docs_ds.path, tmp_path / "t4", retrieval=K8, keep=4, progress=False)).keep == 4
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kep'"):
+        build_targets(docs_ds.path, tmp_path / "bad", kep=8)
+    with pytest.raises(KnnlmError, match="RetrievalSettings.actors does not apply to memory targets"):
+        build_targets(docs_ds.path, tmp_path / "bad", retrieval=RetrievalSettings(k=8, actors=2))
+    with pytest.raises(TypeError, match="retrieval must be a RetrievalSettings"):
+        build_targets(docs_ds.path, tmp_path / "bad", retrieval={"k": 8})
+    with pytest.raises(KnnlmError, match="exclude must be 'document'"):
+        build_targets(docs_ds.path, tmp_path / "bad", exclude="near")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
 def test_inside_one_long_document_the_radius_is_left_out(datastore, tmp_path):
@@ -163,8 +187,9 @@ def test_inside_one_long_document_the_radius_is_left_out(datastore, tmp_path):
     searcher's radius (2048 > its size); radius:16 leaves out the 31 entries around each
     position, and no token only they hold appears in its targets."""
     with pytest.raises(KnnlmError, match="k=4 is more than the 0 entries"):
-        build_targets(datastore.path, tmp_path / "t", k=4, progress=False)
-    t = Targets(build_targets(datastore.path, tmp_path / "t", k=4, keep=4, exclude="radius:16", progress=False))
+        build_targets(datastore.path, tmp_path / "t", retrieval=RetrievalSettings(k=4), progress=False)
+    t = Targets(build_targets(datastore.path, tmp_path / "t", TargetSettings(keep=4, exclude="radius:16"),
+                              retrieval=RetrievalSettings(k=4), progress=False))
     vals = np.asarray(datastore.vals)
     pos = np.arange(datastore.count)
     for row in range(datastore.count):

@@ -12,6 +12,7 @@ import torch
 from test_bad_input import WINDOWS, fails, model_args, snapshot, succeeds
 from tiny import TEXT
 
+from knnlm import RetrievalSettings
 from knnlm.core.batching import plan_files
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.index import build_index
@@ -19,7 +20,7 @@ from knnlm.core.model import LM
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryDecoder
 from knnlm.memory.mix import mix_memory
-from knnlm.memory.targets import build_targets
+from knnlm.memory.targets import TargetSettings, build_targets
 from knnlm.memory.train import TrainConfig, train_decoder
 from knnlm.run.batch import BatchGenerator
 from knnlm.run.evaluate import evaluate, score_plan
@@ -35,7 +36,8 @@ def mem_dir(lm, tmp_path_factory) -> Path:
     p.write_text("".join(json.dumps({"title": f"d{i}", "text": s}) + "\n" for i, s in enumerate(sents[:8])))
     build_datastore(lm, [p], root / "ds", window=32, stride=16, batch_tokens=128, progress=False)
     build_index(Datastore(root / "ds"), "Flat", progress=False)
-    build_targets(root / "ds", root / "t", k=8, temperature=4.0, keep=8, progress=False)
+    build_targets(root / "ds", root / "t", TargetSettings(keep=8), retrieval=RetrievalSettings(k=8, temperature=4.0),
+                  progress=False)
     cfg = TrainConfig(batch_size=4, seq_len=16, heldout=0.2, lr=3e-3, epochs=3)
     return train_decoder(lm, root / "ds", root / "t", root / "mem", layers=1, config=cfg, progress=False)
 

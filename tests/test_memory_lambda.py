@@ -9,9 +9,10 @@ import shutil
 import pytest
 from tiny import TEXT
 
+from knnlm import RetrievalSettings
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.index import build_index
-from knnlm.memory.targets import build_targets
+from knnlm.memory.targets import TargetSettings, build_targets
 from knnlm.memory.train import TrainConfig, train_decoder
 from knnlm.run.evaluate import evaluate
 from knnlm.run.generate import KNNLM
@@ -27,7 +28,8 @@ def mem_dir(lm, tmp_path_factory):
     p.write_text("".join(json.dumps({"title": f"d{i}", "text": s}) + "\n" for i, s in enumerate(sents)))
     build_datastore(lm, [p], root / "ds", window=32, stride=16, batch_tokens=128, progress=False)
     build_index(Datastore(root / "ds"), "Flat", progress=False)
-    build_targets(root / "ds", root / "t", k=8, temperature=4.0, keep=8, progress=False)
+    build_targets(root / "ds", root / "t", TargetSettings(keep=8), retrieval=RetrievalSettings(k=8, temperature=4.0),
+                  progress=False)
     cfg = TrainConfig(batch_size=4, seq_len=16, heldout=0.3, heldout_unit="document", lr=3e-3, epochs=1)
     return train_decoder(lm, root / "ds", root / "t", root / "mem", layers=1, config=cfg, progress=False)
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from knnlm.core.batching import plan_files
 from knnlm.core.scoring import interpolate, perplexity
+from knnlm.core.settings import Resolved
 from knnlm.run.evaluate import Scores, open_for_model
 
 from .runner import Run, main_retrieval
@@ -28,7 +29,7 @@ def bucket_label(bucket: str) -> str:
 def compute(run: Run) -> dict:
     """Where the datastore helps: test tokens bucketed by how often the target token is a
     value in the datastore; then the tokens it helped most, with their neighbours."""
-    from knnlm.run.explain import explain, render
+    from knnlm.run.explain import ExplainSettings, explain, render
 
     tune, test, r_tune, r_test = main_retrieval(run)
     t = tuned(tune, test, r_tune, r_test)
@@ -50,7 +51,8 @@ def compute(run: Run) -> dict:
     k = t["k"]
     s = Scores(plan, test["targets"], test["lm"], t["knn_test"], dists=r_test["dists"][:, :k],
                ids=r_test["ids"][:, :k].astype(np.int64), vals=r_test["vals"][:, :k])
-    items = explain(run.lm, ds, s, lam=t["lambda"], temperature=t["T"], top=run.args.examples, neighbors=4)
+    items = explain(run.lm, ds, s, Resolved(k, t["lambda"], t["T"], "explicit"),
+                    ExplainSettings(top=run.args.examples, neighbors=4))
     return {"rows": rows, "examples_md": render(items), "settings": {"k": k, "T": t["T"], "lambda": t["lambda"]},
             "rare_gain_larger": bool(held[0]["mean_gain_nats"] > held[-1]["mean_gain_nats"]),
             "rare_bucket": held[0]["bucket"], "frequent_bucket": held[-1]["bucket"],

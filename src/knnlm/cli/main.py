@@ -180,7 +180,7 @@ def cmd_explain(args) -> None:
     from knnlm.core.settings import resolve
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.options import RetrievalSettings
-    from knnlm.run.explain import explain, render
+    from knnlm.run.explain import ExplainSettings, explain, render
 
     if args.memory and args.html:
         raise KnnlmError("--html shows a datastore's memories: it does not take --memory")
@@ -204,8 +204,7 @@ def cmd_explain(args) -> None:
         write_page(args.html, lm, ds, s, r, args.neighbors, ", ".join(str(t) for t in args.text))
         if not args.output:
             return
-    items = explain(lm, ds, s, lam=r.lam, temperature=r.temperature, top=args.top, neighbors=args.neighbors,
-                    adapt=r.adapt, by_distance=r.by_distance)
+    items = explain(lm, ds, s, r, ExplainSettings(top=args.top, neighbors=args.neighbors))
     text = render(items)
     print(text)
     if args.output:

@@ -13,12 +13,13 @@ LOG = logging.getLogger("knnlm")
 
 
 def cmd_targets(args) -> None:
-    from knnlm.memory.targets import Targets, build_targets
+    from knnlm.memory.targets import Targets, TargetSettings, build_targets
+    from knnlm.run.options import RetrievalSettings
 
-    out = build_targets(args.datastore, args.output, k=args.k, temperature=args.temperature, keep=args.keep,
-                        exclude=args.exclude, index=args.index, nprobe=args.nprobe,
-                        rerank=False if args.no_rerank else None, chunk=args.chunk, limit=args.limit,
-                        overwrite=args.overwrite, progress=not args.quiet)
+    retrieval = RetrievalSettings(k=args.k, temperature=args.temperature, index=args.index, nprobe=args.nprobe,
+                                  rerank=False if args.no_rerank else None)
+    out = build_targets(args.datastore, args.output, TargetSettings(args.keep, args.exclude, chunk=args.chunk),
+                        retrieval=retrieval, limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
     t = Targets(out)
     m = t.meta
     print(table([("targets", str(out)), ("positions", str(t.count)),

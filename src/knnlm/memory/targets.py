@@ -25,13 +25,16 @@ an interrupted run resumes from its last finished chunk):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import operator
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -127,37 +130,93 @@ class Targets:
                              " their entries may be among the targets' neighbours; compute the targets again")
 
 
+@dataclass(frozen=True)
+class TargetSettings:
+    """What each position's target keeps: the `keep` likeliest tokens of p_kNN, after
+    leaving out the position's own memories (`exclude`: 'document', 'self' or 'radius:N',
+    see `exclusion_radius`) and the datastore documents `exclude_documents` from every
+    position's neighbours (a slice held out of a decoder's training, so that none of its
+    tokens reach the decoder through the targets); `chunk` positions are searched at a time."""
+
+    keep: int = DEFAULT_KEEP
+    exclude: str = "document"
+    exclude_documents: tuple[int, ...] = ()
+    chunk: int = 2048
+
+    def __post_init__(self):
+        if self.keep < 1:
+            raise KnnlmError(f"keep must be >= 1, got {self.keep}")
+        if self.chunk < 1:
+            raise KnnlmError(f"chunk must be >= 1, got {self.chunk}")
+        exclusion_radius(self.exclude)
+        try:
+            held = tuple(sorted({operator.index(d) for d in self.exclude_documents or ()}))
+        except TypeError:
+            raise KnnlmError(f"exclude_documents must be document numbers, got {self.exclude_documents!r}") from None
+        if held and held[0] < 0:
+            raise KnnlmError(f"exclude_documents must be document numbers (>= 0), got {held[0]}")
+        object.__setattr__(self, "exclude_documents", held)
+
+
+_SEARCH = ("k", "temperature", "index", "nprobe", "rerank")  # what the targets take of a RetrievalSettings
+_FLAT = {**{name: "retrieval" for name in _SEARCH}, **{f.name: "targets" for f in dataclasses.fields(TargetSettings)}}
+
+
+def _search_settings(retrieval, flat: dict) -> dict:
+    """k, T, index, nprobe, rerank from a knnlm.RetrievalSettings (read by name: this layer
+    does not import knnlm.run) and the flat keywords; its other fields must be left unset."""
+    out = dict.fromkeys(_SEARCH)
+    if retrieval is not None:
+        if not dataclasses.is_dataclass(retrieval) or not all(hasattr(retrieval, f) for f in _SEARCH):
+            raise TypeError(f"build_targets() retrieval must be a RetrievalSettings, got {type(retrieval).__name__}")
+        for f in dataclasses.fields(retrieval):
+            value = getattr(retrieval, f.name)
+            if f.name in _SEARCH:
+                out[f.name] = value
+            elif value != f.default:
+                raise KnnlmError(f"RetrievalSettings.{f.name} does not apply to memory targets")
+    out.update((name, flat[name]) for name in _SEARCH if name in flat)
+    out["k"] = DEFAULT_K if out["k"] is None else out["k"]
+    out["temperature"] = DEFAULT_TEMPERATURE if out["temperature"] is None else out["temperature"]
+    check_settings(temperature=out["temperature"], k=out["k"])
+    if out["nprobe"] is not None and out["nprobe"] < 1:
+        raise KnnlmError(f"nprobe must be >= 1, got {out['nprobe']}")
+    return out
+
+
 def build_targets(
     datastore: str | Path,
     out: str | Path,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    keep: int = DEFAULT_KEEP,
-    exclude: str = "document",
-    index: str | None = None,
-    nprobe: int | None = None,
-    rerank: bool | None = None,
-    chunk: int = 2048,
+    targets: TargetSettings | None = None,
+    *,
+    retrieval=None,
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
-    exclude_documents: Sequence[int] | None = None,
+    **flat,
 ) -> Path:
     """Compute the sparse p_kNN targets of every datastore entry (the first `limit` only,
-    if given) into `out`; returns its path.  Memory is bounded by `chunk` queries at a time
-    (keys read from the memmap, results written to memmaps).  `exclude_documents`: datastore
-    documents left out of every position's neighbours too (a slice held out of a decoder's
-    training, so that none of its tokens reach the decoder through the targets)."""
+    if given) into `out`; returns its path.  `targets`: what each target keeps and leaves
+    out (TargetSettings); `retrieval`: a knnlm.RetrievalSettings with the search's k
+    (default DEFAULT_K), temperature (DEFAULT_TEMPERATURE), index, nprobe and rerank.  The
+    flat keywords of those fields (k=, temperature=, keep=, exclude=, chunk=, ...) are
+    accepted too.  Memory is bounded by `chunk` queries at a time (keys read from the
+    memmap, results written to memmaps)."""
+    unknown = [name for name in flat if name not in _FLAT]
+    if unknown:
+        raise TypeError(f"build_targets() got an unexpected keyword argument {unknown[0]!r}")
+    if targets is not None and not isinstance(targets, TargetSettings):
+        raise TypeError(f"build_targets() targets must be a TargetSettings, got {type(targets).__name__}")
+    search = _search_settings(retrieval, flat)
+    targets = dataclasses.replace(targets or TargetSettings(),
+                                  **{name: v for name, v in flat.items() if _FLAT[name] == "targets"})
     from tqdm.auto import tqdm
 
-    check_settings(temperature=temperature, k=k)
-    if keep < 1:
-        raise KnnlmError(f"keep must be >= 1, got {keep}")
-    if chunk < 1:
-        raise KnnlmError(f"chunk must be >= 1, got {chunk}")
-    radius = exclusion_radius(exclude)
     out = Path(out)
+    k, temperature = search["k"], search["temperature"]
+    keep, exclude, chunk = targets.keep, targets.exclude, targets.chunk
+    radius = exclusion_radius(exclude)
     if out.exists() and not overwrite:
         raise KnnlmError(f"{out} already exists (use --overwrite to replace it)")
     ds = open_corpus_datastore(datastore)
@@ -165,9 +224,9 @@ def build_targets(
     if k > left:
         raise KnnlmError(f"k={k} is more than the {max(left, 0)} entries that leaving out each position's own "
                          f"(exclude {exclude!r}) may leave of {ds.path}")
-    searcher = Searcher(ds, index, nprobe=nprobe, rerank=rerank)
-    held = sorted({int(d) for d in exclude_documents}) if exclude_documents else []
-    if held and not 0 <= held[0] <= held[-1] < len(ds.docs):
+    searcher = Searcher(ds, search["index"], nprobe=search["nprobe"], rerank=search["rerank"])
+    held = list(targets.exclude_documents)
+    if held and not held[-1] < len(ds.docs):
         raise KnnlmError(f"exclude_documents must be document numbers of {ds.path} (0..{len(ds.docs) - 1})")
     left_out = None
     if held:

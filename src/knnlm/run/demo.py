@@ -69,10 +69,10 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
     from knnlm.core.batching import plan_files
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
-    from knnlm.core.settings import PAPER
+    from knnlm.core.settings import PAPER, Resolved
     from knnlm.run.evaluate import score_plan
     from knnlm.run.options import RetrievalSettings
-    from knnlm.run.explain import explain
+    from knnlm.run.explain import ExplainSettings, explain
 
     files = split_leads(ensure_wiki_leads(lang), work / lang / "corpus", articles, heldout)
     ds = _datastore(lm, files["datastore"], work / lang / f"datastore-{articles}", tune_tokens, progress)
@@ -91,8 +91,8 @@ def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, 
            "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(mix_text(s.lm, s.knn, own["lambda"], adapt=True)[0]),
            "ppl_knnlm_paper_defaults": paper,
            "settings": {f: own[f] for f in ("k", "lambda", "temperature", "how", "tokens")}}
-    items = explain(lm, ds, s, lam=own["lambda"], temperature=own["temperature"], top=5, neighbors=3, by="prob",
-                    adapt=True)
+    used = Resolved(k, own["lambda"], own["temperature"], "datastore", adapt=True)
+    items = explain(lm, ds, s, used, ExplainSettings(top=5, neighbors=3, by="prob"))
     return row, items, ds
 
 

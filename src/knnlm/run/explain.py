@@ -3,42 +3,74 @@ with its nearest neighbours shown in their source context (the paper's Table 6).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
 from knnlm.core.mix import Weight, mix_text
 from knnlm.core.attribution import Attribution, attribute_neighbors
 from knnlm.core.attribution import knn_weights as neighbor_weights  # noqa: F401 (softmax(-d / T) of one row)
 from knnlm.core.datastore import Datastore
+from knnlm.core.scoring import check_settings
+from knnlm.core.settings import Resolved
+from knnlm.errors import KnnlmError
 from knnlm.run.evaluate import Scores
 
 
-def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, top: int = 10,
-            neighbors: int = 5, context: int = 24, min_context: int = 4, by: str = "log",
-            adapt: bool = False, by_distance=None) -> list[dict]:
-    """The `top` targets with the largest gain log p_kNN-LM - log p_LM (`by="prob"`: the
-    largest p_kNN-LM - p_LM, the probability the datastore added), as dicts.  With `adapt`,
-    λ adapts from `lam` as the text is read (knnlm.core.adapt), as `evaluate` does; with a
-    `by_distance` table (knnlm.core.neighbor) each position's λ starts from its nearest distance.
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What `explain` shows: the `top` targets with the largest gain (`by` "log": log
+    p_kNN-LM - log p_LM; "prob": p_kNN-LM - p_LM, the probability the datastore added),
+    each with its `neighbors` heaviest neighbours and up to `context` tokens before it.
+    Targets with fewer than `min_context` tokens of their document before them are skipped:
+    a document's first words are predicted from the same empty context everywhere."""
 
-    Targets with fewer than `min_context` tokens of their document before them are
-    skipped: a document's first words are predicted from the same empty context everywhere.
-    """
+    top: int = 10
+    neighbors: int = 5
+    context: int = 24
+    min_context: int = 4
+    by: str = "log"
+
+    def __post_init__(self):
+        if self.top < 1 or self.neighbors < 0:
+            raise KnnlmError(f"need top >= 1 and neighbors >= 0, got {self.top} and {self.neighbors}")
+        if self.context < 1 or self.min_context < 0:
+            raise KnnlmError(f"need context >= 1 and min_context >= 0, got {self.context} and {self.min_context}")
+        if self.by not in ("log", "prob"):
+            raise KnnlmError(f"by must be 'log' or 'prob', got {self.by!r}")
+
+
+_MIXED = ("lam", "temperature", "adapt", "by_distance")  # flat names of the Resolved fields explain reads
+_SHOWN = tuple(f.name for f in dataclasses.fields(ExplainSettings))
+
+
+def explain(lm, ds: Datastore, scores: Scores, settings: Resolved | None = None,
+            shown: ExplainSettings | None = None, **flat) -> list[dict]:
+    """The targets of `scores` (a `score_plan(keep_neighbors=True)` pass over `ds`) where
+    the datastore helped most, as dicts, with their nearest neighbours in their source
+    context (`shown`: how many and how ranked, ExplainSettings).  `settings`: the resolved
+    settings the scores were made with (knnlm.core.settings.resolve): λ, adapting from
+    there as the text is read when `adapt` (knnlm.core.adapt), as `evaluate` does; with a
+    `by_distance` table (knnlm.core.neighbor) each position's λ starts from its nearest
+    distance; T weighs the neighbours.  The flat keywords lam=, temperature=, adapt=,
+    by_distance=, top=, neighbors=, context=, min_context=, by= are accepted too."""
+    settings, shown = _fold(scores, settings, shown, flat)
+    context, neighbors = shown.context, shown.neighbors
     plan = scores.plan
-    mix, lams = knn_mixture(scores, lam, adapt, by_distance)
-    if by not in ("log", "prob"):
-        raise ValueError(f"by must be 'log' or 'prob', got {by!r}")
-    gain = mix - scores.lm if by == "log" else np.exp(mix) - np.exp(scores.lm)
+    mix, lams = knn_mixture(scores, settings.lam, settings.adapt, settings.by_distance)
+    gain = mix - scores.lm if shown.by == "log" else np.exp(mix) - np.exp(scores.lm)
     doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(gain)), side="right") - 1
     offset = np.arange(len(gain)) - plan.docs[doc_of, 2] + 1
-    gain = np.where(offset > min_context, gain, -np.inf)
-    order = np.argsort(-gain, kind="stable")[: min(top, int(np.isfinite(gain).sum()))]
+    gain = np.where(offset > shown.min_context, gain, -np.inf)
+    order = np.argsort(-gain, kind="stable")[: min(shown.top, int(np.isfinite(gain).sum()))]
     out = []
     for i in order:
         i = int(i)
         doc, off = int(doc_of[i]), int(offset[i])  # the target is token `off` of document `doc`
         start = int(plan.docs[doc, 0])
         before = plan.tokens[start + max(1, off - context) : start + off]
-        w = neighbor_weights(scores.dists[i], temperature)
+        w = neighbor_weights(scores.dists[i], settings.temperature)
         rows = []
         for j in np.argsort(-w, kind="stable")[:neighbors]:
             entry = int(scores.ids[i, j])
@@ -71,6 +103,27 @@ def explain(lm, ds: Datastore, scores: Scores, lam: float, temperature: float, t
             "neighbors": rows,
         })
     return out
+
+
+def _fold(scores: Scores, settings: Resolved | None, shown: ExplainSettings | None,
+          flat: dict) -> tuple[Resolved, ExplainSettings]:
+    """explain's settings with its flat keywords folded in (an unknown one: TypeError, as Python gives)."""
+    unknown = [name for name in flat if name not in _MIXED + _SHOWN]
+    if unknown:
+        raise TypeError(f"explain() got an unexpected keyword argument {unknown[0]!r}")
+    if settings is not None and not isinstance(settings, Resolved):
+        raise TypeError(f"explain() settings must be a knnlm.core.settings.Resolved, got {type(settings).__name__}")
+    if shown is not None and not isinstance(shown, ExplainSettings):
+        raise TypeError(f"explain() shown must be an ExplainSettings, got {type(shown).__name__}")
+    mixed = {name: flat[name] for name in _MIXED if name in flat}
+    if settings is None:
+        if "lam" not in mixed or "temperature" not in mixed:
+            raise TypeError("explain() needs settings (the resolved λ and T) or lam= and temperature=")
+        k = 0 if scores.dists is None else int(scores.dists.shape[1])
+        settings = Resolved(k, mixed.pop("lam"), mixed.pop("temperature"), "explicit")
+    settings = dataclasses.replace(settings, **mixed)
+    check_settings(lam=settings.lam, temperature=settings.temperature)
+    return settings, dataclasses.replace(shown or ExplainSettings(), **{n: flat[n] for n in _SHOWN if n in flat})
 
 
 def knn_mixture(scores: Scores, lam: float, adapt: bool = False, by_distance=None) -> tuple[np.ndarray, np.ndarray]:

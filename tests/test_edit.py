@@ -75,6 +75,20 @@ def canonical(d, i):
     return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
+def assert_same_store(a, b, open_search, k, arrays=("keys", "vals", "tokens")):
+    """Opened datastores `a` and `b` hold the same `arrays` and document titles, and their
+    "flat" indexes (opened with `open_search(ds, "flat")`) give every key of `b` the same
+    neighbours at the same distances."""
+    for name in arrays:
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+    assert [x["title"] for x in a.doc_info] == [x["title"] for x in b.doc_info]
+    q = np.asarray(b.keys, dtype=np.float32)
+    d, i = canonical(*open_search(a, "flat").search(q, k))
+    d0, i0 = canonical(*open_search(b, "flat").search(q, k))
+    np.testing.assert_array_equal(i, i0)
+    np.testing.assert_array_equal(d, d0)
+
+
 def gone_queries(path):
     """The removed document's own keys: their nearest entries are its own."""
     return np.asarray(Datastore(path).keys[gone_entries(path)], dtype=np.float32)
@@ -176,10 +190,12 @@ def test_generate_and_score(lm, removed):
 
 def test_memory_decoder_targets_equal_a_build_without(removed, built, tmp_path):
     """The sparse p_kNN targets of every other position are those of the datastore built without it."""
-    from knnlm.memory.targets import build_targets
+    from knnlm.memory.targets import TargetSettings, build_targets
+    from knnlm.run.options import RetrievalSettings
 
-    got = build_targets(removed, tmp_path / "a", k=8, keep=8, progress=False)
-    want = build_targets(built[1], tmp_path / "b", k=8, keep=8, progress=False)
+    eight = dict(targets=TargetSettings(keep=8), retrieval=RetrievalSettings(k=8), progress=False)
+    got = build_targets(removed, tmp_path / "a", **eight)
+    want = build_targets(built[1], tmp_path / "b", **eight)
     kept = np.setdiff1d(np.arange(Datastore(removed).count), gone_entries(removed))
     np.testing.assert_array_equal(np.load(got / "ids.npy")[kept], np.load(want / "ids.npy"))
     np.testing.assert_allclose(np.load(got / "probs.npy")[kept], np.load(want / "probs.npy"), atol=1e-6)
@@ -297,15 +313,7 @@ def first4(built, tmp_path, lm):
 
 def same_as(a_path, b_path, k=10):
     """Two datastores hold the same entries, provenance and Flat search results."""
-    a, b = Datastore(a_path), Datastore(b_path)
-    for name in ("keys", "vals", "tokens", "docs"):
-        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
-    assert [x["title"] for x in a.doc_info] == [x["title"] for x in b.doc_info]
-    q = np.asarray(b.keys, dtype=np.float32)
-    d, i = canonical(*Searcher(a, "flat").search(q, k))
-    d0, i0 = canonical(*Searcher(b, "flat").search(q, k))
-    np.testing.assert_array_equal(i, i0)
-    np.testing.assert_array_equal(d, d0)
+    assert_same_store(Datastore(a_path), Datastore(b_path), Searcher, k, ("keys", "vals", "tokens", "docs"))
 
 
 def test_add_equals_a_build_with_them(lm, first4, built):

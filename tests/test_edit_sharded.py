@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from test_bad_input import model_args, succeeds
-from test_edit import BUILD, DOCS, GONE, canonical, write_docs
+from test_edit import BUILD, DOCS, GONE, assert_same_store, write_docs
 
 from knnlm.core.datastore import Datastore, build_datastore
 from knnlm.core.edit import remove_documents
@@ -47,14 +47,7 @@ def same_as(path, single, k=8):
     search gives the same ids and distances."""
     a, b = open_datastore(path), Datastore(single)
     assert a.count == b.count and a.live == b.count
-    for name in ("keys", "vals", "tokens"):
-        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
-    assert [x["title"] for x in a.doc_info] == [x["title"] for x in b.doc_info]
-    q = np.asarray(b.keys, dtype=np.float32)
-    d, i = canonical(*open_searcher(a, "flat").search(q, k))
-    d0, i0 = canonical(*open_searcher(b, "flat").search(q, k))
-    np.testing.assert_array_equal(i, i0)
-    np.testing.assert_array_equal(d, d0)
+    assert_same_store(a, b, open_searcher, k)
 
 
 def searchable(path):

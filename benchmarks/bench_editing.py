@@ -29,7 +29,6 @@ import fcntl
 import json
 import re
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,7 +109,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lock = (lambda: cpu_lock(args.lock)) if args.lock else contextmanager(lambda: (yield))
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    cmd = "python benchmarks/bench_editing.py " + " ".join(sys.argv[1:])
+    from common import command_line
+
+    cmd = command_line(__file__)
     res["commands"] = [c for c in res.get("commands", [res["command"]] if "command" in res else []) if c != cmd] + [cmd]
     res.pop("command", None)
 
@@ -319,11 +320,14 @@ def save(res: dict) -> None:
 
 def render(res: dict) -> None:
     """benchmarks/results/editing.md from the json."""
+    from common import PLACEHOLDERS, placeholders
+
+    PLACE_NOTE = f"({PLACEHOLDERS}.)"
     d, a = res["datastore"], res["added"]
     lines = ["# Editing the WikiText-2 datastore", "",
              f"The datastore of `bench_wikitext.py` ({d['entries']:,} entries, SmolLM2-135M bfloat16 on 2 CPU "
              f"cores, index {d['index']}); edits on copies.  Commands (each result from the last that ran its phase): "
-             + "; ".join(f"`{c}`" for c in res["commands"]) + ".", ""]
+             + "; ".join(f"`{placeholders(c)}`" for c in res["commands"]) + ".", PLACE_NOTE, ""]
     if "add_seconds" in res and "rebuild_seconds" in res:
         lines += ["## Add 1%", "",
                   f"{a['articles']} sections of held-out WikiText-2 articles (one document each), {a['entries']:,} entries ({a['share']:.2%}).", "",

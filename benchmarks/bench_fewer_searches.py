@@ -40,6 +40,7 @@ from knnlm.run.tune import sweep
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import PLACEHOLDERS, command_line, placeholders  # noqa: E402
 LOG = logging.getLogger("bench")
 WINDOW, STRIDE, BATCH = 1024, 512, 4096
 
@@ -193,7 +194,7 @@ def main() -> None:
         q[sp]["keys"] = q[sp]["keys"].astype(np.float32)
     nb = {sp: neighbours(args, s, sp, q[sp]) for sp in q}
     vals = np.asarray(ds.vals)
-    res: dict = {"datastore": {"path": str(ds.path), "entries": ds.count, "dim": ds.dim, **s.settings()},
+    res: dict = {"datastore": {"path": placeholders(str(ds.path)), "entries": ds.count, "dim": ds.dim, **s.settings()},
                  "k": args.k, "tokens": {sp: int(len(q[sp]["targets"])) for sp in q}}
 
     # ---- tune λ, T on held-out with every token searched
@@ -284,10 +285,10 @@ def write(args, res: dict, lam: float, temp: float) -> None:
                 f"{100 * (1 - b['search_rate']):.1f}% saved, ppl {b['ppl']:.3f} vs {base:.3f} "
                 f"({100 * (b['ppl'] / base - 1):+.2f}%; target within 0.5%: {verdict})")
 
-    cmd = " ".join(["python", "benchmarks/bench_fewer_searches.py", *sys.argv[1:]])
+    cmd = command_line(__file__)
     ds = res["datastore"]
     text = (f"# Fewer searches per token: RetoMaton pointers and adaptive retrieval (WikiText-2)\n\n"
-            f"Command: `{cmd}`\n\n"
+            f"Command: `{cmd}`\n({PLACEHOLDERS}.)\n\n"
             f"Datastore {ds['entries']} entries (d={ds['dim']}, smollm2-135m bf16), index {ds['factory']} "
             f"nprobe {ds['nprobe']} + exact re-ranking, k={res['k']}; λ={lam}, T={temp} tuned on the held-out "
             f"articles with every token searched (held-out ppl {res['tuned']['ppl']:.3f}). A pointer step scores "

@@ -37,7 +37,7 @@ from knnlm.run.generate import KNNLM
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import PROMPTS  # noqa: E402
-from common import add_data_arg, check_wikitext  # noqa: E402
+from common import PLACEHOLDERS, add_data_arg, check_wikitext, command_line  # noqa: E402
 
 LOG = logging.getLogger("bench")
 
@@ -155,12 +155,12 @@ def main() -> None:
     table = "\n".join(rows)
     print(env)
     print(table)
-    cmd = " ".join(["python", "benchmarks/bench_generate_fewer.py", *sys.argv[1:]])
+    cmd = command_line(__file__)
     Path(args.output).write_text(
         "# Generation speed with fewer searches: pointers and adaptive retrieval (CPU, one stream)\n\n"
-        f"Command: `{cmd}`\n\n{env}\n\n{table}\n\n"
-        "Targets (issue 13): >= 0.95x the base LM with the IVF-PQ datastore, >= 0.9x with an exact Flat "
-        "datastore of >= 40k entries. GPU: not measured (no GPU machine this session).\n",
+        f"Command: `{cmd}`\n({PLACEHOLDERS}.)\n\n{env}\n\n{table}\n\n"
+        "Targets: >= 0.95x the base LM with the IVF-PQ datastore, >= 0.9x with an exact Flat "
+        "datastore of >= 40k entries (CPU; GPU not measured here).\n",
         encoding="utf-8")
     LOG.info("wrote %s", args.output)
 

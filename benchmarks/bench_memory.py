@@ -44,8 +44,11 @@ def rss_mb() -> float:
 
 
 def save(name: str, obj: dict) -> None:
+    """Results `name`.json, with this machine's folders as placeholders (common.PLACEHOLDERS)."""
+    from common import placeholders
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    (RESULTS / f"{name}.json").write_text(placeholders(json.dumps(obj, indent=2, sort_keys=True)) + "\n")
     LOG.info("wrote %s", RESULTS / f"{name}.json")
 
 

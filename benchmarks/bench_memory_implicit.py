@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -50,11 +48,12 @@ def _load() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def command(lock: bool = True) -> None:
+def command() -> None:
     """Append this process's command line to es-implicit.json's list (every run, slots too)."""
+    from common import command_line
+
     res = _load()
-    cmd = "python benchmarks/bench_memory_implicit.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    res.setdefault("commands", []).append(("flock /tmp/knnlm-cpu.lock " if lock else "") + cmd)
+    res.setdefault("commands", []).append(command_line(__file__))
     bench_memory.save(NAME, res)
 
 
@@ -255,7 +254,7 @@ def main() -> None:
     setup_logging("bench")
     bench_memory.set_results(a.results)
     setup(a)
-    command(lock=a.phase != "subset")
+    command()
     {"subset": phase_subset, "train": phase_train, "store": phase_store, "quality": phase_quality}[a.phase](a)
 
 

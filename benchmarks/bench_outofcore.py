@@ -207,7 +207,9 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update(command="python benchmarks/bench_outofcore.py " + " ".join(sys.argv[1:]),
+    from common import command_line
+
+    results.update(command=command_line(__file__),
                    machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
     for phase in args.phases.split(","):

@@ -72,8 +72,10 @@ def main() -> None:
         rows += got[1:]
     table = "\n".join(["| datastore | setting | searches per token | searches saved | LM ppl | kNN-LM ppl | "
                        "vs every token | vs LM alone |", "|---|---|---:|---:|---:|---:|---:|---:|", *rows])
-    cmd = " ".join(["python", "benchmarks/bench_pointer_default.py", *sys.argv[1:]])
-    text = (f"# Pointers by default? Other datastores than WikiText-2's\n\nCommand: `{cmd}`\n\n"
+    from common import PLACEHOLDERS, command_line
+
+    cmd = command_line(__file__)
+    text = (f"# Pointers by default? Other datastores than WikiText-2's\n\nCommand: `{cmd}`\n({PLACEHOLDERS}.)\n\n"
             + "\n".join(f"- {h}" for h in heads) + f"\n\n{table}\n")
     print(text)
     Path(args.output).write_text(text, encoding="utf-8")

@@ -115,9 +115,11 @@ def main() -> None:
                      f"{r['bytes_per_original_entry']:.0f} | {r['ppl']:.3f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% |"
                      f" {r['queries_per_second']:.0f} | {r['queries_per_second'] / base['queries_per_second']:.2f}x |"
                      f" {r['lambda']}, {r['temperature']} |")
-    cmd = " ".join(["python", "benchmarks/bench_reduce.py", *sys.argv[1:]])
+    from common import PLACEHOLDERS, command_line
+
+    cmd = command_line(__file__)
     text = ("# Datastore size vs perplexity (WikiText-2, smollm2-135m bf16)\n\n"
-            f"Command: `{cmd}`\n\n"
+            f"Command: `{cmd}`\n({PLACEHOLDERS}.)\n\n"
             f"Source: {src.count} entries, d={src.dim}. Exact search (torch on the CPU, k={args.k}) for every "
             f"datastore; λ/T tuned on the first {args.heldout} held-out positions, perplexity on the first "
             f"{args.test} test positions (base LM there: {base['ppl_lm']:.3f}). Bytes per entry count the keys "

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -261,13 +260,15 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=0.25)
     p.add_argument("--temperature", type=float, default=1.0)
     args = p.parse_args()
+    from common import command_line
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for phase in args.phases.split(","):
         t0 = time.time()
         res = {"exact": phase_exact, "build": phase_build, "actors": phase_actors}[phase](args)
         res["wall_seconds"] = round(time.time() - t0, 1)
-        res["command"] = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
+        res["command"] = command_line(__file__)
         res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         results[phase] = res
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,35 @@ WIKITEXT2 = {
     "wiki.test.raw": (1_290_590, "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"),
 }
 WIKITEXT2_DIR = "wikitext-2-raw"
+
+
+# a results page records paths as placeholders, not as they were on the machine that ran it
+PLACEHOLDERS = ("Paths: CACHE stands for the folder of the shared datastores and caches (CACHE/wikitext2: "
+                "bench_wikitext.py's WikiText-2 datastore, query caches and texts; CACHE/demo: the folders `knnlm demo` "
+                "makes), WORK for a scratch folder of the run")
+_PLACES = (  # (pattern, replacement), in order
+    (r"(?<![\w.])/\S*/\.venv/bin/python[\d.]*", "python"),  # a machine's venv, not a checkout's .venv/
+    (r"\bflock [^\s`]+ (?=\S)", ""),  # the lock a run held on a shared machine
+    (r"/work/(?:main|wt-[\w.-]+)/", ""),  # a checkout: paths relative to its root
+    (r"/work/shared/data\b", "../shared/data"),
+    (r"/work/cache/", "CACHE/"),
+    (r"/work/cache\b", "CACHE"),
+    (r"/(?:work|tmp)/", "WORK/"),
+)
+
+
+def placeholders(text: str) -> str:
+    """`text` with this machine's folders written as the placeholders of PLACEHOLDERS."""
+    for pattern, replacement in _PLACES:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def command_line(script: str | Path, argv: list[str] | None = None) -> str:
+    """The command that ran `script` (its path under benchmarks/), as a results page records it."""
+    name = Path(script).resolve().relative_to(ROOT).as_posix()
+    args = sys.argv[1:] if argv is None else argv
+    return placeholders(" ".join(["python", name, *(shlex.quote(a) for a in args)]))
 
 
 class BenchError(Exception):

@@ -54,6 +54,8 @@ def show(cmd: list[str]) -> str:
 
 
 def run_one(args, label: str, default: str, extra: str, tokenizer: str, key: str, tag: str) -> dict:
+    from common import placeholders
+
     url = f"http://127.0.0.1:{args.port}"
     serve = ["knnlm", "-q", "serve", "-d", f"wiki={args.datastore}", "--default-datastore", default,
              "--port", str(args.port), "--max-queue", str(2 * args.batch_size)]
@@ -84,17 +86,19 @@ def run_one(args, label: str, default: str, extra: str, tokenizer: str, key: str
     return {"label": label, "settings": settings, "seconds": seconds, "acc": res["acc,none"],
             "acc_stderr": res["acc_stderr,none"], "acc_norm": res["acc_norm,none"],
             "acc_norm_stderr": res["acc_norm_stderr,none"],
-            "commands": {"serve": "KNNLM_API_KEY=$KEY " + show(serve),
-                         "lm_eval": "OPENAI_API_KEY=$KEY " + show(lm_eval)}}
+            "commands": {"serve": "KNNLM_API_KEY=$KEY " + placeholders(show(serve)),
+                         "lm_eval": "OPENAI_API_KEY=$KEY " + placeholders(show(lm_eval))}}
 
 
 def render(r: dict) -> str:
+    from common import PLACEHOLDERS, placeholders
+
     t = r["task"]
     lines = [f"# lm-evaluation-harness on `knnlm serve`: {TASK}", "",
              f"{t['examples']} four-way last-word questions from {t['articles']} WikiText-2 test articles "
              f"(`{t['source']}`, sha256 `{t['sha256'][:16]}…`; JSONL sha256 `{t['jsonl_sha256'][:16]}…`), "
              "scored by lm-evaluation-harness's `local-completions` model through `knnlm serve` "
-             f"({r['model']}, {r['machine']}, {r['cpus']} CPU cores). The datastore: `{r['datastore']}` "
+             f"({r['model']}, {r['machine']}, {r['cpus']} CPU cores). The datastore: `{placeholders(r['datastore'])}` "
              "(WikiText-2 valid minus held-out articles: disjoint from the test articles).", "",
              "| setting | acc | acc_norm | λ | k | T | lm_eval seconds |", "|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
@@ -111,10 +115,11 @@ def render(r: dict) -> str:
               "Seconds are the wall time of each `lm_eval` command on a machine shared with other jobs: "
               "not a speed measurement.",
               "", "## Commands", "",
-              "```", r["command"], "```", "", "which runs, for each setting, from the repository root:", "", "```"]
+              "```", placeholders(r["command"]), "```", "", "which runs, for each setting, from the repository root:",
+              "", "```"]
     for x in r["runs"]:
-        lines += [x["commands"]["serve"] + " &", x["commands"]["lm_eval"]]
-    lines += ["```", "", "See [docs/lm-eval.md](../../docs/lm-eval.md) for the recipe.", ""]
+        lines += [placeholders(x["commands"]["serve"]) + " &", placeholders(x["commands"]["lm_eval"])]
+    lines += ["```", "", f"{PLACEHOLDERS}.", "", "See [docs/lm-eval.md](../../docs/lm-eval.md) for the recipe.", ""]
     return "\n".join(lines)
 
 
@@ -147,6 +152,8 @@ def main() -> None:
     subprocess.run([sys.executable, str(HERE / "build_task.py"), "--data", args.data, "--examples",
                     str(args.examples), "--context-chars", str(args.context_chars), "--out", str(jsonl)], check=True)
     task = json.loads(jsonl.with_suffix(".manifest.json").read_text())
+    from common import placeholders
+
     tokenizer = str(ensure_default_model())
     key = secrets.token_urlsafe(16)
     runs = [run_one(args, "base LM (`--default-datastore none`)", "none", "", tokenizer, key, "base")]
@@ -156,10 +163,10 @@ def main() -> None:
         label = f"kNN-LM (`--default-datastore wiki`{', ' + extra if extra else ''})"
         runs.append(run_one(args, label, "wiki", extra, tokenizer, key, f"knn{i}"))
     res = {"task": task, "runs": runs, "model": args.model_name, "machine": platform.machine(),
-           "cpus": os.cpu_count(), "datastore": args.datastore,
-           "command": "python benchmarks/lmeval/run.py " + " ".join(
+           "cpus": os.cpu_count(), "datastore": placeholders(args.datastore),
+           "command": placeholders("python benchmarks/lmeval/run.py " + " ".join(
                f"--{k.replace('_', '-')} {shlex.quote(str(x))}" for k, v in vars(args).items()
-               if k not in ("cache", "out", "render") and v is not None for x in (v if isinstance(v, list) else [v]))}
+               if k not in ("cache", "out", "render") and v is not None for x in (v if isinstance(v, list) else [v])))}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(render(res))

@@ -42,7 +42,7 @@ SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's 
 def cmd_build(args) -> None:
     from knnlm.core.batching import WindowSettings
     from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-    from knnlm.core.index import build_index
+    from knnlm.core.index import IndexSettings, build_index, list_indexes
 
     check_texts(args.corpus)
     check_window_args(args)
@@ -54,13 +54,16 @@ def cmd_build(args) -> None:
             from knnlm.cli.scale import build_on_ray
 
             return build_on_ray(args, lm, published)
-        settings = BuildSettings(WindowSettings(args.window, args.stride, args.batch_tokens))
+        index = IndexSettings(args.index) if args.index != "none" else None  # made during the forward pass
+        settings = BuildSettings(WindowSettings(args.window, args.stride, args.batch_tokens), index=index)
         out = Path(args.output) if published else build_datastore(
             lm, args.corpus, args.output, settings, overwrite=args.overwrite, progress=not args.quiet)[0]
         ds = Datastore(out)
         print(f"datastore {out}: {ds.count} entries, d={ds.dim}, key point {ds.key_point}")
-        if args.index != "none":
-            idx = build_index(ds, args.index, overwrite=published, progress=not args.quiet)
+        if index is not None:
+            names = list_indexes(ds)  # a datastore published by an older knnlm may have none
+            idx = ds.path / "indexes" / names[0] if names else build_index(ds, args.index, overwrite=published,
+                                                                             progress=not args.quiet)
             print(f"index {idx}")
             if not args.no_tune:
                 from knnlm.run.selftune import self_tune
@@ -333,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("corpus", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("-o", "--output", required=True, help="datastore directory to create")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
-    sp.add_argument("--index", default="auto", help="index to build after: auto, Flat, a FAISS factory string, none")
+    sp.add_argument("--index", default="auto",
+                    help="index made during the build (trained on the first keys, filled as the keys are written): "
+                         "auto (by size), Flat, a FAISS factory string, none")
     sp.add_argument("--no-tune", action="store_true",
                     help="skip tuning k, lambda and T on the datastore's own corpus (leave-own-document-out)")
     sp.add_argument("--tune-tokens", type=int, default=16384, help="positions of the corpus the tuning reads")

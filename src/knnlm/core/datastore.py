@@ -16,7 +16,9 @@ array lookups, and the next entry of the same document is the next row.
 
 This module knows numpy and files, not faiss.  Building needs the model adapter and is
 streaming (keys go to a memmap), resumable (progress.json after each flushed batch) and
-atomic (written under `<name>.partial/`, renamed into place at the end).
+atomic (written under `<name>.partial/`, renamed into place at the end).  An index made
+during the build is its settings' object's (knnlm.core.index.IndexFiller): it is handed
+each flushed batch's keys and writes into `<name>.partial/` before it is published.
 """
 
 from __future__ import annotations
@@ -310,13 +312,18 @@ class BuildSettings:
     """How a datastore is built: its windows and batches (`windows`), the key point(s) it
     keeps (`key_points`, None: the model's; several: one datastore each from the same pass),
     `documents=(a, b)`: only documents a..b-1 of the corpora (in reading order, before empty
-    ones are dropped: one shard of a build split by documents)."""
+    ones are dropped: one shard of a build split by documents), and `index`: an index
+    (knnlm.core.index.IndexSettings) trained on the first keys and filled as the forward
+    pass goes on, published with the datastore (None: no index)."""
 
     windows: WindowSettings = field(default_factory=WindowSettings)
     key_points: tuple[str, ...] | None = None
     documents: tuple[int, int] | None = None
+    index: object | None = None  # a knnlm.core.index.IndexSettings: that index made during the pass
 
     def __post_init__(self):
+        if self.index is not None and not callable(getattr(self.index, "filler", None)):
+            raise KnnlmError(f"index must be a knnlm.core.index.IndexSettings or None, got {self.index!r}")
         if self.key_points is not None:
             object.__setattr__(self, "key_points", tuple(self.key_points))
             if not self.key_points:
@@ -397,6 +404,10 @@ def build_datastore(
         signature["documents"] = list(documents)
     dims = {kp: lm.dim(kp) for kp in key_points}
     partials = [o.with_name(o.name + ".partial") for o in outs]
+    # the index made as the keys are flushed (trained once its sample is on disk); a bad
+    # factory string is refused here, before anything is written
+    fillers = {kp: settings.index.filler(p, plan.count, dims[kp]) for kp, p in zip(key_points, partials)
+               } if settings.index is not None else {}
     done = 0
     progress_file = partials[0] / "progress.json"
     if progress_file.exists():
@@ -426,9 +437,12 @@ def build_datastore(
         kp: np.lib.format.open_memmap(p / "keys.npy", mode=mode, dtype=KEY_DTYPE, shape=(plan.count, dims[kp]))
         for kp, p in zip(key_points, partials)
     }
-    initial = sum(plan.batch_size(b) for b in range(done))
-    bar = tqdm(total=plan.count, initial=initial, unit="tok", desc="datastore", disable=not progress)
+    rows = sum(plan.batch_size(b) for b in range(done))  # keys on disk
+    bar = tqdm(total=plan.count, initial=rows, unit="tok", desc="datastore", disable=not progress)
     try:
+        if done:
+            for kp, filler in fillers.items():
+                filler.resume(keys[kp], rows)
         for bi in range(done, len(plan.batches)):
             feats, _ = lm.forward(plan.batch_input(bi), key_points, logits=False)
             feats = {kp: f.to("cpu", torch.float16).numpy() for kp, f in feats.items()}  # (B, T, d)
@@ -440,6 +454,9 @@ def build_datastore(
             for mm in keys.values():
                 mm.flush()
             write_json_atomic(progress_file, {"signature": signature, "batches_done": bi + 1})
+            rows += n
+            for kp, filler in fillers.items():
+                filler.flushed(keys[kp], rows)
             bar.update(n)
             if on_batch is not None:
                 on_batch(bi)
@@ -467,6 +484,8 @@ def build_datastore(
             "corpora": records,
             "sha256": {name: file_sha256(p / name) for name in _FILES},
         }
+        if kp in fillers:
+            fillers[kp].finish(meta["id"])
         write_json_atomic(p / "meta.json", meta)
         (p / "progress.json").unlink(missing_ok=True)
         publish(p, o)

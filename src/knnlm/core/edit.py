@@ -238,7 +238,7 @@ def write_compacted(ds: Datastore, out: Path, chunk: int = 65536, step=lambda na
     new = Datastore(out)
     for name in list_indexes(ds):
         _, d, info = index_info(ds, name)
-        extra = {k: info[k] for k in ("train_size", "trained_sha256", "sharded") if k in info}
+        extra = {k: info[k] for k in ("train_size", "train_sample", "trained_sha256", "sharded") if k in info}
         trained = None
         if info["factory"] != "Flat":
             import faiss

@@ -31,21 +31,22 @@ def load(datastores: str | Path | Mapping[str, str | Path] | None = None, model:
 def build(lm, corpora: Sequence[str | Path], out: str | Path, windows: WindowSettings | None = None,
           index: str = "auto", tune: bool = True, overwrite: bool = False, progress: bool = True):
     """What `knnlm build` does: a datastore of `corpora` at `out` (keys of `lm`, an LM or a
-    model name), its `index` ("none": no index, nor tuning) and, with `tune`, its settings
+    model name), its `index` made during the forward pass ("auto", "Flat", a FAISS factory
+    string; "none": no index, nor tuning) and, with `tune`, its settings
     tuned on its own corpus (knnlm.run.selftune).  Returns the opened `knnlm.Datastore`."""
     from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-    from knnlm.core.index import build_index
+    from knnlm.core.index import IndexSettings
 
     if isinstance(lm, str):
         lm = load_lm(lm)
-    w = windows or WindowSettings()
-    path = build_datastore(lm, corpora, out, BuildSettings(windows=w), overwrite=overwrite, progress=progress)[0]
+    settings = BuildSettings(windows=windows or WindowSettings(),
+                             index=IndexSettings(index) if index != "none" else None)  # made during the pass
+    path = build_datastore(lm, corpora, out, settings, overwrite=overwrite, progress=progress)[0]
     ds = Datastore(path)
     if index != "none":
-        build_index(ds, index, progress=progress)
         if tune:
             from knnlm.run.selftune import self_tune
 
-            self_tune(lm, ds, batch_tokens=w.batch_tokens, progress=progress)
+            self_tune(lm, ds, batch_tokens=settings.windows.batch_tokens, progress=progress)
             ds = Datastore(path)
     return ds

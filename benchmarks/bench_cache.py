@@ -17,14 +17,12 @@ datastore is only read).  Writes --out (.json and .md).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import run_main, setup_logging
+from common import command_line, run_main, setup_logging, write_results
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
@@ -60,7 +58,7 @@ def run(a) -> dict:
     n = len(s.lm)
 
     def mixed(cache_w: Weight | None) -> tuple[float, list]:
-        mems, ws, base = [s.knn], [knn_w], [r.by_distance(s.nearest) if r.by_distance else np.full(n, r.lam)]
+        mems, ws, base = [s.knn], [knn_w], [r.by_distance(s.nearest, s.lm_max) if r.by_distance else np.full(n, r.lam)]
         if cache_w is not None:
             mems, ws, base = mems + [s.cache], ws + [cache_w], base + [np.full(n, cache_w.lam)]
         lp, _, lams = mix_text(s.lm, np.stack(mems, axis=1), ws, np.stack(base, axis=1))
@@ -70,7 +68,7 @@ def run(a) -> dict:
     knnlm, _ = mixed(None)
     ppl_auto, lams_auto = mixed(auto)
     # the oracle: the best fixed cache λ on the test text, on top of the default kNN-LM mixture
-    knn_lp = mix_text(s.lm, s.knn[:, None], [knn_w], (r.by_distance(s.nearest) if r.by_distance
+    knn_lp = mix_text(s.lm, s.knn[:, None], [knn_w], (r.by_distance(s.nearest, s.lm_max) if r.by_distance
                                                        else np.full(n, r.lam))[:, None])[0]
     oracle = best_lambda(knn_lp, s.cache, CACHE_LAMBDAS)["best"]
     st = meta["settings"]
@@ -107,12 +105,8 @@ def main() -> int:
     a = ap.parse_args()
     setup_logging("bench", fmt="%(name)s: %(message)s")
     res = run(a)
-    command = "python " + " ".join(["benchmarks/bench_cache.py"] + sys.argv[1:])
-    res["command"] = command
-    out = Path(a.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(res, command))
-    print(render(res, command))
+    write_results(res, a.out, render, command_line("bench_cache.py", {"DATASTORE": a.datastore, "TEXT": a.test_text,
+                                                                       "OUT": a.out}))
     return 0
 
 

@@ -219,7 +219,8 @@ def render(a) -> str:
         out.append(f"- {r['case']}: λ {st.get('lambda')} on {st.get('tokens')} tokens ({st.get('how')}: ppl LM "
                    f"{st.get('ppl_lm', float('nan')):.3f} -> {st.get('ppl_memory', float('nan')):.3f} there); "
                    f"decoder alone on the test text {r['ppl_decoder_alone']:.1f}; training {tr_line(r)}.")
-    out += ["", "Commands (each phase under `flock /work/cache/cpu.lock`):", "", "```"] + a.commands + ["```", ""]
+    out += ["", "Commands (each phase under the shared CPU lock; WORK: the work folder, knnlm-demo: `knnlm demo`'s "
+            "--workdir, wiki_test_head.txt: the first whole articles of wiki.test.raw):", "", "```"] + a.commands + ["```", ""]
     return "\n".join(out)
 
 

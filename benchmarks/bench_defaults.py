@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import add_data_arg, check_wikitext, data_note, query_cache, run_main, setup_logging
+from common import (add_data_arg, check_wikitext, command_line, data_note, default_logprobs, query_cache, retrieve,
+                    run_main, setup_logging, write_results)
 
 from knnlm.core.adapt import mix_text
 from knnlm.core.mix import Weight
@@ -47,18 +47,11 @@ HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("bench")
 
 
-def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chunk: int = 8192) -> dict:
-    """Perplexities on the cached queries: LM, the datastore's own settings, the paper's, the test optimum."""
-    ds = searcher.ds
-    k_max = min(k_max, ds.count)
-    n = len(q["targets"])
-    dists = np.empty((n, k_max), np.float32)
-    vals = np.empty((n, k_max), np.int32)
-    t0 = time.perf_counter()
-    for i in range(0, n, chunk):
-        d, ids = searcher.search(np.asarray(q["keys"][i : i + chunk], np.float32), k_max)
-        dists[i : i + chunk], vals[i : i + chunk] = d, ds.vals[np.maximum(ids, 0)]
-    search_s = time.perf_counter() - t0
+def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> dict:
+    """Perplexities on the cached queries: LM, the datastore's own settings (the default and
+    the default before the λ table), the paper's, the test optimum."""
+    k_max = min(k_max, searcher.ds.count)
+    dists, vals, search_s = retrieve(searcher, q["keys"], k_max)
     lm_lp, t = q["lm"].astype(np.float64), q["targets"]
 
     def ppl(k, lam, temp):
@@ -67,17 +60,16 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chun
     oracle = sweep(lm_lp, dists, vals, t)["best"]
     k_own = min(int(settings["k"]), k_max)
     own_knn = knn_target_logprobs(dists[:, :k_own], vals[:, :k_own], t, settings["temperature"])
-    adaptive, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # the default before λ by distance
+    before, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # one adaptive λ from λ0
+    default, lam_default = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"])  # as `knnlm eval`
     table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
-    by_distance = {}
-    if table is not None:  # what commands do by default now: each position's λ from its nearest distance, adapting
-        base = table(dists[:, 0])[:, None]
-        lp = mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"], adapt=True)], base)[0]
-        fixed = mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"])], base)[0]
-        by_distance = {"ppl_default": perplexity(lp), "ppl_by_distance_fixed": perplexity(fixed),
-                       "lambda_by_distance": table.as_dict()}
-    return {"tokens": int(n), "ppl_lm": perplexity(lm_lp), **by_distance,
-            "ppl_own": perplexity(adaptive), "lambda_adapted": lam_end,
+    fixed = {}
+    if table is not None:  # the table's λ at each position, not adapting
+        base = table(dists[:, 0], q["lm_max"])[:, None]
+        fixed = {"ppl_table_fixed": perplexity(mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"])],
+                                                            base)[0]), "lambda_by_distance": table.as_dict()}
+    return {"tokens": int(len(t)), "ppl_lm": perplexity(lm_lp), "ppl_default": perplexity(default), **fixed,
+            "ppl_own": perplexity(before), "lambda_adapted": lam_end,
             "ppl_own_fixed": ppl(k_own, settings["lambda"], settings["temperature"]),
             "own": {"k": k_own, "lambda": settings["lambda"], "temperature": settings["temperature"]},
             "ppl_paper": ppl(k_max, PAPER["lambda"], PAPER["temperature"]),
@@ -87,9 +79,10 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024, chun
 
 def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int) -> dict:
     """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
-    here) when it has none or none with a λ-by-distance table, as `knnlm build` would."""
+    here), as `knnlm build` tunes, when they were tuned before its λ table was checked
+    against the LM's confidence (no `lambda_table_heldout_ppl`)."""
     s = ds.settings
-    if s and "lambda_by_distance" in s:
+    if s and "lambda_table_heldout_ppl" in s:
         return s
     return self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
 
@@ -121,7 +114,7 @@ def run(args) -> dict:
     res["wikitext2_test"] = {"file": str(data), "sha256": file_sha256(data)}
     queries = None
     if cases & {"wikitext2", "mismatch"}:
-        queries = query_cache(lambda: lm, data, qpath(wt_path.parent / f"queries-{data.stem}.npz"))
+        queries = query_cache(lambda: lm, data, qpath(wt_path.parent / f"queries-{data.stem}.npz"), confidence=True)
     if "wikitext2" in cases:
         wt = Datastore(wt_path)
         wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
@@ -137,7 +130,7 @@ def run(args) -> dict:
         ds = Datastore(demo_stores[lang][-1])
         searcher = Searcher(ds)
         test = demo / lang / "corpus" / "test.jsonl"
-        q = query_cache(lambda: lm, test, qpath(demo / lang / "queries-test.npz"))
+        q = query_cache(lambda: lm, test, qpath(demo / lang / "queries-test.npz"), confidence=True)
         s = own_settings(lm, ds, searcher, args.tune_tokens)
         res[lang] = {"case": label, "datastore": str(ds.path), "entries": ds.count, "settings": s,
                      **compare(q, searcher, s)}
@@ -160,34 +153,48 @@ def render(res: dict, command: str) -> str:
     rows = [(label, res[key]) for key, label in names.items() if key in res]
     out = ["# Do the defaults help?", "",
            "Each datastore's own settings were tuned on its own corpus with leave-own-document-out retrieval",
-           "(what `knnlm build` records and every command defaults to): k, λ0 and T, and λ per bucket of the",
-           "nearest neighbour's distance (knnlm.core.neighbor, 8 buckets at the tuning distances' quantiles).",
+           "(what `knnlm build` records and every command defaults to): k, λ0 and T, and a table of λ per",
+           "bucket of the nearest neighbour's distance (8 buckets at the tuning distances' quantiles) and, within",
+           "each, of the LM's confidence, its log max p at the position (4 buckets; knnlm.core.neighbor), the",
+           "confidence kept only where it lowered the perplexity of alternate tuning pieces held out (column",
+           "\"table\": distance × confidence, or distance alone).",
            "**The default** reads each position's base λ from that table and adapts it to the text as it is read",
-           "(knnlm.core.mix: a Bayesian mixture of {0, λ(d), ~2λ(d)} whose prior mean is λ(d), so it can lose at",
+           "(knnlm.core.mix: a Bayesian mixture of {0, λ_t, ~2λ_t} whose prior mean is λ_t, so it can lose at",
            "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone). \"before\" is the default before the",
-           "table: one adaptive λ from λ0; \"fixed λ0\" is the tuned λ0 throughout.  The oracle is the best fixed",
-           "setting on the test text itself (no user has it). Model: " + f"{res['model']} ({res['dtype']}), 2 CPU cores.",
-           "",
-           "Command:", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
+           "table: one adaptive λ from λ0; \"table, fixed\" the table's λ without adapting; \"fixed λ0\" the tuned",
+           "λ0 throughout.  The oracle is the best fixed setting on the test text itself (no user has it).",
+           f"Model: {res['model']} ({res['dtype']}), 2 CPU cores.", "",
+           "Commands (each under the shared CPU lock; DATASTORE: the WikiText-2 datastore, DEMO: `knnlm demo`'s "
+           "--workdir, TEXT: the first whole articles of wiki.test.raw, its first 101,501 characters, CACHE: a "
+           "folder for the cached test queries, OUT: where the results go):", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
            "`../shared/data`).", "",
-           "| case | entries | test tokens | LM | own settings (k, λ0, T) | **default** (λ by distance, adaptive) "
-           "| vs LM | vs before | before (adaptive λ0: end) | by distance, fixed | own, fixed λ0 "
+           "| case | entries | test tokens | LM | own settings (k, λ0, T) | **default** (λ by distance × LM "
+           "confidence, adaptive) | vs LM | vs before | before (adaptive λ0: end) "
+           "| table (held out: distance alone vs × confidence) | table, fixed | own, fixed λ0 "
            "| paper's (1024, 0.25, 1) | oracle (k, λ, T) | kNN-LM, oracle |",
-           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for name, r in rows:
         o, b = r["own"], r["oracle"]
-        d = r.get("ppl_default", r["ppl_own"])
-        fixed_d = f"{r['ppl_by_distance_fixed']:.3f}" if "ppl_by_distance_fixed" in r else "–"
+        d = r["ppl_default"]
+        fixed_d = f"{r['ppl_table_fixed']:.3f}" if "ppl_table_fixed" in r else "–"
+        t = r.get("lambda_by_distance")
+        kind = ("–" if t is None else f"{len(t['lambdas'])} × {len(t['lambdas'][0])}" if "confidence_edges" in t
+                else f"{len(t['lambdas'])}")
+        check = r["settings"].get("lambda_table_heldout_ppl")
+        if check:
+            kind += f" (held out: {check['distance']:.3f} vs {check['distance_and_confidence']:.3f})"
         out.append(f"| {name} | {r['entries']} | {r['tokens']} | {r['ppl_lm']:.3f} | {o['k']}, {o['lambda']:.2f}, "
                    f"{o['temperature']:g} | **{d:.3f}** | {100 * (d / r['ppl_lm'] - 1):+.2f}% | "
                    f"{100 * (d / r['ppl_own'] - 1):+.2f}% | {r['ppl_own']:.3f} (λ {r['lambda_adapted']:.3f}) | "
-                   f"{fixed_d} | {r['ppl_own_fixed']:.3f} ({100 * (r['ppl_own_fixed'] / r['ppl_lm'] - 1):+.2f}%) | "
+                   f"{kind} | {fixed_d} | {r['ppl_own_fixed']:.3f} ({100 * (r['ppl_own_fixed'] / r['ppl_lm'] - 1):+.2f}%) | "
                    f"{r['ppl_paper']:.3f} ({100 * (r['ppl_paper'] / r['ppl_lm'] - 1):+.1f}%) | "
                    f"{b['k']}, {b['lambda']:.2f}, {b['temperature']:g} | {r['ppl_oracle']:.3f} |")
     out += ["", "The WikiText-2 datastore is the one `python benchmarks/bench_wikitext.py --phases quality` builds; the "
             "demo datastores are `knnlm demo --workdir DIR`'s; `--test-text` tests on the first whole articles of "
             "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
-            "those positions.  A datastore recorded without a distance table is tuned again here (not recorded)."]
+            "those positions.  A datastore whose settings were tuned before the λ table was checked against the "
+            "LM's confidence is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
+            "tunes it now."]
     if "wikitext2" in res:
         out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) "
                 f"took {res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
@@ -211,15 +218,20 @@ def main() -> int:
     ap.add_argument("--query-cache", default=None,
                     help="folder for the cached test queries (default: beside each test text's datastore)")
     ap.add_argument("--out", default=str(HERE / "results" / "defaults"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="write one page from the results of several runs (each its cases), running nothing")
     args = ap.parse_args()
     setup_logging("bench", fmt="%(name)s: %(message)s")
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        res = {k: v for p in parts for k, v in p.items()}
+        res["commands"] = [p["command"] for p in parts]
+        write_results(res, args.out, render, "\n    ".join(res["commands"]))
+        return 0
     res = run(args)
-    command = "python " + " ".join(["benchmarks/bench_defaults.py"] + sys.argv[1:])
-    res["command"] = command
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    out.with_suffix(".md").write_text(render(res, command))
-    print(render(res, command))
+    write_results(res, args.out, render, command_line("bench_defaults.py", {
+        "DATASTORE": args.wikitext_datastore, "DEMO": args.demo_dir, "TEXT": args.test_text, "CACHE": args.query_cache,
+        "OUT": args.out, "DATA": args.data}))
     return 0
 
 

@@ -128,34 +128,39 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(1)
 
 
-def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 4096) -> dict:
+def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 4096, confidence: bool = False) -> dict:
     """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
-    the target, and each document's first position (doc_first); computed once with the LM that
-    get_lm() returns (called only then), saved to `out` (.npz), then read from there."""
+    the target, and each document's first position (doc_first); with `confidence` also the
+    LM's log max p there (lm_max; a cache written without it is computed again).  Computed
+    once with the LM that get_lm() returns (called only then), saved to `out` (.npz), then
+    read from there."""
     import numpy as np
 
-    if not out.exists():
-        import torch
+    if out.exists():
+        z = np.load(out)
+        if not confidence or "lm_max" in z.files:
+            return {name: z[name] for name in z.files}
+    import torch
 
-        from knnlm.core.batching import plan_files
-        from knnlm.core.model import target_logprobs
+    from knnlm.core.batching import plan_files
+    from knnlm.core.model import target_logprobs
 
-        lm = get_lm()
-        plan = plan_files(lm, [text], 1024, 512, batch_tokens)
-        targets = plan.targets().astype(np.int64)
-        keys = np.empty((plan.count, lm.dim()), np.float16)  # (n, d)
-        lp = np.empty(plan.count, np.float32)  # (n,)
-        for b in range(len(plan.batches)):
-            windows = list(plan.scored(b))
-            first = min(c0 for _, c0, _, _ in windows)
-            feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
-            for row, c0, c1, t in windows:
-                keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
-                lp[t : t + c1 - c0] = target_logprobs(logits[row, c0 - first : c1 - first],
-                                                      torch.from_numpy(targets[t : t + c1 - c0])).numpy()
-        tmp = out.with_name(out.stem + ".tmp.npz")
-        np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2])
-        os.replace(tmp, out)
+    lm = get_lm()
+    plan = plan_files(lm, [text], 1024, 512, batch_tokens)
+    targets = plan.targets().astype(np.int64)
+    keys = np.empty((plan.count, lm.dim()), np.float16)  # (n, d)
+    lp, top = np.empty(plan.count, np.float32), np.empty(plan.count, np.float32)  # (n,) each
+    for b in range(len(plan.batches)):
+        windows = list(plan.scored(b))
+        first = min(c0 for _, c0, _, _ in windows)
+        feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
+        for row, c0, c1, t in windows:
+            keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
+            lp[t : t + c1 - c0], top[t : t + c1 - c0] = (x.numpy() for x in target_logprobs(
+                logits[row, c0 - first : c1 - first], torch.from_numpy(targets[t : t + c1 - c0]), with_max=True))
+    tmp = out.with_name(out.stem + ".tmp.npz")
+    np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2], lm_max=top)
+    os.replace(tmp, out)
     z = np.load(out)
     return {name: z[name] for name in z.files}
 
@@ -176,10 +181,11 @@ def retrieve(searcher, keys, k: int, chunk: int = 4096):
     return dists, vals, time.perf_counter() - t0
 
 
-def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict):
+def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict, lm_max=None):
     """log p_kNN-LM(target) of a text as `knnlm eval` mixes it by default with a datastore's
     recorded settings: k and T as recorded, each position's base λ from its nearest distance
-    (the λ-by-distance table when recorded), adapting over the text; and the λ it ended with."""
+    (the λ-by-distance table when recorded; one tuned with the LM's confidence reads `lm_max`,
+    the LM's log max p at each position), adapting over the text; and the λ it ended with."""
     import numpy as np
 
     from knnlm.core.mix import Weight, mix_text
@@ -189,6 +195,35 @@ def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict):
     k = min(int(settings["k"]), dists.shape[1])
     knn = knn_target_logprobs(dists[:, :k], vals[:, :k], targets, settings["temperature"])
     table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
-    base = table(dists[:, 0])[:, None] if table is not None else None
+    base = table(dists[:, 0], lm_max)[:, None] if table is not None else None
     lp, _, lams = mix_text(np.asarray(lm_logprobs, np.float64), knn[:, None], [Weight(settings["lambda"], adapt=True)], base)
     return lp, float(lams[0])
+
+
+def command_line(script: str, placeholders: dict | None = None) -> str:
+    """This run's command for a results page: `python benchmarks/SCRIPT ARGS...` with each
+    value of `placeholders` (a path given on the command line) written as its name, e.g.
+    {"DATASTORE": "/data/ds"} turns `--datastore /data/ds/` into `--datastore DATASTORE/`."""
+    line = " ".join(["python", f"benchmarks/{script}"] + sys.argv[1:])
+    for name, value in sorted((placeholders or {}).items(), key=lambda kv: -len(str(kv[1] or ""))):
+        if value:
+            line = line.replace(str(value).rstrip("/"), name)
+    return line
+
+
+def write_results(res: dict, out: str | Path, render: Callable[[dict, str], str], command: str) -> str:
+    """The results' tail every benchmark shares: `command` recorded in `res`, `res` written to
+    OUT.json and render(res, command) to OUT.md (each whole or not at all), the page printed."""
+    import json
+
+    res["command"] = command
+    page = render(res, command)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out.with_suffix(".json"), json.dumps(res, indent=2, sort_keys=True) + "\n"),
+                       (out.with_suffix(".md"), page)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    print(page)
+    return page

@@ -55,13 +55,6 @@ def placeholders(text: str) -> str:
     return text
 
 
-def command_line(script: str | Path, argv: list[str] | None = None) -> str:
-    """The command that ran `script` (its path under benchmarks/), as a results page records it."""
-    name = Path(script).resolve().relative_to(ROOT).as_posix()
-    args = sys.argv[1:] if argv is None else argv
-    return placeholders(" ".join(["python", name, *(shlex.quote(a) for a in args)]))
-
-
 class BenchError(Exception):
     """A benchmark cannot run as asked; the message says what to do."""
 
@@ -200,15 +193,18 @@ def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict, lm_max=N
     return lp, float(lams[0])
 
 
-def command_line(script: str, placeholders: dict | None = None) -> str:
-    """This run's command for a results page: `python benchmarks/SCRIPT ARGS...` with each
-    value of `placeholders` (a path given on the command line) written as its name, e.g.
-    {"DATASTORE": "/data/ds"} turns `--datastore /data/ds/` into `--datastore DATASTORE/`."""
-    line = " ".join(["python", f"benchmarks/{script}"] + sys.argv[1:])
-    for name, value in sorted((placeholders or {}).items(), key=lambda kv: -len(str(kv[1] or ""))):
+def command_line(script: str | Path, named: dict | None = None, argv: list[str] | None = None) -> str:
+    """This run's command for a results page: `python benchmarks/SCRIPT ARGS...` (`script`: a
+    name under benchmarks/ or a path, e.g. __file__), each value of `named` (a path given on
+    the command line) written as its name, e.g. {"DATASTORE": "/data/ds"} turns `--datastore
+    /data/ds/` into `--datastore DATASTORE/`, and the machine's other folders as PLACEHOLDERS."""
+    path = Path(script)
+    name = path.resolve().relative_to(ROOT).as_posix() if path.is_absolute() else f"benchmarks/{script}"
+    line = " ".join(["python", name, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
+    for key, value in sorted((named or {}).items(), key=lambda kv: -len(str(kv[1] or ""))):
         if value:
-            line = line.replace(str(value).rstrip("/"), name)
-    return line
+            line = line.replace(str(value).rstrip("/"), key)
+    return placeholders(line)
 
 
 def write_results(res: dict, out: str | Path, render: Callable[[dict, str], str], command: str) -> str:

@@ -25,8 +25,11 @@ def test_machine_paths_become_placeholders():
         "python benchmarks/x.py --cache CACHE/wikitext2 --work WORK/run1 --out WORK/ooc12 --data ../shared/data "
         "--t benchmarks/cache/t and `CACHE`; .venv/bin/python stays")
     assert "CACHE" in PLACEHOLDERS and "WORK" in PLACEHOLDERS
-    assert command_line(ROOT / "benchmarks" / "bench_scale.py", ["--cache", "/work/cache/wikitext2", "a b"]) == (
+    assert command_line(ROOT / "benchmarks" / "bench_scale.py", argv=["--cache", "/work/cache/wikitext2", "a b"]) == (
         "python benchmarks/bench_scale.py --cache CACHE/wikitext2 'a b'")
+    named = command_line("bench_cache.py", {"DATASTORE": "/data/ds", "TEXT": "/tmp/t.txt"},
+                         argv=["--datastore", "/data/ds/", "--test-text", "/tmp/t.txt", "--out", "/tmp/o"])
+    assert named == "python benchmarks/bench_cache.py --datastore DATASTORE/ --test-text TEXT --out WORK/o"
 
 
 def test_pages_hold_no_machine_paths():

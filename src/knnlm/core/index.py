@@ -148,7 +148,7 @@ def build_index(
         index.add(keys.astype(np.float32))
         bar.update(len(keys))
     bar.close()
-    info = index_record(index, factory, ds.dim, n_train, "random", nprobe, ds.id, int(getattr(ds, "version", 0)),
+    info = _index_record(index, factory, ds.dim, n_train, "random", nprobe, ds.id, int(getattr(ds, "version", 0)),
                         time.time() - t0, extra)
     tmp = final.with_name(name + ".partial")
     if tmp.exists():
@@ -177,7 +177,7 @@ def train_sample(index, factory: str, keys: np.ndarray) -> None:
         raise KnnlmError(f"cannot train {factory} on {len(xs)} keys: {str(e).strip().splitlines()[-1]}") from None
 
 
-def index_record(index, factory: str, dim: int, n_train: int, sample: str, nprobe: int, datastore_id: str,
+def _index_record(index, factory: str, dim: int, n_train: int, sample: str, nprobe: int, datastore_id: str,
                  datastore_version: int, seconds: float, extra: dict | None = None) -> dict:
     """index.json's fields (all but the sha256 `write_index` adds).  `sample`: which keys
     trained it, "random" (a uniform sample of all) or "first" (the build's first keys);
@@ -290,7 +290,7 @@ class IndexFiller:
         directory = self.root / "indexes" / self.name
         if directory.exists():  # an earlier attempt stopped before publishing
             shutil.rmtree(directory)
-        info = index_record(self.index, self.factory, self.dim, self.n_train, "first", self.settings.nprobe,
+        info = _index_record(self.index, self.factory, self.dim, self.n_train, "first", self.settings.nprobe,
                             datastore_id, 0, self.seconds)
         write_index(self.index, info, directory)
         for f in self._checkpoint:

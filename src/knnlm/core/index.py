@@ -212,17 +212,21 @@ def write_index(index, info: dict, directory: Path) -> None:
 class IndexSettings:
     """The index a datastore build makes as it goes (`BuildSettings.index`): `kind` "auto"
     (by the planned size, `auto_factory`), "Flat" or a FAISS factory string; its `name`
-    (None: from the factory) and the `nprobe` its searches default to."""
+    (None: from the factory), the `nprobe` its searches default to, and the number of
+    first keys it trains on (`train_size`, None: `train_sample_size`)."""
 
     kind: str = "auto"
     name: str | None = None
     nprobe: int = 32
+    train_size: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.kind, str) or not self.kind or self.kind == "none":
             raise KnnlmError(f"index kind must be auto, Flat or a FAISS factory string, got {self.kind!r}")
         if self.nprobe < 1:
             raise KnnlmError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.train_size is not None and self.train_size < 1:
+            raise KnnlmError(f"train size must be >= 1, got {self.train_size}")
 
     def filler(self, root: Path, count: int, dim: int) -> "IndexFiller":
         return IndexFiller(self, root, count, dim)
@@ -246,7 +250,8 @@ class IndexFiller:
         self.name = settings.name or index_name(self.factory)
         self.settings, self.root, self.count, self.dim = settings, Path(root), count, dim
         self.index = new_index(dim, self.factory)  # an invalid factory fails here, before the forward pass
-        self.n_train = 0 if self.index.is_trained else min(count, train_sample_size(self.factory))
+        self.n_train = 0 if self.index.is_trained else min(count, settings.train_size
+                                                            or train_sample_size(self.factory))
         need = _min_train(self.factory)
         if self.n_train and self.n_train < need:
             raise KnnlmError(f"cannot train {self.factory} on the {count} keys this build makes: it needs {need}")

@@ -95,7 +95,9 @@ def main() -> None:
     def timed(f):
         t0 = time.perf_counter()
         f()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        Path(args.out).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # so far
+        return seconds
 
     res = {"entries": count, "batches": len(plan.batches), "factory": args.factory, "train_size": args.train_size,
            "novels": SPLIT["datastore"][: args.novels], "chars_per_novel": args.chars, "window": W, "stride": S,

@@ -31,3 +31,44 @@ def test_rerank_from_keys_gives_each_querys_exact_distances_sorted(tmp_path):
     assert (out[300] == -1).all() and np.isinf(dists[300]).all()
     got = ((np.asarray(keys, dtype=np.float64)[np.maximum(out, 0)] - q[:, None, :]) ** 2).sum(-1)
     np.testing.assert_allclose(np.where(out >= 0, got, np.inf), dists, rtol=1e-5)  # each id with its own distance
+
+
+def _rerank_per_query_cast(keys, queries, ids):
+    """The previous rerank_from_keys (each query's float16 rows cast inside its subtraction),
+    kept as the reference its faster form must equal bit for bit."""
+    m, k = ids.shape
+    dists = np.full((m, k), np.inf, dtype=np.float32)
+    q = np.asarray(queries, dtype=np.float32)
+    step = max(1, (1 << 25) // max(1, k * keys.shape[1]))
+    for a in range(0, m, step):
+        i = ids[a : a + step]
+        real = i >= 0
+        rows = np.unique(i[real])
+        if not len(rows):
+            continue
+        x = np.asarray(keys[rows])
+        pos = np.searchsorted(rows, np.where(real, i, rows[0]))
+        for r in range(len(i)):
+            diff = np.subtract(x[pos[r]], q[a + r], dtype=np.float32)
+            dists[a + r] = np.einsum("kd,kd->k", diff, diff)
+        dists[a : a + step][~real] = np.inf
+    order = np.argsort(dists, axis=1, kind="stable")
+    return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def test_rerank_from_keys_equals_the_per_query_cast_bit_for_bit(tmp_path):
+    """Casting each chunk's rows to float32 once gives the same distances, bit for bit, and
+    the same order as casting inside each query's subtraction (chunks of other sizes)."""
+    rng = np.random.default_rng(1)
+    n, d, k, m = 4000, 576, 1024, 70  # 70 queries: more than one chunk of 2^24 / (k d) = 28
+    keys = np.lib.format.open_memmap(tmp_path / "keys.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    keys[:] = rng.normal(size=(n, d)) * 3
+    keys.flush()
+    keys = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    q = (rng.normal(size=(m, d)) * 3).astype(np.float32)
+    ids = rng.integers(0, n, size=(m, k))
+    ids[5, 900:] = -1
+    ids[40, :] = -1
+    got, want = rerank_from_keys(keys, q, ids), _rerank_per_query_cast(keys, q, ids)
+    np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
+    np.testing.assert_array_equal(got[1], want[1])

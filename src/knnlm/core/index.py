@@ -577,24 +577,29 @@ def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> 
     read from `keys` (a memmap: only those rows are read), sorted ascending; -1 stays last.
 
     The candidates of a chunk of queries are read once each, in file order (sorted, without
-    duplicates), in the keys' own dtype; each query's distances are then summed over its own
-    (k, d) float32 differences, small enough to stay in the CPU's cache (one (chunk, k, d)
-    block of them was several times slower: benchmarks/results/knn_cost.md)."""
+    duplicates), and converted to float32 in one contiguous cast (exact: every float16 is a
+    float32); each query's distances are then summed over its own (k, d) float32
+    differences, gathered into one reused buffer small enough to stay in the CPU's cache
+    (one (chunk, k, d) block of them was several times slower, and a cast inside each
+    query's subtraction cost more than the sum: benchmarks/results/knn_cost.md)."""
     m, k = ids.shape
+    d = keys.shape[1]
     dists = np.full((m, k), np.inf, dtype=np.float32)
     q = np.asarray(queries, dtype=np.float32)
-    step = max(1, (1 << 25) // max(1, k * keys.shape[1]))  # queries per chunk: <= 2^25 key values read at once
+    step = max(1, (1 << 24) // max(1, k * d))  # queries per chunk: <= 2^24 float32 key values at once (64 MB)
+    buf = np.empty((k, d), dtype=np.float32)  # one query's differences
     for a in range(0, m, step):
         i = ids[a : a + step]
         real = i >= 0
         rows = np.unique(i[real])  # sorted: the memmap is read in file order
         if not len(rows):
             continue
-        x = np.asarray(keys[rows])  # (u, d), the stored dtype
+        x = np.asarray(keys[rows]).astype(np.float32)  # (u, d)
         pos = np.searchsorted(rows, np.where(real, i, rows[0]))  # (c, k) rows of x
         for r in range(len(i)):
-            diff = np.subtract(x[pos[r]], q[a + r], dtype=np.float32)  # (k, d)
-            dists[a + r] = np.einsum("kd,kd->k", diff, diff)
+            np.take(x, pos[r], axis=0, out=buf)
+            np.subtract(buf, q[a + r], out=buf)  # (k, d)
+            dists[a + r] = np.einsum("kd,kd->k", buf, buf)
         dists[a : a + step][~real] = np.inf
     order = np.argsort(dists, axis=1, kind="stable")
     return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)

@@ -75,7 +75,8 @@ def main() -> None:
 
     from knnlm.core.batching import WindowSettings, plan_files
     from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-    from knnlm.core.index import IndexSettings, Searcher, build_index, index_name
+    from knnlm.core.index import Searcher, build_index, index_name
+    from knnlm.core.index_fill import IndexSettings
     from knnlm.core.model import DEFAULT_MODEL, LM
 
     folder = check_novels(Path(args.data))

@@ -1,4 +1,4 @@
-"""The index made during a datastore build (knnlm.core.index.IndexFiller): trained on the
+"""The index made during a datastore build (knnlm.core.index_fill.IndexFiller): trained on the
 build's first keys once they are on disk, filled batch by batch, published with the
 datastore; the same neighbours as that index built afterwards, and the same after a kill."""
 
@@ -14,7 +14,8 @@ import knnlm.core.index
 from knnlm.cli.main import main
 from knnlm.core.batching import WindowSettings
 from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-from knnlm.core.index import IndexSettings, Searcher, build_index, list_indexes, train_index
+from knnlm.core.index import Searcher, build_index, list_indexes, train_index
+from knnlm.core.index_fill import IndexSettings
 from knnlm.errors import KnnlmError
 
 FACTORY, NAME = "IVF4,PQ8x4", "ivf4-pq8x4"  # 4 lists, PQ of 8 x 4 bits over the tiny model's 32-d keys

@@ -42,7 +42,8 @@ SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's 
 def cmd_build(args) -> None:
     from knnlm.core.batching import WindowSettings
     from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-    from knnlm.core.index import IndexSettings, build_index, list_indexes
+    from knnlm.core.index import build_index, list_indexes
+    from knnlm.core.index_fill import IndexSettings
 
     check_texts(args.corpus)
     check_window_args(args)

@@ -17,7 +17,7 @@ array lookups, and the next entry of the same document is the next row.
 This module knows numpy and files, not faiss.  Building needs the model adapter and is
 streaming (keys go to a memmap), resumable (progress.json after each flushed batch) and
 atomic (written under `<name>.partial/`, renamed into place at the end).  An index made
-during the build is its settings' object's (knnlm.core.index.IndexFiller): it is handed
+during the build is its settings' object's (knnlm.core.index_fill.IndexFiller): it is handed
 each flushed batch's keys and writes into `<name>.partial/` before it is published.
 """
 
@@ -313,17 +313,17 @@ class BuildSettings:
     keeps (`key_points`, None: the model's; several: one datastore each from the same pass),
     `documents=(a, b)`: only documents a..b-1 of the corpora (in reading order, before empty
     ones are dropped: one shard of a build split by documents), and `index`: an index
-    (knnlm.core.index.IndexSettings) trained on the first keys and filled as the forward
+    (knnlm.core.index_fill.IndexSettings) trained on the first keys and filled as the forward
     pass goes on, published with the datastore (None: no index)."""
 
     windows: WindowSettings = field(default_factory=WindowSettings)
     key_points: tuple[str, ...] | None = None
     documents: tuple[int, int] | None = None
-    index: object | None = None  # a knnlm.core.index.IndexSettings: that index made during the pass
+    index: object | None = None  # a knnlm.core.index_fill.IndexSettings: that index made during the pass
 
     def __post_init__(self):
         if self.index is not None and not callable(getattr(self.index, "filler", None)):
-            raise KnnlmError(f"index must be a knnlm.core.index.IndexSettings or None, got {self.index!r}")
+            raise KnnlmError(f"index must be a knnlm.core.index_fill.IndexSettings or None, got {self.index!r}")
         if self.key_points is not None:
             object.__setattr__(self, "key_points", tuple(self.key_points))
             if not self.key_points:

@@ -35,7 +35,7 @@ def build(lm, corpora: Sequence[str | Path], out: str | Path, windows: WindowSet
     string; "none": no index, nor tuning) and, with `tune`, its settings
     tuned on its own corpus (knnlm.run.selftune).  Returns the opened `knnlm.Datastore`."""
     from knnlm.core.datastore import BuildSettings, Datastore, build_datastore
-    from knnlm.core.index import IndexSettings
+    from knnlm.core.index_fill import IndexSettings
 
     if isinstance(lm, str):
         lm = load_lm(lm)

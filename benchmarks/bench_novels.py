@@ -126,7 +126,7 @@ def phase_queries(lm, folder: Path, cache: Path, chars: int) -> dict:
     from common import query_cache
 
     return {split: query_cache(lambda: lm, excerpts(folder, SPLIT[split], chars, cache / f"{split}-{chars}.jsonl"),
-                               cache / f"queries-{split}-{chars}.npz")
+                               cache / f"queries-{split}-{chars}.npz", confidence=True)
             for split in ("tune", "test")}
 
 
@@ -169,11 +169,12 @@ def phase_quality(lm, ds, queries: dict, index: str) -> dict:
 
     pick = ("k", "lambda", "temperature")
     oracle = sweep(lm_lp, dists, vals, t)["best"]
-    default, lam_end = default_logprobs(lm_lp, dists, vals, t, own)
+    default, lam_end = default_logprobs(lm_lp, dists, vals, t, own, q.get("lm_max"))
+    before, _ = default_logprobs(lm_lp, dists, vals, t, {**own, "lambda_by_distance": None})  # one adaptive λ0
     return {"entries": ds.count, "test_tokens": int(len(t)), "tune_tokens": int(len(tq["targets"])),
             "index": searcher.settings(), "search_ms_per_token": 1000 * secs / len(t),
             "ppl_lm": perplexity(lm_lp),
-            "ppl_default": perplexity(default), "lambda_end": lam_end,
+            "ppl_default": perplexity(default), "lambda_end": lam_end, "ppl_before": perplexity(before),
             "lambda_by_distance": own.get("lambda_by_distance"),
             "own": {f: own[f] for f in pick}, "ppl_own": ppl(own),
             "tuned": {f: tuned[f] for f in pick}, "ppl_tuned": ppl(tuned),

@@ -48,7 +48,9 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
     def default(r):
         if "ppl_default" not in r:
             return "–"
-        return f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) ({r['lambda_end']:.2f})"
+        before = (f"; one adaptive λ0, no table: {r['ppl_before']:.3f}, default {(r['ppl_default'] / r['ppl_before'] - 1) * 100:+.2f}%"
+                  if "ppl_before" in r else "")
+        return f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) ({r['lambda_end']:.2f}{before})"
 
     for size, r in points.items():
         lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "

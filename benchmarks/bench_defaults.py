@@ -1,6 +1,6 @@
 """Do the defaults help?  The settings a datastore tunes for itself (leave-own-document-out on
 its own corpus, at build time) against the LM alone, the paper's defaults and the optimum
-tuned on the test text itself (an oracle no user has), on three cases (issue 11):
+tuned on the test text itself (an oracle no user has), on three cases:
 
 1. WikiText-2: the WikiText-2 benchmark's datastore (wiki.valid.raw minus held-out articles,
    IVF-PQ + re-ranking), tested on all of wiki.test.raw;

@@ -1,4 +1,4 @@
-"""Perplexity vs searches per token on WikiText-2 (issue 13): RetoMaton pointers and
+"""Perplexity vs searches per token on WikiText-2: RetoMaton pointers and
 adaptive retrieval against searching every token.
 
 The query keys of an evaluation do not depend on retrieval, so the curves need no LM

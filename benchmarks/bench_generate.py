@@ -1,4 +1,4 @@
-"""Generation speed of the kNN-LM against the base LM (issue 3), on the default model.
+"""Generation speed of the kNN-LM against the base LM, on the default model.
 
 A small datastore is built from the first ~20k characters of WikiText-2's validation
 split (wiki.valid.raw in --data, default ../shared/data/wikitext-2-raw, checked by sha256:

@@ -1,4 +1,4 @@
-"""Generation speed with fewer searches (issue 13): one stream on the CPU, k = 1024, the
+"""Generation speed with fewer searches: one stream on the CPU, k = 1024, the
 WikiText-2 datastore (238k entries) searched with IVF-PQ + re-ranking and with an exact
 Flat index (or, with --flat-chars, a smaller exact datastore), each with RetoMaton pointers
 off and on (and adaptive retrieval), against the base LM; plus the prompts stepped together

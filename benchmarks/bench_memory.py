@@ -1,4 +1,4 @@
-"""Memory Decoder vs kNN-LM vs base LM on WikiText-2 (issue 9), 2 CPU cores.
+"""Memory Decoder vs kNN-LM vs base LM on WikiText-2, 2 CPU cores.
 
 The datastore is the WikiText-2 benchmark's (bench_wikitext.py: wiki.valid.raw minus ~25k
 held-out tokens, smollm2-135m bf16, indexes flat + ivf2048-pq64).  Each phase is its own

@@ -1,4 +1,4 @@
-"""Memory Decoder, fine-tuning and the kNN-LM on a new domain (issue 9): Spanish Wikipedia
+"""Memory Decoder, fine-tuning and the kNN-LM on a new domain: Spanish Wikipedia
 leads, the datastore of `knnlm demo` (300 articles, 46,453 entries, smollm2-135m bf16), its
 20 held-out test articles; 2 CPU cores.
 

@@ -1,5 +1,5 @@
 """Implicit vs explicit memory (Khandelwal et al. 2020, Sec. 6, Fig. 8) on the Spanish new
-domain (issue 9): the LM fine-tuned to memorise a text (train loss near zero, no dropout),
+domain: the LM fine-tuned to memorise a text (train loss near zero, no dropout),
 mixed with the original LM, against the kNN-LM whose datastore is that same text.
 
 The text is a seeded subset of the demo datastore's training articles (the 30 held-out

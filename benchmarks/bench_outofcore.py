@@ -1,4 +1,4 @@
-"""An index larger than RAM (issue 12): a synthetic sharded datastore searched from disk.
+"""An index larger than RAM: a synthetic sharded datastore searched from disk.
 
 This measures search cost and memory, not perplexity: the keys are clustered random
 vectors (4096 centres + noise), d = 576 float16 like SmolLM2-135M's, written shard by

@@ -1,4 +1,4 @@
-"""Should RetoMaton pointers be on by default? (issue 13)  Perplexity and searches per
+"""Should RetoMaton pointers be on by default?  Perplexity and searches per
 token with pointers at several thresholds against searching every token and against the
 LM alone, on datastores other than the WikiText-2 benchmark's: each datastore's own
 self-tuned k, λ and T (a fixed λ, not the adaptive λ), its own index, and cached held-out

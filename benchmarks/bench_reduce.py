@@ -1,4 +1,4 @@
-"""Datastore size vs perplexity (issue 13): the WikiText-2 datastore with its keys at d = 576
+"""Datastore size vs perplexity: the WikiText-2 datastore with its keys at d = 576
 (as built), PCA-reduced to 288 and 144, and pruned (same-value keys within a radius merged,
 counted in p_kNN): bytes per entry, test perplexity and exact-search speed of each.
 

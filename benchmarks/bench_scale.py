@@ -1,4 +1,4 @@
-"""Sharded datastores on WikiText-2 (issue 12): exactness, the build on Ray workers, shard actors.
+"""Sharded datastores on WikiText-2: exactness, the build on Ray workers, shard actors.
 
     python benchmarks/bench_scale.py --phases exact    # sharded vs unsharded search and perplexity
     python benchmarks/bench_scale.py --phases build    # 1 vs 3 Ray workers vs one process, same entries

@@ -1,4 +1,4 @@
-"""Throughput of `knnlm serve` under concurrent clients, with and without batching (issue 3).
+"""Throughput of `knnlm serve` under concurrent clients, with and without batching.
 
 The server runs in this process on 127.0.0.1 (uvicorn, an ephemeral port) over the default
 model and the small WikiText datastore of bench_generate.py (from wiki.valid.raw in --data,

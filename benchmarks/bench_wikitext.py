@@ -1,4 +1,4 @@
-"""WikiText-2 benchmark of the kNN-LM on the default model (issue 2).
+"""WikiText-2 benchmark of the kNN-LM on the default model.
 
 Datastore from wiki.valid.raw without its last ~25k tokens (whole articles); lambda, T
 and k tuned on those held-out articles; perplexity reported on wiki.test.raw.  Speed

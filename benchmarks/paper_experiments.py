@@ -1,5 +1,5 @@
 """The kNN-LM paper's experiments (Khandelwal et al., ICLR 2020) on WikiText-2 with the
-default model, plus the continuous cache (issue 4).  Writes docs/results.md and
+default model, plus the continuous cache.  Writes docs/results.md and
 docs/img/*.png.
 
     .venv/bin/python benchmarks/paper_experiments.py                 # everything (cached, resumable)

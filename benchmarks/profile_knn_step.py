@@ -1,5 +1,5 @@
-"""Where the per-token time of one-stream generation goes with an exact Flat datastore
-(issue 13): tokens/s of the base LM, the kNN-LM and the kNN-LM with pointers (threshold
+"""Where the per-token time of one-stream generation goes with an exact Flat datastore:
+tokens/s of the base LM, the kNN-LM and the kNN-LM with pointers (threshold
 16), each with the Flat index's own search and with the float16 scan that
 `knnlm.core.index.Searcher` uses for fewer than FEW_QUERIES queries (`scan_few`), then a
 cProfile of the pointer run.  4 prompts x 24 greedy tokens, 1 repeat: a quick look, not the

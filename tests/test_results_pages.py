@@ -10,13 +10,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import PLACEHOLDERS, command_line, placeholders  # noqa: E402
 
 MACHINE = re.compile(r"(?<![\w.])/(?:work|tmp)/")
-# pages being rewritten from new runs as this test was written (their benchmarks record placeholders
-# from now on); any other page with a machine path fails
-BEING_REWRITTEN = {"docs/memory.md", "benchmarks/results/defaults.md", "benchmarks/results/defaults.json",
-                   "benchmarks/results/decoder.md", "benchmarks/results/decoder/wikitext2.json",
-                   "benchmarks/results/decoder/es-es.json", "benchmarks/results/cache-wikitext2.json"}
-
-
 def test_machine_paths_become_placeholders():
     text = ("flock /tmp/knnlm-cpu.lock /work/main/.venv/bin/python benchmarks/x.py --cache /work/cache/wikitext2 "
             "--work /tmp/run1 --out /work/ooc12 --data /work/shared/data --t /work/wt-api/benchmarks/cache/t "
@@ -38,8 +31,7 @@ def test_pages_hold_no_machine_paths():
     found = {}
     for p in pages:
         name = p.relative_to(ROOT).as_posix()
-        if name not in BEING_REWRITTEN:
-            lines = [n for n, line in enumerate(p.read_text("utf-8").splitlines(), 1) if MACHINE.search(line)]
-            if lines:
-                found[name] = lines[:5]
+        lines = [n for n, line in enumerate(p.read_text("utf-8").splitlines(), 1) if MACHINE.search(line)]
+        if lines:
+            found[name] = lines[:5]
     assert not found, f"machine paths (write them with benchmarks/common.py's placeholders): {found}"

@@ -265,7 +265,17 @@ def anon_rss_mb() -> float:
     return float("nan")
 
 
-def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_tokens: int, repeats: int) -> dict:
+def index_of(ds_path: Path, kind: str) -> str:
+    """The name of the index `kind` ("auto": the one `knnlm build` picks) of the datastore."""
+    from knnlm.core.datastore import Datastore
+    from knnlm.core.index import auto_factory, index_name
+
+    ds = Datastore(ds_path)
+    return index_name(auto_factory(ds.count, ds.dim) if kind == "auto" else kind)
+
+
+def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_tokens: int, repeats: int,
+                index: str) -> dict:
     """Evaluation and one-stream generation with the datastore's defaults as ratios of the
     base LM's tokens/s, measured interleaved in one process (the median of `repeats`); the
     process's anonymous RSS after the searches."""
@@ -277,12 +287,13 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
     text = excerpts(folder, SPLIT["test"], chars, cache / f"test-{chars}.jsonl")
     prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
     rss_before = anon_rss_mb()
-    knn = KNNLM(lm, {"novels": ds_path})
+    retrieval = knnlm.RetrievalSettings(index=index)
+    knn = KNNLM(lm, {"novels": ds_path}, retrieval=retrieval)
     runs = {"eval_lm": [], "eval_knnlm": [], "gen_lm": [], "gen_knnlm": []}
     ppl = {}
     for _ in range(repeats):  # interleaved, so other load on the machine hits both alike
         for name, ds in (("eval_lm", None), ("eval_knnlm", ds_path)):
-            r = knnlm.evaluate(lm, [text], ds, progress=False)
+            r = knnlm.evaluate(lm, [text], ds, retrieval=retrieval if ds else None, progress=False)
             runs[name].append(r["tokens"] / r["seconds"])
             ppl[name] = r["ppl_knnlm" if ds else "ppl_lm"]
             tokens = r["tokens"]
@@ -299,7 +310,7 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
             "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
 
 
-def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repeats: int) -> dict:
+def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repeats: int, index: str) -> dict:
     """`knnlm serve` over the datastore with its defaults: completion tokens/s for 1 and 8
     concurrent streams (greedy, `tokens` each), against the same server answering with the
     base LM alone (`"datastore": null`), interleaved, the median of `repeats`."""
@@ -307,12 +318,14 @@ def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repea
 
     from bench_serve import load
 
+    import knnlm
     from knnlm.run.generate import KNNLM
     from knnlm.serve.server import create_app, serve_in_thread
 
     text = excerpts(folder, SPLIT["test"], 6_000, cache / "test-6000.jsonl")
     prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
-    app = create_app(KNNLM(lm, {"novels": ds_path}), max_queue=32, max_tokens=tokens, max_batch=8)
+    app = create_app(KNNLM(lm, {"novels": ds_path}, retrieval=knnlm.RetrievalSettings(index=index)), max_queue=32,
+                     max_tokens=tokens, max_batch=8)
     runs = {f"{who}, {n} stream{'s' * (n > 1)}": [] for n in (1, 8) for who in ("LM", "kNN-LM")}
     with serve_in_thread(app) as url:
         load(url, 2, 1, 4, {"temperature": 0}, prompts)  # warm-up: model, index pages
@@ -397,12 +410,13 @@ def main() -> None:
         out = cache / f"indexes-{args.size}.json"
         out.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
     if args.phase == "speed":
-        res = phase_speed(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats)
+        res = phase_speed(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
+                          index_of(ds_path, args.index))
         out = cache / f"speed-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
     if args.phase == "serve":
-        res = phase_serve(lm, ds_path, folder, cache, args.gen_tokens, args.repeats)
+        res = phase_serve(lm, ds_path, folder, cache, args.gen_tokens, args.repeats, index_of(ds_path, args.index))
         out = cache / f"serve-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: 1 stream %.2fx, 8 streams %.2fx the base LM", out, res["ratio_1"], res["ratio_8"])

@@ -265,6 +265,13 @@ def anon_rss_mb() -> float:
     return float("nan")
 
 
+def test_prompts(folder: Path, cache: Path, chars: int) -> tuple[Path, list[str]]:
+    """The test novels' first `chars` characters (one document each) and their first 200
+    characters as generation prompts."""
+    text = excerpts(folder, SPLIT["test"], chars, cache / f"test-{chars}.jsonl")
+    return text, [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
+
+
 def index_of(ds_path: Path, kind: str) -> str:
     """The name of the index `kind` ("auto": the one `knnlm build` picks) of the datastore."""
     from knnlm.core.datastore import Datastore
@@ -284,8 +291,7 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
     import knnlm
     from knnlm.run.generate import KNNLM
 
-    text = excerpts(folder, SPLIT["test"], chars, cache / f"test-{chars}.jsonl")
-    prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
+    text, prompts = test_prompts(folder, cache, chars)
     rss_before = anon_rss_mb()
     retrieval = knnlm.RetrievalSettings(index=index)
     knn = KNNLM(lm, {"novels": ds_path}, retrieval=retrieval)
@@ -310,7 +316,8 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
             "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
 
 
-def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repeats: int, index: str) -> dict:
+def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, chars: int, tokens: int, repeats: int,
+                index: str) -> dict:
     """`knnlm serve` over the datastore with its defaults: completion tokens/s for 1 and 8
     concurrent streams (greedy, `tokens` each), against the same server answering with the
     base LM alone (`"datastore": null`), interleaved, the median of `repeats`."""
@@ -322,8 +329,7 @@ def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, tokens: int, repea
     from knnlm.run.generate import KNNLM
     from knnlm.serve.server import create_app, serve_in_thread
 
-    text = excerpts(folder, SPLIT["test"], 6_000, cache / "test-6000.jsonl")
-    prompts = [json.loads(line)["text"][:200] for line in text.read_text("utf-8").splitlines()]
+    _, prompts = test_prompts(folder, cache, chars)
     app = create_app(KNNLM(lm, {"novels": ds_path}, retrieval=knnlm.RetrievalSettings(index=index)), max_queue=32,
                      max_tokens=tokens, max_batch=8)
     runs = {f"{who}, {n} stream{'s' * (n > 1)}": [] for n in (1, 8) for who in ("LM", "kNN-LM")}
@@ -416,7 +422,8 @@ def main() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
     if args.phase == "serve":
-        res = phase_serve(lm, ds_path, folder, cache, args.gen_tokens, args.repeats, index_of(ds_path, args.index))
+        res = phase_serve(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
+                          index_of(ds_path, args.index))
         out = cache / f"serve-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: 1 stream %.2fx, 8 streams %.2fx the base LM", out, res["ratio_1"], res["ratio_8"])

@@ -181,30 +181,38 @@ def phase_quality(lm, ds, queries: dict, index: str) -> dict:
             "oracle": {f: oracle[f] for f in pick}, "ppl_oracle": oracle["ppl"]}
 
 
-def exact_topk(ds, queries, k: int, chunk: int = 32768):
+def exact_topk(ds, queries, k: int, chunk: int = 65536):
     """Exact top-k (squared L2 to the stored float16 keys) of each query, by one pass over the
-    keys with file reads (no index, no keys in RAM): (dists, ids) ascending, (m, k)."""
+    keys with file reads (no index, no keys in RAM): (dists, ids) ascending, (m, k).  Each
+    chunk's top-k comes from FAISS's brute-force search (matrix products and a heap), merged
+    into a running heap."""
+    import faiss
     import numpy as np
 
-    q = np.asarray(queries, np.float32)
-    qn = (q * q).sum(1)[:, None]
-    best_d = np.full((len(q), k), np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
+    q = np.ascontiguousarray(queries, np.float32)
+    heap = faiss.ResultHeap(len(q), k)
     for start, keys in ds.iter_keys(chunk):
-        x = keys.astype(np.float32)
-        d = qn - 2 * q @ x.T + (x * x).sum(1)[None, :]  # (m, chunk)
-        cd = np.concatenate([best_d, d], 1)
-        ci = np.concatenate([best_i, np.arange(start, start + len(x))[None, :].repeat(len(q), 0)], 1)
-        top = np.argpartition(cd, k - 1, axis=1)[:, :k]
-        best_d, best_i = np.take_along_axis(cd, top, 1), np.take_along_axis(ci, top, 1)
-    order = np.argsort(best_d, 1)
-    return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+        d, i = faiss.knn(q, np.ascontiguousarray(keys, np.float32), min(k, len(keys)))
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i + start, np.int64))
+    heap.finalize()
+    return heap.D, heap.I
 
 
-def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int], n_exact: int, cache: Path) -> list:
+def save_row(out: Path, row: dict) -> None:
+    """Put one configuration's row into the JSON list `out` (replacing that factory's row)."""
+    rows = json.loads(out.read_text("utf-8")) if out.exists() else []
+    rows = [r for r in rows if r["factory"] != row["factory"]] + [row]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+    tmp.replace(out)
+
+
+def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int], n_exact: int, cache: Path,
+                  out: Path) -> list:
     """Each FAISS configuration on `ds`: training and adding time, bytes, and per nprobe the
     search ms per test token at k = 1024 (re-ranked from the stored keys), recall of the exact
-    top-k and test perplexity with the tuned settings, against exact search over all entries."""
+    top-k and test perplexity with the tuned settings, against exact search over all entries.
+    Each row is saved into `out` as soon as it is measured (rows of other factories stay)."""
     import numpy as np
 
     from common import retrieve
@@ -253,6 +261,7 @@ def phase_indexes(lm, ds, queries: dict, factories: list[str], nprobes: list[int
             LOG.info("%s nprobe %d: %.2f ms/token, recall %.3f, ppl %.3f (exact %.3f)", factory, nprobe, ms, recall,
                      row["nprobe"][-1]["ppl"], row["nprobe"][-1]["ppl_exact"])
         rows.append(row)
+        save_row(out, row)
     return rows
 
 
@@ -412,9 +421,9 @@ def main() -> None:
         from knnlm.core.datastore import Datastore
 
         rows = phase_indexes(lm, Datastore(ds_path), phase_queries(lm, folder, cache, args.chars),
-                             args.factories.split(";"), [int(x) for x in args.nprobes.split(",")], args.exact_tokens, cache)
-        out = cache / f"indexes-{args.size}.json"
-        out.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+                             args.factories.split(";"), [int(x) for x in args.nprobes.split(",")], args.exact_tokens, cache,
+                             cache / f"indexes-{args.size}.json")
+        LOG.info("%s: %d configurations", cache / f"indexes-{args.size}.json", len(rows))
     if args.phase == "speed":
         res = phase_speed(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
                           index_of(ds_path, args.index))

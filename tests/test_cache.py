@@ -8,7 +8,7 @@ import pytest
 from knnlm.core.batching import plan_files
 from knnlm.core.index import Searcher
 from knnlm.core.mix import Weight
-from knnlm.core.scoring import cache_target_logprobs, interpolate, mix_cache
+from knnlm.core.scoring import cache_target_logprobs, cache_vocab_logprobs, interpolate, mix_cache
 from knnlm.errors import KnnlmError
 from knnlm.run.evaluate import CACHE_KEY_POINT, evaluate, score_plan
 from knnlm.run.options import MixSettings
@@ -38,6 +38,36 @@ def test_golden_theta_and_size():
     assert math.exp(cache_target_logprobs(KEYS, TARGETS, [0], 0.0, 100)[2]) == pytest.approx(0.5)
     lp = cache_target_logprobs(KEYS, TARGETS, [0], 1.0, size=1)
     assert lp[1] == -np.inf and lp[2] == -np.inf
+
+
+def test_vocabulary_distribution_golden():
+    """The same three positions over a vocabulary of 8: at t = 2 (theta = 1) p(5) = 0.731059,
+    p(7) = 1 - p(5), every other token -inf; t = 0 has an empty cache: no distribution."""
+    lp = cache_vocab_logprobs(KEYS[2], KEYS[:2], TARGETS[:2], 8, theta=1.0, size=100)
+    assert math.exp(lp[5]) == pytest.approx(0.731059, abs=1e-6)
+    assert math.exp(lp[7]) == pytest.approx(1 - 0.731059, abs=1e-6)
+    assert np.isinf(np.delete(lp, [5, 7])).all()
+    assert cache_vocab_logprobs(KEYS[0], KEYS[:0], TARGETS[:0], 8, 1.0, 100) is None
+    assert cache_vocab_logprobs(KEYS[2], KEYS[:2], TARGETS[:2], 8, 1.0, size=1)[7] == 0.0  # only h1 -> 7
+
+
+def test_vocabulary_distribution_is_the_targets_one():
+    """Over random keys, two documents, a small window: each position's distribution over
+    the vocabulary gives its target exactly cache_target_logprobs' value and sums to 1."""
+    rng = np.random.default_rng(1)
+    n, d, v = 60, 6, 11
+    keys, targets = rng.normal(size=(n, d)).astype(np.float32), rng.integers(0, v, size=n)
+    for size in (7, 100):
+        want = cache_target_logprobs(keys, targets, [0, 25], 0.7, size)
+        for t in range(n):
+            a = 25 if t >= 25 else 0
+            lp = cache_vocab_logprobs(keys[t], keys[a:t], targets[a:t], v, 0.7, size)
+            if lp is None:
+                assert t == a and np.isnan(want[t])
+                continue
+            assert np.logaddexp.reduce(lp) == pytest.approx(0.0, abs=1e-9)
+            assert lp[targets[t]] == pytest.approx(want[t], abs=1e-6) if np.isfinite(want[t]) else \
+                lp[targets[t]] == -np.inf
 
 
 def test_documents_never_share_a_cache():

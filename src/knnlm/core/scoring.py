@@ -181,3 +181,23 @@ def mix_cache(base_logprobs, cache_logprobs, cache_lambda: float) -> np.ndarray:
     empty = np.isnan(cache)
     mixed = interpolate(base, np.where(empty, -np.inf, cache), cache_lambda)
     return np.where(empty, base, mixed)
+
+
+def cache_vocab_logprobs(query, keys, values, vocab_size: int, theta: float, size: int) -> np.ndarray | None:
+    """log p_cache(w) for every token w (V,) float64 at one position, from its key `query`
+    (d,), the earlier positions' keys (c, d) of the same document, oldest first, and the
+    token that followed each (c,): `cache_target_logprobs`' distribution over the whole
+    vocabulary (the same window, the last `size` of them; the same similarity exp(theta
+    h_t . h_i)).  -inf where no cached position has w; None where the cache is empty (its
+    λ is then 0)."""
+    check_cache_settings(theta=theta, size=size)
+    keys = np.asarray(keys, dtype=np.float32).reshape(-1, np.shape(query)[-1])[-size:]  # (c, d)
+    values = np.asarray(values, dtype=np.int64)[-size:]
+    if not len(values):
+        return None
+    q = np.asarray(query, dtype=np.float32).reshape(1, -1)  # (1, d)
+    logits = theta * (q @ keys.T).astype(np.float64)[0]  # (c,)
+    w = np.exp(logits - logits.max())
+    p = np.bincount(values, weights=w, minlength=vocab_size)[:vocab_size]  # (V,)
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log(w.sum())

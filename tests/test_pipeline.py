@@ -130,7 +130,10 @@ def test_ivfpq_with_reranking_matches_exact(lm, corpus, tmp_path):
 def test_auto_factory():
     assert auto_factory(5_000, 576) == "Flat"
     assert auto_factory(250_000, 576) == "IVF2048,PQ64"
-    assert auto_factory(103_000_000, 1024) == "IVF32768,PQ64"
+    assert auto_factory(946_078, 576) == "IVF4096,PQ64"  # the novels' 10^6 datastore
+    assert auto_factory(3_000_000, 576) == "IVF8192_HNSW32,PQ64"  # from 8,192 lists: an HNSW quantizer
+    assert auto_factory(10_971_280, 576) == "IVF16384_HNSW32,PQ64"  # all the novels
+    assert auto_factory(103_000_000, 1024) == "IVF32768_HNSW32,PQ64"
 
 
 def test_sweep_matches_direct_evaluation(lm, datastore, corpus):

@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm index ds --type Flat\n"
              "  knnlm index ds --type IVF1024,PQ64 --nprobe 32 --train-size 200000")
     sp.add_argument("datastore")
-    sp.add_argument("--type", default="auto", help="auto, Flat or any FAISS factory string")
+    sp.add_argument("--type", default="auto", help="auto (Flat below 100k entries; IVF with about 4 sqrt(N) lists and PQ codes above, an HNSW32 coarse quantizer from 8,192 lists), Flat or any FAISS factory string")
     sp.add_argument("--name", default=None, help="index name (default: from the type)")
     sp.add_argument("--nprobe", type=int, default=32, help="default IVF lists probed per query")
     sp.add_argument("--train-size", type=int, default=None,

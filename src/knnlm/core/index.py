@@ -41,14 +41,22 @@ FEW_QUERIES = 20
 KEYS_IN_RAM_MAX = 2 << 30
 
 
+# From this many IVF lists on, `auto` gives the index an HNSW32 coarse quantizer: adding a key
+# to a flat one costs a distance to every list (576-d novels keys, PQ64, 2 CPU cores: 186 s
+# per 10^6 keys at 16,384 lists, 527 s at 65,536) where a graph walk costs 80 s and 99 s
+# (benchmarks/results/quantizer.md); the same recall at 10^6 (novels.md).
+HNSW_QUANTIZER_FROM = 8192
+
+
 def auto_factory(count: int, dim: int) -> str:
-    """`Flat` for small datastores; else IVF (about 4 sqrt(N) lists) with PQ codes of
-    up to 64 bytes (paper: IVF4096,PQ64 for 103M entries)."""
+    """`Flat` for small datastores; else IVF (about 4 sqrt(N) lists; an HNSW32 coarse
+    quantizer from HNSW_QUANTIZER_FROM lists on) with PQ codes of up to 64 bytes (paper:
+    IVF4096,PQ64 for 103M entries)."""
     if count < FLAT_BELOW:
         return "Flat"
     nlist = 2 ** int(round(math.log2(4 * math.sqrt(count))))
     m = max(m for m in range(1, 65) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist}{'_HNSW32' if nlist >= HNSW_QUANTIZER_FROM else ''},PQ{m}"
 
 
 # k-means points per IVF list when training: FAISS asks for at least 39 and samples 256 at

@@ -88,21 +88,26 @@ def phase_build(lm, folder: Path, cache: Path, size: str, log: dict) -> Path:
     bare = bare_forward(lm, plan, 8)
     LOG.info("bare forward pass: %.0f tokens/s", bare)
     state = {"batches": 0, "tokens": 0}
-
-    def on_batch(b: int) -> None:
-        state["batches"] += 1
-        state["tokens"] += plan.batch_size(b)
-
     t0 = time.perf_counter()
     seg = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bare_tokens_per_s": bare}
     log.setdefault("segments", {}).setdefault(size, []).append(seg)
-    try:
-        build_datastore(lm, files, out, window=W, stride=S, batch_tokens=B, on_batch=on_batch)
-    finally:
+
+    def record() -> None:  # the segment so far, saved (a killed run keeps all but its last minutes)
         seg.update(seconds=time.perf_counter() - t0, tokens=state["tokens"], batches=state["batches"],
                    peak_rss_mb=peak_rss_mb())
         seg["tokens_per_s"] = seg["tokens"] / max(seg["seconds"], 1e-9)
         save_log(cache, log)
+
+    def on_batch(b: int) -> None:
+        state["batches"] += 1
+        state["tokens"] += plan.batch_size(b)
+        if state["batches"] % 64 == 0:
+            record()
+
+    try:
+        build_datastore(lm, files, out, window=W, stride=S, batch_tokens=B, on_batch=on_batch)
+    finally:
+        record()
     return out
 
 

@@ -18,8 +18,17 @@ KW = {"datastore": "text", "lam": 0.5, "k": 8}  # the same, as KNNLM keywords
 
 
 @pytest.fixture(scope="module")
-def knn(lm, datastore):
-    return KNNLM(lm, {"text": datastore.path})
+def knn(lm, datastore, tmp_path_factory):
+    """The datastore with a tuned cache λ recorded: every request mixes the continuous cache
+    too, by default, and the server's numbers must be KNNLM's."""
+    import shutil
+
+    from knnlm.core.datastore import Datastore
+
+    path = tmp_path_factory.mktemp("completions") / "ds"
+    shutil.copytree(datastore.path, path)
+    Datastore(path).record_settings({"k": 8, "lambda": 0.25, "temperature": 1.0, "cache_lambda": 0.3})
+    return KNNLM(lm, {"text": path})
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +59,8 @@ def test_echo_scores_equal_knnlm_score_and_the_score_endpoint(base, knn):
     assert [t.logprob for t in s.tokens] != pytest.approx([t.logprob_lm for t in s.tokens], abs=1e-3)  # kNN counts
     assert r["usage"] == {"prompt_tokens": len(s.ids), "completion_tokens": 0, "total_tokens": len(s.ids)}
     assert c["knnlm"]["datastore"] == "text" and c["knnlm"]["tokens"] == []
+    assert c["knnlm"]["cache_lambda"] == 0.3 and c["knnlm"]["cache_lambda_source"] == "datastore"
+    assert all(t.logprob_cache is not None for t in s.tokens)  # the cache was mixed in
     assert [t["logprob_lm"] for t in c["knnlm"]["prompt_tokens"]] == pytest.approx([t.logprob_lm for t in s.tokens])
     # text_offset: where each token starts in the text; the BOS the server added takes no room
     offsets = lp["text_offset"]

@@ -74,3 +74,23 @@ def test_explain_takes_its_flat_keywords_too(lm, datastore, corpus):
         explain(lm, datastore, s, adaptive, top=0)
     with pytest.raises(KnnlmError, match="lambda must be in"):
         explain(lm, datastore, s, lam=1.5, temperature=1.0)
+
+
+def test_explain_mixes_the_continuous_cache_after_the_datastore(lm, datastore, corpus):
+    """With a cache weight, each shown p_kNN-LM is the datastore then the cache on top:
+    0.3 p_cache + 0.7 (0.5 p_kNN + 0.5 p_LM), λ fixed, as evaluate and generation mix them."""
+    from knnlm.core.mix import Weight
+    from knnlm.run.options import CacheSettings
+
+    plan = plan_files(lm, [corpus], 32, 16, 128)
+    s = score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True, cache=CacheSettings(),
+                   progress=False)
+    items = explain(lm, datastore, s, HALF, ExplainSettings(top=5, neighbors=1), cache=Weight(0.3))
+    assert items and all("p_cache" in it for it in items)
+    for it in items:
+        want = 0.3 * it["p_cache"] + 0.7 * (0.5 * it["p_knn"] + 0.5 * it["p_lm"])
+        assert it["p_knnlm"] == pytest.approx(want, rel=1e-9)
+    assert any(abs(it["p_knnlm"] - (0.5 * it["p_knn"] + 0.5 * it["p_lm"])) > 1e-6 for it in items)
+    with pytest.raises(KnnlmError, match="no continuous cache"):
+        explain(lm, datastore, score_plan(lm, plan, Searcher(datastore, "flat"), k=4, keep_neighbors=True,
+                                          progress=False), HALF, cache=Weight(0.3))

@@ -5,7 +5,9 @@ The reference is `KNNLM.score` of the whole text.  The paths: KV-cached generati
 (`KNNLM.generate`, its prompt read as evidence), continuous batching (`generate_many`),
 teacher-forced decoding one token at a time (`Decoder` + `MixState`), transformers'
 `generate` with the `LogitsProcessor` (a one-token prompt: it reads no prompt), the next-token
-distribution, and `evaluate` (its perplexity)."""
+distribution, and `evaluate` (its perplexity).  The memories: the datastore, the continuous
+cache (its keys the final hidden states of the same pass) and a memory decoder, mixed in
+that order."""
 
 import json
 
@@ -25,7 +27,9 @@ from knnlm.run.generate import KNNLM
 
 N = 10  # tokens generated per path
 MODES = ["fixed", "adaptive", "adaptive+distance", "adaptive+confidence"]  # λ policies
+MEMORIES = ["knn", "knn+decoder", "knn+cache", "knn+cache+decoder"]  # the memories mixed with the LM
 ATOL = 1e-4  # float32 over the vocabulary vs float64 of the targets
+CACHE_LAMBDA = 0.3  # the continuous cache's λ where it is mixed
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +81,12 @@ def confident(lm, tabled, tmp_path_factory):
 def _knn(lm, datastore, mem_dir, mode, memory, tabled=None):
     """mode: "fixed", "adaptive", "adaptive+distance" (λ from the recorded distance table) or
     "adaptive+confidence" (a table of distance and the LM's confidence); `tabled`: the
-    datastore of each table mode."""
+    datastore of each table mode; memory: one of MEMORIES."""
     by_distance = "+" in mode
     ds = tabled[mode] if by_distance else datastore
-    return KNNLM(lm, {"ds": ds.path}, memories={"mem": mem_dir} if memory else None, lam=0.3, k=8,
+    return KNNLM(lm, {"ds": ds.path}, memories={"mem": mem_dir} if "decoder" in memory else None, lam=0.3, k=8,
                  knn_temperature=2.0, memory_lambda=0.4, lambda_mode=mode.split("+")[0],
-                 lambda_by_distance=by_distance or None)
+                 lambda_by_distance=by_distance or None, cache_lambda=CACHE_LAMBDA if "cache" in memory else 0.0)
 
 
 def _reference(knn, ids, start):
@@ -104,7 +108,7 @@ def path_teacher_forced(knn, lm, prompt):
     """The text's own tokens fed one at a time: each token's log-prob before it is fed."""
     ids = lm.encode(TEXT[:120])
     r, m = knn.retrieval(), knn.memory_use()
-    mixing = MixState(r, m)
+    mixing = MixState(r, m, knn.cache_use(r))
     dec = Decoder(lm, r, m, mixing)
     dec.feed(prompt)
     out = []
@@ -136,12 +140,12 @@ PATHS = {"generate": path_generate, "batch": path_batch, "teacher_forced": path_
          "next_token": path_next_token, "logits_processor": path_logits_processor}
 
 
-@pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, confident, mem_dir, path, mode, memory):
-    if path == "logits_processor" and memory:
-        pytest.skip("transformers' generate takes the datastore only")
+    if path == "logits_processor" and "decoder" in memory:
+        pytest.skip("transformers' generate takes the datastore and the cache only")
     knn = _knn(lm, datastore, mem_dir, mode, memory, {"adaptive+distance": tabled, "adaptive+confidence": confident})
     if "+" in mode:
         table = knn.retrieval().settings()["lambda_by_distance"]
@@ -153,9 +157,13 @@ def test_every_path_gives_the_same_logprobs(lm, datastore, tabled, confident, me
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
     lm_only = np.array([t.logprob_lm for t in knn.score(ids).tokens[start - 1 :]])
     assert np.abs(want - lm_only).max() > 1e-3  # the memories did change the numbers
+    if "cache" in memory:  # and the cache did too: the same memories without it differ
+        without = _knn(lm, datastore, mem_dir, mode, memory.replace("+cache", ""),
+                       {"adaptive+distance": tabled, "adaptive+confidence": confident})
+        assert np.abs(_reference(knn, ids, 1) - _reference(without, ids, 1)).max() > 1e-3
 
 
-@pytest.mark.parametrize("memory", [False, True], ids=["knn", "knn+decoder"])
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_evaluate_gives_scores_perplexity(lm, datastore, tabled, confident, mem_dir, corpus, tmp_path, mode, memory):
     """`evaluate` of a text read in one window: the perplexity of KNNLM.score's log-probs."""
@@ -166,13 +174,18 @@ def test_evaluate_gives_scores_perplexity(lm, datastore, tabled, confident, mem_
     knn = _knn(lm, datastore, mem_dir, mode, memory, tables)
     ids = lm.encode(text)
     by_distance = "+" in mode
-    res = evaluate(lm, [f], (tables[mode] if by_distance else datastore).path, mem_dir if memory else None, index="flat",
+    res = evaluate(lm, [f], (tables[mode] if by_distance else datastore).path,
+                   mem_dir if "decoder" in memory else None, index="flat",
                    k=8, lam=0.3, temperature=2.0, lambda_mode=mode.split("+")[0], memory_lambda=0.4,
+                   cache_lambda=CACHE_LAMBDA if "cache" in memory else 0.0,
                    lambda_by_distance=by_distance or None, window=len(ids), stride=len(ids),
                    batch_tokens=len(ids), progress=False)
     assert ("lambda_by_distance" in res) == by_distance
     want = float(np.exp(-np.mean(_reference(knn, ids, 1))))
-    assert res["ppl_knnlm_memory" if memory else "ppl_knnlm"] == pytest.approx(want, rel=1e-5)
+    assert res["ppl"] == pytest.approx(want, rel=1e-5)  # the headline: every memory mixed
+    named = {"knn": "ppl_knnlm", "knn+decoder": "ppl_knnlm_memory", "knn+cache": "ppl_cache"}
+    if memory in named:
+        assert res[named[memory]] == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
@@ -192,3 +205,107 @@ def test_lambda_zero_is_the_lm_on_every_path(lm, datastore, mem_dir, mode):
         scores = torch.randn(1, lm.vocab_size)
         proc.captured = {datastore.key_point: torch.randn(1, 1, datastore.dim)}
         assert torch.equal(proc(torch.tensor([prompt]), scores), torch.log_softmax(scores, -1))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_cache_lambda_zero_is_no_cache_on_every_path(lm, datastore, mode):
+    """A cache with λ = 0 (asked for, or mixed through the mixer) leaves the kNN-LM exactly
+    as it is without a cache, bit for bit."""
+    from knnlm.run.continuous import CacheUse
+
+    prompt = lm.encode(TEXT[:40])
+    kw = dict(lam=0.3, k=8, knn_temperature=2.0, lambda_mode=mode)
+    without, zero = KNNLM(lm, {"ds": datastore.path}, **kw), KNNLM(lm, {"ds": datastore.path}, cache_lambda=0.0, **kw)
+    g = without.generate(prompt, N, ignore_eos=True)
+    ids = prompt + g.ids
+    assert [t.logprob for t in zero.generate(prompt, N, ignore_eos=True).tokens] == [t.logprob for t in g.tokens]
+    assert [t.logprob for t in zero.score(ids).tokens] == [t.logprob for t in without.score(ids).tokens]
+    r = without.retrieval()
+    runs = []
+    for c in (None, CacheUse(0.0, mode == "adaptive", 0.05, 2000)):  # the zero weight through the mixer itself
+        mixing = MixState(r, None, c)
+        dec = Decoder(lm, r, None, mixing)
+        dec.feed(prompt)
+        out = []
+        for t in ids[len(prompt):]:
+            out.append(dec.distribution()[0])
+            mixing.observe(t)
+            dec.feed([t])
+        runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_adaptive_bound_holds_with_the_cache(lm, datastore, mem_dir, tmp_path):
+    """The datastore, the cache and a memory decoder all adapting (λ's far too high for
+    this text): the mixture is never more than the sum of log(1/w0) of the three worse
+    than the LM over the whole text (knnlm.core.mix), and the cache is among them."""
+    import math
+
+    from knnlm.core.mix import candidates
+
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT[:300])
+    lams = {"lam": 0.3, "cache_lambda": 0.3, "memory_lambda": 0.3}
+    res = evaluate(lm, [f], datastore.path, mem_dir, index="flat", k=8, temperature=2.0, lambda_mode="adaptive",
+                   window=64, stride=32, batch_tokens=128, progress=False, **lams)
+    assert res["cache_lambda_mode"] == "adaptive" and "ppl_knnlm_memory" in res
+    bound = sum(-math.log(candidates(lam)[1][0]) for lam in lams.values())
+    n = res["tokens"]
+    assert n * (math.log(res["ppl"]) - math.log(res["ppl_lm"])) <= bound + 1e-6
+
+
+@pytest.fixture(scope="module")
+def cache_tuned(datastore, tmp_path_factory):
+    """The datastore as `knnlm build` tunes it now: its settings with a cache λ above 0."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("cache_tuned") / "ds"
+    shutil.copytree(datastore.path, out)
+    Datastore(out).record_settings({"k": 8, "lambda": 0.3, "temperature": 2.0, "cache_lambda": CACHE_LAMBDA})
+    return Datastore(out)
+
+
+@pytest.mark.parametrize("recorded", [CACHE_LAMBDA, 0.0, None], ids=["tuned", "zero", "old"])
+def test_the_recorded_cache_lambda_is_every_paths_default(lm, datastore, recorded, tmp_path):
+    """A datastore that recorded a cache λ above 0 mixes the cache by default, adapting, on
+    every path (KNNLM.score, generate, batch, the LogitsProcessor, evaluate's headline);
+    one that recorded 0, or none (tuned before the cache's λ was), mixes none: its numbers
+    are the kNN-LM's alone, bit for bit; cache_lambda=0 turns a recorded one off."""
+    import shutil
+
+    path = tmp_path / "ds"
+    shutil.copytree(datastore.path, path)
+    settings = {"k": 8, "lambda": 0.3, "temperature": 2.0}
+    Datastore(path).record_settings({**settings, **({} if recorded is None else {"cache_lambda": recorded})})
+    default, off = KNNLM(lm, {"ds": path}), KNNLM(lm, {"ds": path}, cache_lambda=0.0)
+    explicit = KNNLM(lm, {"ds": path}, cache_lambda=CACHE_LAMBDA, lambda_mode="adaptive")
+    prompt = lm.encode(TEXT[:40])
+    g = default.generate(prompt, N, ignore_eos=True)
+    ids = prompt + g.ids
+    got = [t.logprob for t in default.score(ids).tokens]
+    if recorded:
+        c = default.cache_use(default.retrieval())
+        assert (c.lam, c.adapt, c.source) == (CACHE_LAMBDA, True, "datastore")
+        assert got == [t.logprob for t in explicit.score(ids).tokens]
+        assert np.abs(np.array(got) - [t.logprob for t in off.score(ids).tokens]).max() > 1e-3
+        assert g.settings["cache_lambda"] == CACHE_LAMBDA
+    else:
+        assert default.cache_use(default.retrieval()) is None and "cache_lambda" not in g.settings
+        assert got == [t.logprob for t in off.score(ids).tokens]
+    start = len(prompt)
+    np.testing.assert_allclose([t.logprob for t in g.tokens], got[start - 1 :], rtol=0, atol=ATOL)
+    batch = default.generate_many([prompt[:1], prompt], N, ignore_eos=True, max_batch=2)[1]
+    np.testing.assert_allclose([t.logprob for t in batch.tokens], got[start - 1 :], rtol=0, atol=ATOL)
+    with default.logits_processor() as proc:
+        assert (proc.c is not None) == bool(recorded)
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT[:300])
+    n = len(lm.encode(TEXT[:300]))
+    kw = dict(index="flat", window=n, stride=n, batch_tokens=n, progress=False)
+    res = evaluate(lm, [f], path, **kw)
+    assert res["mixed"] == (["datastore", "cache"] if recorded else ["datastore"])
+    assert res["ppl"] == (res["ppl_cache"] if recorded else res["ppl_knnlm"])
+    none = evaluate(lm, [f], path, cache_lambda=0.0, **kw)
+    assert none["mixed"] == ["datastore"] and none["ppl"] == none["ppl_cache"] == res["ppl_knnlm"]
+    full = default.score(TEXT[:300])
+    assert res["ppl"] == pytest.approx(full.ppl, rel=1e-5)

@@ -91,9 +91,9 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
     if cache:
         c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
         c.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
-                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d); 'auto': the lambda "
-                            "the datastore tuned for its cache when built (else 0.05), adapting to the text; off "
-                            "if not given")
+                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d; default: the "
+                            "lambda the datastore tuned for its cache when built, adapting to the text, and no cache "
+                            "where that is 0 or not recorded); 'auto': that lambda, else 0.05, adapting; 0: no cache")
         c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
                        help="scale of the dot product of final hidden states")
         c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from knnlm.cli.checks import check_datastore, check_knn_args, check_memories
-from knnlm.cli.common import fewer_searches, load_lm
+from knnlm.cli.common import cache_lambda_arg, fewer_searches, load_lm
 from knnlm.cli.memory import add_memory_args, memories
 from knnlm.errors import KnnlmError
 
@@ -32,7 +32,7 @@ def cmd_generate(args) -> None:
     if args.datastore:
         check_datastore(args.datastore, args.index, args.k, name=Path(args.datastore).name)
     from knnlm.run.generate import KNNLM
-    from knnlm.run.options import MixSettings, RetrievalSettings, Sampling
+    from knnlm.run.options import CacheSettings, MixSettings, RetrievalSettings, Sampling
 
     fewer = fewer_searches(args)
     sampling = Sampling(temperature=args.sampling_temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
@@ -49,7 +49,9 @@ def cmd_generate(args) -> None:
                     index=args.index, nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                     temperature=args.temperature, paper_defaults=args.paper_defaults, **fewer),
                 mixing=MixSettings(lam=args.lam, mode=args.lambda_mode, memory_lambda=args.memory_lambda,
-                                   by_distance=getattr(args, "lambda_by_distance", None)))
+                                   by_distance=getattr(args, "lambda_by_distance", None),
+                                   cache_lambda=args.cache_lambda),
+                cache=CacheSettings(args.cache_theta, args.cache_size))
     options = dict(k=args.k)  # None: the datastore's tuned k; a -k above its size is an error
     t0 = time.perf_counter()
     if args.json:
@@ -114,7 +116,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from knnlm.run.generate import KNNLM
-    from knnlm.run.options import MixSettings, RetrievalSettings
+    from knnlm.run.options import CacheSettings, MixSettings, RetrievalSettings
     from knnlm.serve.server import create_app
 
     lm = load_lm(args, next(iter(datastores.values()), None), memory=next(iter(mems.values()), None))
@@ -124,7 +126,9 @@ def cmd_serve(args) -> None:
                                             nprobe=args.nprobe, rerank=False if args.no_rerank else None,
                                             paper_defaults=args.paper_defaults, **fewer),
                 mixing=MixSettings(lam=args.lam, mode=args.lambda_mode, memory_lambda=args.memory_lambda,
-                                   by_distance=getattr(args, "lambda_by_distance", None)))
+                                   by_distance=getattr(args, "lambda_by_distance", None),
+                                   cache_lambda=args.cache_lambda),
+                cache=CacheSettings(args.cache_theta, args.cache_size))
     if args.default_datastore == "none":
         knn.default = None
     if args.default_memory == "none":
@@ -164,7 +168,7 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
     g.add_argument("--ignore-eos", action="store_true", help="go on after the end-of-text token")
     g.add_argument("--neighbors", type=int, default=0, help="after the text, each token's N nearest memories")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, scores) at the end")
-    add_knn_args(sp)
+    add_knn_args(sp, cache=True)
     add_fewer_searches_args(sp)
     add_memory_args(sp)
     add_model_args(sp)
@@ -203,6 +207,8 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="larger request bodies get 413, unread")
     a.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
                    help="longer prompts get 400 before tokenizing")
+    from knnlm.run.options import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
+
     r = sp.add_argument_group("retrieval defaults (each request may override them)")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="weight of p_kNN (default: each datastore's tuned lambda, else 0.25)")
@@ -217,6 +223,13 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
     r.add_argument("--index", default=None, help="index name inside each datastore (default: its only index)")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
+    r.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
+                   help="weight of the continuous cache (the sequence's own earlier positions) mixed after the "
+                        "datastore (default: the lambda each datastore tuned for it, adapting; none where that is 0 "
+                        "or not recorded); 'auto': that lambda, else 0.05; 0: no cache")
+    r.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
+                   help="the cache's scale of the dot product of final hidden states")
+    r.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE, help="most recent positions in the cache")
     add_fewer_searches_args(sp)
     add_memory_args(sp, serve=True)
     add_model_args(sp)

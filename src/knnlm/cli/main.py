@@ -36,6 +36,7 @@ from knnlm.errors import KnnlmError
 LOG = logging.getLogger("knnlm")
 RETUNE_SHARE = 0.1  # `knnlm info` advises re-tuning once this share of the entries was added since tuning
 SOURCES = {"datastore": "the datastore's tuned settings", "paper": "the paper's defaults", "explicit": "as given"}
+CACHE_SOURCES = {"datastore": "the datastore's tuned one", "default": "the default", "explicit": "as given"}
 
 
 # ---- subcommands ---------------------------------------------------------------------
@@ -99,7 +100,12 @@ def cmd_eval(args) -> None:
         check_memories([args.memory])
     lm = load_lm(args, args.datastore, memory=args.memory)
     res = evaluate(lm, args.text, args.datastore, args.memory, **settings, progress=not args.quiet)
-    rows = [("tokens", str(res["tokens"])), ("ppl LM", f"{res['ppl_lm']:.3f}")]
+    rows = [("tokens", str(res["tokens"]))]
+    if res["mixed"]:  # the headline: the whole mixture, what generation and the server give too
+        names = {"datastore": "datastore", "cache": "continuous cache", "memory": "memory decoder"}
+        rows.append(("ppl", f"{res['ppl']:.3f}  ({100 * (res['ppl'] / res['ppl_lm'] - 1):+.2f}%)  LM + "
+                            + " + ".join(names[m] for m in res["mixed"])))
+    rows.append(("ppl LM", f"{res['ppl_lm']:.3f}"))
     if "ppl_knnlm" in res:
         rows.append(("ppl kNN-LM", f"{res['ppl_knnlm']:.3f}  ({100 * (res['ppl_knnlm'] / res['ppl_lm'] - 1):+.2f}%)"))
         lam = (f"lambda={res['lambda']} adaptive (ended at {res['lambda_adapted']:.3g})"
@@ -113,10 +119,11 @@ def cmd_eval(args) -> None:
         if res["search_rate"] < 1 or settings["retrieval"].pointers or settings["retrieval"].adaptive:
             rows.append(("searches", f"{100 * res['search_rate']:.1f}% of tokens"))
     if "ppl_cache" in res:
-        rows.append(("ppl + cache", f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
+        label = "ppl kNN-LM + cache" if "ppl_knnlm" in res else "ppl LM + cache"
+        rows.append((label, f"{res['ppl_cache']:.3f}  ({100 * (res['ppl_cache'] / res['ppl_lm'] - 1):+.2f}%)"))
         adapted = f" (adaptive, ended at {res['cache_lambda_adapted']:.3f})" if "cache_lambda_adapted" in res else ""
-        rows.append(("cache", f"lambda={res['cache_lambda']}{adapted} theta={res['cache_theta']} "
-                              f"size={res['cache_size']}"))
+        rows.append(("cache", f"lambda={res['cache_lambda']}{adapted} ({CACHE_SOURCES[res['cache_lambda_source']]}) "
+                              f"theta={res['cache_theta']} size={res['cache_size']}"))
     for key, label in (("ppl_memory", "ppl LM + memory"), ("ppl_knnlm_memory", "ppl kNN-LM + memory")):
         if key in res:
             rows.append((label, f"{res[key]:.3f}  ({100 * (res[key] / res['ppl_lm'] - 1):+.2f}%)  "
@@ -181,9 +188,9 @@ def cmd_tune(args) -> None:
 def cmd_explain(args) -> None:
     from knnlm.core.batching import plan_files
     from knnlm.core.scoring import check_settings
-    from knnlm.core.settings import resolve
+    from knnlm.core.settings import cache_weight, resolve
     from knnlm.run.evaluate import open_for_model, score_plan
-    from knnlm.run.options import RetrievalSettings
+    from knnlm.run.options import CacheSettings, RetrievalSettings
     from knnlm.run.explain import ExplainSettings, explain, render
 
     if args.memory and args.html:
@@ -202,13 +209,18 @@ def cmd_explain(args) -> None:
                 lambda_mode=args.lambda_mode, by_distance=args.lambda_by_distance)
     searcher = searcher_from_args(args, ds)
     plan = plan_files(lm, args.text, args.window, args.stride, args.batch_tokens)
+    # the continuous cache, as every command mixes it: by default the datastore's tuned cache λ, adapting
+    cw = None if args.cache_lambda is None and args.paper_defaults else \
+        cache_weight(ds.meta, args.cache_lambda, args.lambda_mode)[0]
+    cw = None if cw is None or cw.lam == 0 else cw
     s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature),
+                   cache=CacheSettings(args.cache_theta, args.cache_size) if cw is not None else None,
                    keep_neighbors=True, progress=not args.quiet)
     if args.html:
         write_page(args.html, lm, ds, s, r, args.neighbors, ", ".join(str(t) for t in args.text))
         if not args.output:
             return
-    items = explain(lm, ds, s, r, ExplainSettings(top=args.top, neighbors=args.neighbors))
+    items = explain(lm, ds, s, r, ExplainSettings(top=args.top, neighbors=args.neighbors), cache=cw)
     text = render(items)
     print(text)
     if args.output:
@@ -369,11 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
              "  knnlm eval wiki.test.raw -d ds-wiki -o result.json   # k, lambda, T: the datastore's tuned ones\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --paper-defaults # k=1024, lambda=0.25, T=1\n"
              "  knnlm eval test.jsonl -d ds --lambda 0.65 -k 256 --temperature 2 --index flat\n"
-             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda auto    # + continuous cache, tuned λ, adapting\n"
+             "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0       # the kNN-LM without the continuous cache\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --cache-lambda 0.1 --cache-theta 0.05 --cache-size 2000\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --pointers 64          # RetoMaton: fewer searches\n"
              "  knnlm eval wiki.test.raw -d ds-wiki --adaptive 0.9         # no search where max p_LM >= 0.9\n"
              "  knnlm eval wiki.test.raw --memory mem-wiki --memory-lambda 0.3   # memory decoder, no search")
+    sp.description = ("Perplexity of the LM and of the LM with its memories on a text.  The first line, ppl, is "
+                      "the whole mixture, as generation and the server give it: the datastore (-d), then the "
+                      "continuous cache (by default where the datastore tuned a cache lambda above 0; "
+                      "--cache-lambda 0: none), then a memory decoder (--memory); the lines below it break it down "
+                      "(ppl kNN-LM: the datastore alone).")
     sp.add_argument("text", nargs="+", help=".txt or .jsonl files (or their .gz)")
     sp.add_argument("-o", "--output", help="write the result as JSON")
     add_knn_args(sp, cache=True)
@@ -411,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", metavar="OUT.html",
                     help="write the whole text as an interactive page (every token coloured, its memories, "
                          "λ/T/k sliders) that opens in a browser without a server")
-    add_knn_args(sp)
+    add_knn_args(sp, cache=True)
     add_memory_args(sp)
     add_model_args(sp)
     add_window_args(sp)

@@ -15,10 +15,11 @@ says so explicitly either way.  A datastore tuned with a λ-by-distance table
 (knnlm.core.neighbor) has each position's λ read from its nearest neighbour's distance,
 unless λ is given.
 
-The continuous cache's λ resolves the same way (`cache_weight`): "auto" is the λ the
-datastore tuned for its cache on its own corpus (`settings.cache_lambda`; 0 when the cache
-did not help there: the kNN-LM alone), else DEFAULT_CACHE_LAMBDA, adapting to the text; a
-number is used fixed, as written.
+The continuous cache's λ resolves the same way (`cache_weight`): by default it is the λ
+the datastore tuned for its cache on its own corpus (`settings.cache_lambda`), adapting to
+the text, and no cache where that is 0 (the cache did not help there) or not recorded (a
+datastore tuned before it was); "auto" is the recorded one, else DEFAULT_CACHE_LAMBDA,
+adapting; a number is used fixed, as written (0: no cache).
 """
 
 from __future__ import annotations
@@ -104,14 +105,19 @@ def check_lambda_mode(mode: str | None) -> None:
         raise KnnlmError(f"lambda mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def cache_weight(meta: dict | None, lam: float | str, lambda_mode: str | None = None) -> tuple[Weight, str]:
+def cache_weight(meta: dict | None, lam: float | str | None, lambda_mode: str | None = None) -> tuple[Weight | None, str]:
     """The continuous cache's λ policy and where it came from ("datastore", "default",
-    "explicit"): `lam` "auto" is the datastore's recorded cache λ (else DEFAULT_CACHE_LAMBDA),
-    adaptive unless `lambda_mode` is "fixed"; a number is fixed unless `lambda_mode` is "adaptive"."""
+    "explicit"): `lam` None (the default) is the datastore's recorded cache λ when it is
+    above 0, adaptive unless `lambda_mode` is "fixed", else no cache (None, "off": a
+    datastore whose cache did not help its own text, or one tuned before the cache's λ was
+    recorded); "auto" the recorded one (else DEFAULT_CACHE_LAMBDA), adapting likewise; a
+    number is fixed unless `lambda_mode` is "adaptive"."""
     check_lambda_mode(lambda_mode)
-    if lam != "auto":
+    if lam is not None and lam != "auto":
         check_settings(lam=lam)
         return Weight(float(lam), lambda_mode == "adaptive"), "explicit"
     rec = (recorded(meta or {}) or {}).get("cache_lambda")
-    ok = isinstance(rec, (int, float)) and 0.0 <= rec <= 1.0
+    ok = isinstance(rec, (int, float)) and not isinstance(rec, bool) and 0.0 <= rec <= 1.0
+    if lam is None:
+        return (Weight(float(rec), lambda_mode != "fixed"), "datastore") if ok and rec > 0 else (None, "off")
     return Weight(float(rec) if ok else DEFAULT_CACHE_LAMBDA, lambda_mode != "fixed"), "datastore" if ok else "default"

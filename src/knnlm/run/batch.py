@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from knnlm.core.model import cached_forward
 from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import step_logits
+from knnlm.run.continuous import CACHE_KEY_POINT
 from knnlm.run.decode import Decoder, GenerationRequest, Host, SequenceState, StreamEvent, next_distributions
 
 
@@ -127,7 +128,8 @@ class BatchGenerator:
         tokens = torch.tensor([[row.token] for row in rows], device=dev)  # (B, 1)
         positions = self.mask.sum(1, keepdim=True)  # (B, 1): each row's own next position
         mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=dev)], 1)
-        kps = sorted({row.seq.req.r.ds.key_point for row in rows if row.seq.req.r is not None})
+        kps = sorted({row.seq.req.r.ds.key_point for row in rows if row.seq.req.r is not None}
+                     | ({CACHE_KEY_POINT} if any(row.seq.mixing.cache is not None for row in rows) else set()))
         with torch.inference_mode(), self.lm._capture(kps) as captured:
             out, cache = cached_forward(self.lm.model, self.cache, input_ids=tokens, attention_mask=mask,
                                         position_ids=positions)
@@ -135,6 +137,9 @@ class BatchGenerator:
                     for kp in kps}  # (B, d)
         self.cache, self.mask = cache, mask
         logits = out.logits[:, -1]  # (B, V)
+        for i, row in enumerate(rows):  # each row's continuous cache takes its fed token's final hidden state
+            if row.seq.mixing.cache is not None:
+                row.seq.mixing.cache.feed(keys[CACHE_KEY_POINT][i : i + 1], [row.token])
 
         groups: dict[tuple, list[int]] = defaultdict(list)  # one search per (datastore, k)
         for i, row in enumerate(rows):

@@ -23,6 +23,7 @@ from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup
+from knnlm.run.continuous import CACHE_KEY_POINT, CacheState, CacheUse
 from knnlm.run.options import MAX_STOPS, check_sampling, parse_stops  # noqa: F401  (here before options)
 
 
@@ -58,6 +59,7 @@ class TokenScore:
     top: dict[str, float] = field(default_factory=dict)  # the most likely tokens' log p_kNN-LM, when asked
     logprob_memory: float | None = None  # log p_mem of a memory decoder, when one is mixed in (scoring)
     logprob_lm_max: float | None = None  # the LM's log max p at this position (its confidence; scoring)
+    logprob_cache: float | None = None  # log p_cache of the continuous cache, when it is mixed in (scoring; NaN: empty)
 
 
 @dataclass
@@ -134,16 +136,19 @@ def settings_of(r: Retrieval | None) -> dict:
 
 
 class MixState:
-    """One sequence's mixing (knnlm.core.mix): the datastore's p_kNN, then a memory
-    decoder's p_mem, each on top of the mixture before it, with the λ policy of each (fixed,
-    or adapting to the tokens read so far).  `mix` gives the next token's distribution;
-    `observe` takes the token that came as evidence; `read` a whole text's tokens at once."""
+    """One sequence's mixing (knnlm.core.mix): the datastore's p_kNN, then the continuous
+    cache's p_cache, then a memory decoder's p_mem, each on top of the mixture before it
+    (evaluate's order), with the λ policy of each (fixed, or adapting to the tokens read so
+    far).  `mix` gives the next token's distribution; `observe` takes the token that came as
+    evidence; `read` a whole text's tokens at once.  `cache`: the sequence's cache entries
+    (knnlm.run.continuous), fed by whoever runs the model."""
 
-    def __init__(self, r: Retrieval | None, m: MemoryUse | None = None):
-        self.slots = (r is not None, m is not None)  # which memories this sequence mixes
-        self.mixture = Mixture([x.weight for x in (r, m) if x is not None])
+    def __init__(self, r: Retrieval | None, m: MemoryUse | None = None, c: CacheUse | None = None):
+        self.slots = (r is not None, c is not None, m is not None)  # which memories this sequence mixes
+        self.mixture = Mixture([x.weight for x in (r, c, m) if x is not None])
         self.table = r.by_distance if r is not None else None
-        self.lams = [x.lam for x in (r, m) if x is not None]
+        self.lams = [x.lam for x in (r, c, m) if x is not None]
+        self.cache = CacheState(c) if c is not None else None
         self.pending: tuple | None = None  # the last `mix`'s (lm, memories, base) log-probs, until `observe`
 
     @property
@@ -153,7 +158,7 @@ class MixState:
     def base(self, nearest, confidence=None) -> np.ndarray | None:
         """Each memory's base λ (n, J) at positions whose nearest neighbours are at `nearest`
         (n,) and where the LM's log max p is `confidence` (n,): the datastore's from its
-        distance table; None without a table."""
+        distance table, the others' their own; None without a table."""
         if self.table is None:
             return None
         d = np.atleast_1d(np.asarray(nearest, dtype=np.float64))
@@ -164,9 +169,11 @@ class MixState:
     def mix(self, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None, hit: torch.Tensor | None,
             mem_lp: torch.Tensor | None, nearest: float | None = None) -> torch.Tensor:
         """log p(next token) (V,) from the LM's, p_kNN's (None: no retrieval here; -inf
-        outside `hit`) and p_mem's log-probs (V,); `nearest`: the nearest neighbour's distance."""
-        mems = [x for x, on in zip((knn_lp, mem_lp), self.slots) if on]
-        hits = [x for x, on in zip((hit, None), self.slots) if on]
+        outside `hit`) and p_mem's log-probs (V,), with the cache's from its entries so far;
+        `nearest`: the nearest neighbour's distance."""
+        cache_lp, cache_hit = self.cache.logprobs(lm_lp) if self.cache is not None else (None, None)
+        mems = [x for x, on in zip((knn_lp, cache_lp, mem_lp), self.slots) if on]
+        hits = [x for x, on in zip((hit, cache_hit, None), self.slots) if on]
         base = None if nearest is None else self.base([nearest], [float(lm_lp.max())])
         base = None if base is None else base[0]
         omega = self.mixture.omega([x is not None for x in mems], base)
@@ -180,13 +187,15 @@ class MixState:
         self.pending = None
 
     def read(self, lm_logprobs: np.ndarray, knn_logprobs: np.ndarray | None, mem_logprobs: np.ndarray | None,
-             nearest: np.ndarray | None = None, confidence: np.ndarray | None = None):
+             nearest: np.ndarray | None = None, confidence: np.ndarray | None = None,
+             cache_logprobs: np.ndarray | None = None):
         """A text's targets (n,) each: their flat weights (n, J), taken in as evidence;
         nearest (n,): each position's nearest neighbour's distance (NaN: none); confidence
-        (n,): the LM's log max p at each position."""
-        cols = [x for x, on in zip((knn_logprobs, mem_logprobs), self.slots) if on]
+        (n,): the LM's log max p at each position; cache_logprobs (n,): log p_cache of each
+        target (NaN: an empty cache)."""
+        cols = [x for x, on in zip((knn_logprobs, cache_logprobs, mem_logprobs), self.slots) if on]
         mems = np.stack(cols, axis=1) if cols else np.zeros((len(lm_logprobs), 0))
-        base = None if nearest is None else self.base(nearest, confidence)
+        base = None if nearest is None or self.table is None else self.base(nearest, confidence)
         return self.mixture.step(lm_logprobs, mems, base), mems
 
 
@@ -207,10 +216,11 @@ class GenerationRequest:
     top_logprobs: int
     report_eos: bool = False  # the EOS that ends the generation is reported as a last token (text "")
     m: MemoryUse | None = None  # a memory decoder mixed on top
+    c: CacheUse | None = None  # the continuous cache, mixed after the datastore
 
     @property
     def settings(self) -> dict:
-        return {**settings_of(self.r), **(self.m.settings() if self.m else {})}
+        return {**settings_of(self.r), **(self.c.settings() if self.c else {}), **(self.m.settings() if self.m else {})}
 
 
 def filter_logprobs(logprobs: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -284,11 +294,18 @@ class Decoder:
     def feed(self, ids: list[int]) -> None:
         x = torch.tensor([ids], device=self.lm.device)  # (1, t)
         kps = [self.r.ds.key_point] if self.r else []
+        cache = self.mixing.cache  # the continuous cache's keys: the final hidden states of the same pass
+        if cache is not None and CACHE_KEY_POINT not in kps:
+            kps.append(CACHE_KEY_POINT)
         evidence = self.mixing.adapts and len(ids) > 1  # the prompt's own tokens, read as scoring reads a text
         with self.lm._capture(kps) as captured:
             out, self.cache = cached_forward(self.lm.model, self.cache, input_ids=x)
         self.logits = out.logits[0, -1]  # (V,)
-        keys = mem_all = None
+        keys = mem_all = cache_lp = None
+        if cache is not None:
+            h = captured[CACHE_KEY_POINT].reshape(x.shape[1], -1).float().cpu().numpy()  # (t, d)
+            cache_lp = cache.targets(h, ids) if evidence else None
+            cache.feed(h, ids)
         if self.r is not None:
             keys = captured[self.r.ds.key_point].reshape(x.shape[1], -1).float().cpu().numpy()  # (t, d)
             self.key = keys[-1:]  # (1, d)
@@ -297,11 +314,12 @@ class Decoder:
             mem_all = logits[0] if evidence else None  # (t, V_mem)
             self.mem_logits = logits[0, -1] if evidence else logits[0]  # (V_mem,)
         if evidence:
-            self._read(ids, out.logits[0], keys, mem_all)
+            self._read(ids, out.logits[0], keys, mem_all, cache_lp)
 
     def _read(self, ids: list[int], logits: torch.Tensor, keys: np.ndarray | None,
-              mem_logits: torch.Tensor | None) -> None:
-        """Take the fed tokens ids[1:] in as the mixing's evidence (a plain search for each)."""
+              mem_logits: torch.Tensor | None, cache_lp: np.ndarray | None = None) -> None:
+        """Take the fed tokens ids[1:] in as the mixing's evidence (a plain search for each;
+        cache_lp: their log p_cache)."""
         targets = torch.tensor(ids[1:], device=logits.device)[:, None]  # (t-1, 1)
         lm_all = torch.log_softmax(logits[:-1].float(), -1)  # (t-1, V)
         lm = lm_all.gather(1, targets)[:, 0].cpu().numpy()  # (t-1,)
@@ -313,7 +331,7 @@ class Decoder:
         if self.m is not None:
             mem_lp = torch.log_softmax(mem_logits[:-1].float(), -1)
             mem = mem_lp.gather(1, targets.to(mem_lp.device))[:, 0].cpu().numpy()
-        self.mixing.read(lm, knn, mem, nearest, lm_all.max(-1).values.cpu().numpy())
+        self.mixing.read(lm, knn, mem, nearest, lm_all.max(-1).values.cpu().numpy(), cache_lp)
 
     def distribution(self, state: PointerState | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor | None]:
@@ -393,7 +411,7 @@ class SequenceState:
         self.shown, self.text = 0, ""
         r = req.r
         self.pointers = PointerState(r.pointers) if r is not None and r.pointers is not None else None
-        self.mixing = MixState(r, req.m)  # the λ of each memory, as this generation reads its tokens
+        self.mixing = MixState(r, req.m, req.c)  # the λ of each memory, as this generation reads its tokens
 
     def advance(self, mix: torch.Tensor, lm_lp: torch.Tensor, knn_lp: torch.Tensor | None,
                 dists: np.ndarray | None, ids: np.ndarray | None) -> tuple[list[StreamEvent], int | None]:

@@ -24,6 +24,7 @@ from knnlm.core.settings import PAPER, cache_weight, resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import confidence
 from knnlm.retrieval.pointers import simulate
+from knnlm.run.continuous import CACHE_KEY_POINT  # noqa: F401  (the cache's keys: final hidden states)
 from knnlm.run.options import (  # noqa: F401  (DEFAULT_CACHE_THETA: this module's name before options)
     DEFAULT_CACHE_SIZE,
     DEFAULT_CACHE_THETA,
@@ -39,8 +40,6 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_K = PAPER["k"]  # score_plan's k and T when called directly; commands resolve theirs (core.settings)
 DEFAULT_TEMPERATURE = PAPER["temperature"]
-# Continuous cache (Grave et al., 2017): keys are final hidden states, as in their paper.
-CACHE_KEY_POINT = "final"
 
 
 @dataclass
@@ -258,9 +257,10 @@ def evaluate(
     cache_lambda, memory_lambda = mixing.cache_lambda, mixing.memory_lambda
     if lm.max_positions and window > lm.max_positions:
         raise KnnlmError(f"window {window} is longer than the model's {lm.max_positions} positions")
-    searcher = None
+    searcher, meta = None, None
     if datastore is not None:
         ds = open_for_model(lm, datastore)
+        meta = ds.meta
         chosen = resolve(ds.meta, ds.count, k, lam, temperature, paper=retrieval.paper_defaults,
                          name=str(ds.path), lambda_mode=mixing.mode, by_distance=mixing.by_distance)
         k, lam, temperature = chosen.k, chosen.lam, chosen.temperature
@@ -271,13 +271,16 @@ def evaluate(
         from knnlm.memory.decoder import MemoryDecoder
 
         memory = MemoryDecoder.load_for(lm, memory)
+    # the continuous cache: by default the datastore's tuned cache λ, adapting, when it recorded one above 0
+    cw, cache_source = (None, "off") if cache_lambda is None and retrieval.paper_defaults else \
+        cache_weight(meta, cache_lambda, mixing.mode)
     plan = plan_files(lm, texts, window, stride, windows.batch_tokens)
     t0 = time.perf_counter()
     try:
         s = score_plan(lm, plan, searcher, memory,
                        retrieval=dataclasses.replace(retrieval, k=k or DEFAULT_K,
                                                      temperature=temperature or DEFAULT_TEMPERATURE),
-                       cache=cache if cache_lambda is not None else None, progress=progress)
+                       cache=cache if cw is not None else None, progress=progress)
     finally:
         if hasattr(searcher, "close"):
             searcher.close()
@@ -328,12 +331,12 @@ def evaluate(
             seconds_lm=round(s.seconds["lm"], 3),
             seconds_knn=round(s.seconds["knn"], 3),
         )
-    if cache_lambda is not None:  # "auto": the datastore's tuned cache λ, adapting (core.settings.cache_weight)
-        cw, source = cache_weight(searcher.ds.meta if searcher is not None else None, cache_lambda, mixing.mode)
-        lp, lams = mixed(*knn, (s.cache, cw))
+    cached = [(s.cache, cw)] if cw is not None else []  # the continuous cache, mixed after the datastore
+    if cw is not None:
+        lp, lams = mixed(*knn, *cached)
         result.update(ppl_cache=perplexity(lp), cache_lambda=cw.lam, cache_lambda_mode=cw.mode,
-                      cache_lambda_source=source, **({"cache_lambda_adapted": round(float(lams[-1]), 6)}
-                                                     if cw.adapt else {}),
+                      cache_lambda_source=cache_source, **({"cache_lambda_adapted": round(float(lams[-1]), 6)}
+                                                           if cw.adapt else {}),
                       cache_theta=cache.theta, cache_size=cache.size, cache_key_point=CACHE_KEY_POINT)
     if memory is not None:
         mw = memory_weight(memory.meta, memory_lambda, mixing.mode, str(memory.path))
@@ -343,4 +346,9 @@ def evaluate(
                       seconds_memory=round(s.seconds["memory"], 3))
         if searcher is not None:
             result["ppl_knnlm_memory"] = perplexity(mixed(*knn, (s.memory, mw))[0])
+    # the headline: every memory mixed, in the decoding paths' order (datastore, cache, decoder)
+    every = knn + cached + ([(s.memory, mw)] if memory is not None else [])
+    result["mixed"] = [name for name, on in (("datastore", knn), ("cache", cw is not None and cw.lam > 0),
+                                             ("memory", memory is not None)) if on]
+    result["ppl"] = perplexity(mixed(*every)[0]) if every else result["ppl_lm"]
     return result

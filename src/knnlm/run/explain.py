@@ -46,19 +46,21 @@ _SHOWN = tuple(f.name for f in dataclasses.fields(ExplainSettings))
 
 
 def explain(lm, ds: Datastore, scores: Scores, settings: Resolved | None = None,
-            shown: ExplainSettings | None = None, **flat) -> list[dict]:
+            shown: ExplainSettings | None = None, cache: Weight | None = None, **flat) -> list[dict]:
     """The targets of `scores` (a `score_plan(keep_neighbors=True)` pass over `ds`) where
     the datastore helped most, as dicts, with their nearest neighbours in their source
     context (`shown`: how many and how ranked, ExplainSettings).  `settings`: the resolved
     settings the scores were made with (knnlm.core.settings.resolve): λ, adapting from
     there as the text is read when `adapt` (knnlm.core.adapt), as `evaluate` does; with a
     `by_distance` table (knnlm.core.neighbor) each position's λ starts from its nearest
-    distance; T weighs the neighbours.  The flat keywords lam=, temperature=, adapt=,
-    by_distance=, top=, neighbors=, context=, min_context=, by= are accepted too."""
+    distance; T weighs the neighbours.  `cache`: the continuous cache's λ policy, mixed after
+    the datastore as `evaluate` mixes it (the scores' `cache` log-probs; None: no cache).
+    The flat keywords lam=, temperature=, adapt=, by_distance=, top=, neighbors=, context=,
+    min_context=, by= are accepted too."""
     settings, shown = _fold(scores, settings, shown, flat)
     context, neighbors = shown.context, shown.neighbors
     plan = scores.plan
-    mix, lams = knn_mixture(scores, settings.lam, settings.adapt, settings.by_distance)
+    mix, lams = knn_mixture(scores, settings.lam, settings.adapt, settings.by_distance, cache)
     gain = mix - scores.lm if shown.by == "log" else np.exp(mix) - np.exp(scores.lm)
     doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(gain)), side="right") - 1
     offset = np.arange(len(gain)) - plan.docs[doc_of, 2] + 1
@@ -99,6 +101,7 @@ def explain(lm, ds: Datastore, scores: Scores, settings: Resolved | None = None,
             "p_lm": float(np.exp(scores.lm[i])),
             "p_knn": float(np.exp(scores.knn[i])),
             "p_knnlm": float(np.exp(mix[i])),
+            **({"p_cache": float(np.exp(scores.cache[i]))} if cache is not None else {}),
             "lambda": float(lams[i]),
             "neighbors": rows,
         })
@@ -126,13 +129,24 @@ def _fold(scores: Scores, settings: Resolved | None, shown: ExplainSettings | No
     return settings, dataclasses.replace(shown or ExplainSettings(), **{n: flat[n] for n in _SHOWN if n in flat})
 
 
-def knn_mixture(scores: Scores, lam: float, adapt: bool = False, by_distance=None) -> tuple[np.ndarray, np.ndarray]:
+def knn_mixture(scores: Scores, lam: float, adapt: bool = False, by_distance=None,
+                cache: Weight | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The kNN-LM's log p(target) (n,) and the datastore's weight at each position (n,), as
     `evaluate` mixes them (knnlm.core.mix; a `by_distance` table reads the nearest distances,
-    and the LM's confidence when it was tuned with it)."""
+    and the LM's confidence when it was tuned with it); with a `cache` weight the continuous
+    cache (`scores.cache`) is mixed after the datastore."""
     nearest = scores.nearest if scores.nearest is not None else (None if scores.dists is None else scores.dists[:, 0])
-    base = None if by_distance is None or nearest is None else by_distance(nearest, scores.lm_max)[:, None]
-    mix, omega, _ = mix_text(scores.lm, scores.knn[:, None], [Weight(lam, adapt)], base)
+    mems, weights = [scores.knn], [Weight(lam, adapt)]
+    if cache is not None:
+        if scores.cache is None:
+            raise KnnlmError("the scores have no continuous cache: score_plan(cache=CacheSettings(...))")
+        mems.append(scores.cache)
+        weights.append(cache)
+    base = None
+    if by_distance is not None and nearest is not None:
+        base = np.stack([by_distance(nearest, scores.lm_max)] + [np.full(len(scores.lm), w.lam) for w in weights[1:]],
+                        axis=1)
+    mix, omega, _ = mix_text(scores.lm, np.stack(mems, axis=1), weights, base)
     return mix, omega[:, 0]
 
 

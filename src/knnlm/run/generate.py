@@ -26,7 +26,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
 from knnlm.core.attribution import Attribution, attribute_neighbors
 from knnlm.core.mix import mix_targets, mix_vocab
@@ -54,8 +53,10 @@ from knnlm.run.decode import (
     settings_of,
     target_knn_logprobs,
 )
+from knnlm.run.continuous import CACHE_KEY_POINT, CacheUse, cache_use, vocab_rows
 from knnlm.run.explain import neighbor_weights
-from knnlm.run.options import MixSettings, RetrievalSettings, Sampling, call_overrides, fold
+from knnlm.run.options import CacheSettings, MixSettings, RetrievalSettings, Sampling, call_overrides, fold
+from knnlm.run.processor import KNNLogitsProcessor
 from knnlm.scale import open_datastore, open_searcher
 
 LOG = logging.getLogger(__name__)
@@ -145,18 +146,19 @@ class KNNLM:
 
     def __init__(self, lm, datastores: Mapping[str, str | Path] | None = None, default: str | None = None, *,
                  memories: Mapping[str, str | Path] | None = None, default_memory: str | None = None,
-                 retrieval: RetrievalSettings | None = None, mixing: MixSettings | None = None, context: int = 24,
-                 **flat):
-        """`retrieval` and `mixing` (knnlm.run.options) are every call's defaults (None fields:
-        each datastore's tuned settings, each decoder's tuned λ); the flat names of their
-        fields (lam=, k=, knn_temperature=, index=, lambda_mode=, memory_lambda=, ...) work too."""
+                 retrieval: RetrievalSettings | None = None, mixing: MixSettings | None = None,
+                 cache: CacheSettings | None = None, context: int = 24, **flat):
+        """`retrieval`, `mixing` and `cache` (knnlm.run.options) are every call's defaults (None
+        fields: each datastore's tuned settings, its tuned cache λ, each decoder's tuned λ); the flat
+        names of their fields (lam=, k=, knn_temperature=, index=, lambda_mode=, cache_lambda=, ...) work too."""
         if "temperature" in flat:  # the kNN temperature is knn_temperature here (temperature is sampling's)
             raise TypeError("KNNLM() got an unexpected keyword argument 'temperature'")
         if "knn_temperature" in flat:
             flat["temperature"] = flat.pop("knn_temperature")
-        retrieval, mixing = fold("KNNLM", flat, retrieval=retrieval, mixing=mixing)
-        if retrieval.actors or mixing.cache_lambda is not None:
-            raise KnnlmError("KNNLM searches in process and mixes no continuous cache (those are `evaluate`'s)")
+        retrieval, mixing, self.cache_settings = fold("KNNLM", flat, retrieval=retrieval, mixing=mixing, cache=cache)
+        if retrieval.actors:
+            raise KnnlmError("KNNLM searches in process (Ray search actors are `evaluate`'s)")
+        self.cache_lambda = mixing.cache_lambda  # None: each datastore's tuned cache λ when above 0, else no cache
         lam, k, knn_temperature = mixing.lam, retrieval.k, retrieval.temperature
         index, nprobe, rerank, paper_defaults = retrieval.index, retrieval.nprobe, retrieval.rerank, retrieval.paper_defaults
         memory_lambda = mixing.memory_lambda
@@ -241,6 +243,14 @@ class KNNLM:
                           str(dec.path))
         return MemoryUse(name, dec, w.lam, w.adapt)
 
+    def cache_use(self, r: Retrieval | None, cache_lambda: float | str | None = None) -> CacheUse | None:
+        """A call's continuous cache (knnlm.run.continuous; None: none, or disabled), mixed
+        after `r`'s datastore: by default with the λ that datastore tuned for it."""
+        lam = self.cache_lambda if cache_lambda is None else cache_lambda
+        if self._disabled or (lam is None and self.paper_defaults):
+            return None
+        return cache_use(r.ds.meta if r is not None else None, lam, self.lambda_mode, self.cache_settings)
+
     @property
     def datastores(self) -> dict[str, Datastore]:
         return {name: s.ds for name, s in self.searchers.items()}
@@ -319,16 +329,17 @@ class KNNLM:
         λ and memory λ (None fields: the KNNLM's); their flat names work too.
         """
         over, _ = call_overrides("score", flat, retrieval, mixing)
-        memory_lambda = over.pop("memory_lambda", None)
+        memory_lambda, cache_lambda = over.pop("memory_lambda", None), over.pop("cache_lambda", None)
         r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
+        c = self.cache_use(r, cache_lambda)
         if neighbors < 0 or top_logprobs < 0:
             raise KnnlmError(f"neighbors and top_logprobs must be >= 0, got {neighbors} and {top_logprobs}")
         ids = self.prompt_ids(text)
         self.check_length(len(ids), 0)
         if len(ids) < 2:
             raise KnnlmError("nothing to score: the text has no token after the first")
-        kps = [r.ds.key_point] if r else []
+        kps = sorted(({r.ds.key_point} if r else set()) | ({CACHE_KEY_POINT} if c else set()))
         keys, logits = self.lm.forward(torch.tensor([ids]), kps, logits=True)  # logits (1, T, V)
         targets = torch.tensor(ids[1:], device=logits.device)  # (T-1,)
         lm_all = torch.log_softmax(logits[0, :-1].float(), -1)  # (T-1, V)
@@ -351,11 +362,18 @@ class KNNLM:
             _, mem_logits = m.decoder.lm.forward(torch.tensor([ids]), [], logits=True)  # (1, T, V_mem)
             mem_all = torch.log_softmax(mem_logits[0, :-1].float(), -1)  # (T-1, V_mem)
             mem_lp = mem_all.gather(1, targets[:, None].to(mem_all.device))[:, 0].cpu().numpy().astype(np.float64)
-        mixing = MixState(r, m)  # the one mixer, as generation uses it: λ read from the tokens so far
+        mixing = MixState(r, m, c)  # the one mixer, as generation uses it: λ read from the tokens so far
+        cache_lp = cache_all = None
+        if c is not None:  # the continuous cache: each position's entries are the text's earlier ones
+            h = keys[CACHE_KEY_POINT][0].float().cpu().numpy()  # (T, d)
+            cache_lp = mixing.cache.targets(h, ids)  # (T-1,) NaN at the first position
+            mixing.cache.feed(h, ids)
+            cache_all = (lambda: vocab_rows(h, ids, c, lm_all.shape[-1])) if top_logprobs else None
         lm_max = lm_all.max(-1).values.cpu().numpy()  # (T-1,) the LM's confidence at each position
-        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp, None if dists is None else dists[:, 0], lm_max)  # (T-1, J)
+        omega, mems = mixing.read(lm_lp, knn_lp, mem_lp, None if dists is None else dists[:, 0], lm_max,
+                                  cache_lp)  # (T-1, J)
         mix = mix_targets(lm_lp, mems, omega)
-        tops = (self._top_rows(lm_all, r, dists, nids, omega, top_logprobs, mem_all)
+        tops = (self._top_rows(lm_all, r, dists, nids, omega, top_logprobs, mem_all, cache_all and cache_all())
                 if top_logprobs else [{} for _ in mix])
         tokens = []
         for i, t in enumerate(ids[1:]):
@@ -367,13 +385,15 @@ class KNNLM:
             tokens.append(TokenScore(t, text_i, float(mix[i]), float(lm_lp[i]),
                                      None if knn_lp is None or not found else float(knn_lp[i]), nb, top,
                                      logprob_memory=None if mem_lp is None else float(mem_lp[i]),
-                                     logprob_lm_max=float(lm_max[i])))
+                                     logprob_lm_max=float(lm_max[i]),
+                                     logprob_cache=None if cache_lp is None else float(cache_lp[i])))
         nxt = None
         if following:
             d, n = after if after is not None else (None, None)
             nxt = (*next_distributions(logits[0, -1], r, d, n, m, None if m is None else mem_logits[0, -1], mixing),
                    d, n)
-        out = TextScore(ids, tokens, {**settings_of(r), **(m.settings() if m else {})}, nxt)
+        out = TextScore(ids, tokens, {**settings_of(r), **(c.settings() if c else {}), **(m.settings() if m else {})},
+                        nxt)
         if r is not None:
             lams = omega[:, 0]  # the datastore's share of each position's mixture
             out.attributed = lambda: attribute_neighbors(r.ds, dists, nids, np.array(ids[1:]), lams, r.temperature)
@@ -384,10 +404,11 @@ class KNNLM:
 
     def _top_rows(self, lm_all: torch.Tensor, r: Retrieval | None, dists: np.ndarray | None,
                   nids: np.ndarray | None, omega: np.ndarray, n: int, mem_all: torch.Tensor | None = None,
-                  chunk: int = 256) -> list[dict[str, float]]:
+                  cache_all: torch.Tensor | None = None, chunk: int = 256) -> list[dict[str, float]]:
         """The n most likely tokens of each row's mixture: lm_all (m, V) log p_LM, the rows'
-        neighbours (m, k) and a memory decoder's log p_mem (m, V_mem), mixed with each row's
-        weights omega (m, J) (knnlm.core.mix); (chunk, V) of p_kNN at a time."""
+        neighbours (m, k), the continuous cache's log p_cache (m, V) and a memory decoder's
+        log p_mem (m, V_mem), mixed with each row's weights omega (m, J) (knnlm.core.mix);
+        (chunk, V) of p_kNN at a time."""
         out = []
         for i in range(0, lm_all.shape[0], chunk):
             lm = lm_all[i : i + chunk].cpu()  # (c, V)
@@ -396,6 +417,8 @@ class KNNLM:
                 vals = r.ds.vals[np.maximum(nids[i : i + chunk], 0)]  # (c, k)
                 mems.append(knn_distribution(dists[i : i + chunk], vals, lm.shape[-1], r.temperature,
                                              r.ds.counts_of(nids[i : i + chunk])))
+            if cache_all is not None:
+                mems.append(cache_all[i : i + chunk])
             if mem_all is not None:
                 mems.append(align_vocab(mem_all[i : i + chunk].cpu(), lm.shape[-1]))  # (c, V)
             mix = mix_vocab(lm, mems, omega[i : i + chunk])
@@ -407,12 +430,12 @@ class KNNLM:
                                 memory=DEFAULT, neighbors: int = 0, **flat) -> NextToken:
         """p(next token | prefix) under the LM, p_kNN and their mixture (with a memory decoder's on top)."""
         over, _ = call_overrides("next_token_distribution", flat, retrieval, mixing)
-        memory_lambda = over.pop("memory_lambda", None)
+        memory_lambda, cache_lambda = over.pop("memory_lambda", None), over.pop("cache_lambda", None)
         r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prefix)
         self.check_length(len(ids), 1)
-        step = Decoder(self.lm, r, m)
+        step = Decoder(self.lm, r, m, MixState(r, m, self.cache_use(r, cache_lambda)))
         step.feed(ids)
         mix, lm_lp, knn_lp = step.distribution()
         nb = self.neighbors_of(r, step.dists[0], step.ids[0], neighbors) if r is not None and neighbors else []
@@ -448,13 +471,14 @@ class KNNLM:
         over, sp = call_overrides("prepare", flat, retrieval, mixing, sampling, sampling_names=True)
         check_sampling(sp.temperature, sp.top_k, sp.top_p, max_new_tokens)
         stops = parse_stops(sp.stop)
-        memory_lambda = over.pop("memory_lambda", None)
+        memory_lambda, cache_lambda = over.pop("memory_lambda", None), over.pop("cache_lambda", None)
         r = self.retrieval(datastore, **over)
         m = self.memory_use(memory, memory_lambda)
         ids = self.prompt_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
         return GenerationRequest(ids, r, max_new_tokens, sp.temperature, sp.top_k, sp.top_p, stops, sp.seed,
-                                 sp.ignore_eos, sp.neighbors, sp.top_logprobs, sp.report_eos, m)
+                                 sp.ignore_eos, sp.neighbors, sp.top_logprobs, sp.report_eos, m,
+                                 self.cache_use(r, cache_lambda))
 
     def run(self, req: GenerationRequest) -> Iterator[StreamEvent]:
         """Generate a prepared request (see `stream`)."""
@@ -489,14 +513,17 @@ class KNNLM:
     # ---- HF generate -------------------------------------------------------------------
     @contextlib.contextmanager
     def logits_processor(self, datastore=DEFAULT, lam: float | None = None, k: int | None = None,
-                         knn_temperature: float | None = None) -> Iterator["KNNLogitsProcessor"]:
-        """A LogitsProcessor for `lm.model.generate(..., logits_processor=[proc])`; the key
-        is read by a hook that lives as long as the `with` block."""
+                         knn_temperature: float | None = None,
+                         cache_lambda: float | str | None = None) -> Iterator[KNNLogitsProcessor]:
+        """A LogitsProcessor for `lm.model.generate(..., logits_processor=[proc])`; the keys
+        are read by a hook that lives as long as the `with` block."""
         r = self.retrieval(datastore, lam, k, knn_temperature)
-        proc = KNNLogitsProcessor(self.lm, r)
+        c = self.cache_use(r, cache_lambda)
+        proc = KNNLogitsProcessor(self.lm, r, c)
+        kps = ([r.ds.key_point] if r is not None else []) + ([CACHE_KEY_POINT] if c is not None else [])
         with contextlib.ExitStack() as stack:
-            if r is not None:
-                proc.captured = stack.enter_context(self.lm._capture([r.ds.key_point]))
+            if kps:
+                proc.captured = stack.enter_context(self.lm._capture(sorted(set(kps))))
             yield proc
 
     # ---- attribution -------------------------------------------------------------------
@@ -556,36 +583,3 @@ def _left_to_right(r: Retrieval, queries: np.ndarray, logits: torch.Tensor,
 def _generation(req: GenerationRequest, events: list[StreamEvent]) -> Generation:
     tokens = [e.token for e in events if e.token is not None]
     return Generation("".join(e.text for e in events), tokens, req.ids, events[-1].finish_reason, req.settings)
-
-
-class KNNLogitsProcessor(LogitsProcessor):
-    """Turns the LM's next-token scores into kNN-LM log-probs inside HF `generate`.
-
-    The query key is the one the model computed at the last position in its own forward
-    pass (captured by a hook that `KNNLM.logits_processor()` installs).  Custom
-    processors run before HF's temperature/top-k/top-p warpers, so sampling applies to
-    the mixture, as in `KNNLM.generate`.  Use a batch of one or left padding.
-    """
-
-    def __init__(self, lm, r: Retrieval | None):
-        self.lm, self.r = lm, r
-        self.captured: dict[str, torch.Tensor] = {}
-        self.mixing: list[MixState] = []  # one per row: λ adapts to the tokens generated (not the prompt)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        lm_lp = torch.log_softmax(scores.float(), -1)  # (B, V)
-        if self.r is None:
-            return lm_lp
-        b = scores.shape[0]
-        if len(self.mixing) != b:
-            self.mixing = [MixState(self.r) for _ in range(b)]
-        for row, state in enumerate(self.mixing):  # the token chosen after the last call is its evidence
-            state.observe(int(input_ids[row, -1]))
-        key = self.captured[self.r.ds.key_point].reshape(b, -1, self.r.ds.dim)  # (B, t, d)
-        dists, ids = self.r.searcher.search(key[:, -1].float().cpu().numpy(), self.r.k)  # (B, k)
-        vals = self.r.ds.vals[np.maximum(ids, 0)]
-        knn_lp = knn_distribution(dists, vals, lm_lp.shape[-1], self.r.temperature,
-                                  self.r.ds.counts_of(ids)).to(lm_lp.device)  # (B, V)
-        return torch.stack([state.mix(lm_lp[row], knn_lp[row] if (ids[row] >= 0).any() else None, None, None,
-                                      float(dists[row, 0]))
-                            for row, state in enumerate(self.mixing)])

@@ -85,7 +85,9 @@ class MixSettings:
     """How the LM and the memories are mixed.  `lam`: the datastore's λ (None: its tuned one);
     `mode` "adaptive" (λ follows the text as it is read, knnlm.core.adapt) or "fixed"
     (None: adaptive unless `lam` is given); `cache_lambda`: the continuous cache mixed on
-    top (None: no cache; "auto": the datastore's tuned cache λ, adapting); `memory_lambda`: a memory decoder's λ (None: its default);
+    top of the datastore (None: the datastore's tuned cache λ, adapting, when it recorded
+    one above 0, else no cache; "auto": the tuned one, else 0.05, adapting; 0: no cache);
+    `memory_lambda`: a memory decoder's λ (None: its default);
     `by_distance`: each position's λ read from its nearest neighbour's distance with the
     datastore's recorded table (knnlm.core.neighbor; None: when recorded and λ not given)."""
 
@@ -174,8 +176,9 @@ class Sampling:
 # a call's own retrieval and mixing (KNNLM.score, prepare, next_token_distribution): flat name -> (group, field)
 CALL = {"lam": ("mixing", "lam"), "k": ("retrieval", "k"), "knn_temperature": ("retrieval", "temperature"),
         "pointers": ("retrieval", "pointers"), "adaptive": ("retrieval", "adaptive"),
-        "memory_lambda": ("mixing", "memory_lambda")}
-_PER_CALL = {"retrieval": {"k", "temperature", "pointers", "adaptive"}, "mixing": {"lam", "memory_lambda"}}
+        "memory_lambda": ("mixing", "memory_lambda"), "cache_lambda": ("mixing", "cache_lambda")}
+_PER_CALL = {"retrieval": {"k", "temperature", "pointers", "adaptive"},
+             "mixing": {"lam", "memory_lambda", "cache_lambda"}}
 
 
 def call_overrides(function: str, flat: dict, retrieval: RetrievalSettings | None = None,

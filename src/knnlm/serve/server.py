@@ -399,8 +399,10 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
             ids = knnlm.prompt_ids(p)
             knnlm.check_length(len(ids), req.max_tokens)
             r = knnlm.retrieval(**{key: v for key, v in retrieval.items() if not key.startswith("memory")})
+            c = knnlm.cache_use(r)
+            shown = {**settings_of(r), **(c.settings() if c is not None else {})}
             if not req.echo:
-                return len(ids), None, settings_of(r), None
+                return len(ids), None, shown, None
             plain = r is None or (r.pointers is None and r.adaptive is None)  # else: the generation's own steps
             tokens, events, one = [], None, req.max_tokens == 1 and len(ids) > 1 and plain
             if (scores or one) and len(ids) > 1:
@@ -411,7 +413,7 @@ def create_app(knnlm: KNNLM, max_queue: int = 16, max_tokens: int = 512, model_n
                     events, _ = SequenceState(knnlm, knnlm.prepare(ids, 1, **options)).advance(*s.following)
             prefix = isinstance(p, str) and ids[0] == knnlm.lm.prefix_token_id
             return len(ids), Echo(p if isinstance(p, str) else knnlm.lm.decode(ids), knnlm.lm.decode(ids[:1]),
-                                  tokens, prefix), settings_of(r), events
+                                  tokens, prefix), shown, events
 
         def generation(p):
             def prepare():

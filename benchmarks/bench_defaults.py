@@ -61,7 +61,13 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> d
     k_own = min(int(settings["k"]), k_max)
     own_knn = knn_target_logprobs(dists[:, :k_own], vals[:, :k_own], t, settings["temperature"])
     before, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # one adaptive λ from λ0
-    default, lam_default = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"])  # as `knnlm eval`
+    knn_default, _ = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"])  # the datastore alone
+    ends: list = []
+    default, _ = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"], q.get("cache"), ends)  # as `knnlm eval`
+    cache = {}
+    if len(ends) > 1:  # the continuous cache is in the default: its λ and where it ended
+        cache = {"cache_lambda": settings["cache_lambda"], "cache_lambda_adapted": ends[1],
+                 "cache_theta": float(q["cache_theta"]), "cache_size": int(q["cache_size"])}
     table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
     fixed = {}
     if table is not None:  # the table's λ at each position, not adapting
@@ -69,6 +75,7 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> d
         fixed = {"ppl_table_fixed": perplexity(mix_memories(lm_lp, own_knn[:, None], [Weight(settings["lambda"])],
                                                             base)[0]), "lambda_by_distance": table.as_dict()}
     return {"tokens": int(len(t)), "ppl_lm": perplexity(lm_lp), "ppl_default": perplexity(default), **fixed,
+            "ppl_default_knn": perplexity(knn_default), **cache,
             "ppl_own": perplexity(before), "lambda_adapted": lam_end,
             "ppl_own_fixed": ppl(k_own, settings["lambda"], settings["temperature"]),
             "own": {"k": k_own, "lambda": settings["lambda"], "temperature": settings["temperature"]},
@@ -77,13 +84,17 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> d
             "search_seconds": round(search_s, 1), "index": searcher.settings()}
 
 
-def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int) -> dict:
+def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int, earlier: dict | None = None) -> dict:
     """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
     here), as `knnlm build` tunes, when they were tuned before its λ table was checked
-    against the LM's confidence (no `lambda_table_heldout_ppl`)."""
+    against the LM's confidence and its cache's λ was (no `lambda_table_heldout_ppl` or
+    `cache_lambda`).  `earlier`: the settings an earlier run tuned for this datastore the same
+    way (--settings-from), used instead of tuning again."""
     s = ds.settings
-    if s and "lambda_table_heldout_ppl" in s:
+    if s and "lambda_table_heldout_ppl" in s and "cache_lambda" in s:
         return s
+    if earlier is not None:
+        return earlier
     return self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
 
 
@@ -110,16 +121,22 @@ def run(args) -> dict:
         raise KnnlmError(f"no demo datastores in {demo}: run `knnlm demo --workdir {demo}` first")
     lm = LM.load(args.model, dtype=args.dtype, device="cpu")
     res = {"model": args.model, "dtype": args.dtype, "tune_tokens": args.tune_tokens}
+    earlier = {}
+    if args.settings_from:  # each case's settings as an earlier run tuned them
+        old = json.loads(Path(args.settings_from).read_text())
+        earlier = {case: old[case]["settings"] for case in ("wikitext2", "es-es", "en-us") if case in old}
+        res["settings_from"] = str(args.settings_from)
 
     res["wikitext2_test"] = {"file": str(data), "sha256": file_sha256(data)}
     queries = None
     if cases & {"wikitext2", "mismatch"}:
-        queries = query_cache(lambda: lm, data, qpath(wt_path.parent / f"queries-{data.stem}.npz"), confidence=True)
+        queries = query_cache(lambda: lm, data, qpath(wt_path.parent / f"queries-{data.stem}.npz"), confidence=True,
+                              cache=True)
     if "wikitext2" in cases:
         wt = Datastore(wt_path)
         wt_searcher = Searcher(wt, args.index if args.index in list_indexes(wt) else None)
         t0 = time.perf_counter()
-        s = own_settings(lm, wt, wt_searcher, args.tune_tokens)
+        s = own_settings(lm, wt, wt_searcher, args.tune_tokens, earlier.get("wikitext2"))
         res["wikitext2"] = {"datastore": str(wt_path), "entries": wt.count, "settings": s,
                             "tune_seconds": round(time.perf_counter() - t0, 1), **compare(queries, wt_searcher, s)}
         LOG.info("wikitext2: %s", res["wikitext2"])
@@ -130,16 +147,16 @@ def run(args) -> dict:
         ds = Datastore(demo_stores[lang][-1])
         searcher = Searcher(ds)
         test = demo / lang / "corpus" / "test.jsonl"
-        q = query_cache(lambda: lm, test, qpath(demo / lang / "queries-test.npz"), confidence=True)
-        s = own_settings(lm, ds, searcher, args.tune_tokens)
+        q = query_cache(lambda: lm, test, qpath(demo / lang / "queries-test.npz"), confidence=True, cache=True)
+        s = own_settings(lm, ds, searcher, args.tune_tokens, earlier.get(lang))
         res[lang] = {"case": label, "datastore": str(ds.path), "entries": ds.count, "settings": s,
                      **compare(q, searcher, s)}
         LOG.info("%s: %s", lang, res[lang])
     if "mismatch" in cases:
         ds = Datastore(demo_stores["en-us"][-1])
         searcher = Searcher(ds)
-        s = own_settings(lm, ds, searcher, args.tune_tokens)
-        sub = {f: v[: args.mismatch_tokens] for f, v in queries.items() if f != "doc_first"}
+        s = own_settings(lm, ds, searcher, args.tune_tokens, earlier.get("en-us"))
+        sub = {f: v[: args.mismatch_tokens] if np.ndim(v) else v for f, v in queries.items() if f != "doc_first"}
         res["mismatch"] = {"case": "demo English-leads datastore on WikiText-2 test", "datastore": str(ds.path),
                            "entries": ds.count, "settings": s, **compare(sub, searcher, s)}
         LOG.info("mismatch: %s", res["mismatch"])
@@ -160,19 +177,23 @@ def render(res: dict, command: str) -> str:
            "\"table\": distance × confidence, or distance alone).",
            "**The default** reads each position's base λ from that table and adapts it to the text as it is read",
            "(knnlm.core.mix: a Bayesian mixture of {0, λ_t, ~2λ_t} whose prior mean is λ_t, so it can lose at",
-           "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone). \"before\" is the default before the",
+           "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone), and where the datastore tuned a λ above 0",
+           "for the continuous cache (the document's own earlier positions, Grave et al. 2017) on the same tuning",
+           "positions, mixes the cache after it with that λ, adapting too (column \"cache\": its λ, where it ended,",
+           "and the default without it). \"before\" is the default before the",
            "table: one adaptive λ from λ0; \"table, fixed\" the table's λ without adapting; \"fixed λ0\" the tuned",
            "λ0 throughout.  The oracle is the best fixed setting on the test text itself (no user has it).",
            f"Model: {res['model']} ({res['dtype']}), 2 CPU cores.", "",
            "Commands (each under the shared CPU lock; DATASTORE: the WikiText-2 datastore, DEMO: `knnlm demo`'s "
            "--workdir, TEXT: the first whole articles of wiki.test.raw, its first 101,501 characters, CACHE: a "
-           "folder for the cached test queries, OUT: where the results go):", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
+           "folder for the cached test queries, DATA: the folder holding wiki.test.raw, OUT: where the results go):", "", "    " + command, "", data_note(["wiki.test.raw"]) + "  Folder: `--data` (default "
            "`../shared/data`).", "",
            "| case | entries | test tokens | LM | own settings (k, λ0, T) | **default** (λ by distance × LM "
-           "confidence, adaptive) | vs LM | vs before | before (adaptive λ0: end) "
+           "confidence, adaptive, + cache) | vs LM | vs before | cache: λ (end); without it "
+           "| before (adaptive λ0: end) "
            "| table (held out: distance alone vs × confidence) | table, fixed | own, fixed λ0 "
            "| paper's (1024, 0.25, 1) | oracle (k, λ, T) | kNN-LM, oracle |",
-           "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+           "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|---:|---:|---:|---|---:|"]
     for name, r in rows:
         o, b = r["own"], r["oracle"]
         d = r["ppl_default"]
@@ -180,12 +201,14 @@ def render(res: dict, command: str) -> str:
         t = r.get("lambda_by_distance")
         kind = ("–" if t is None else f"{len(t['lambdas'])} × {len(t['lambdas'][0])}" if "confidence_edges" in t
                 else f"{len(t['lambdas'])}")
+        cache = (f"{r['cache_lambda']:.2f} ({r['cache_lambda_adapted']:.3f}); {r['ppl_default_knn']:.3f}"
+                 if "cache_lambda" in r else f"{r['settings'].get('cache_lambda', 0):.2f}: none")
         check = r["settings"].get("lambda_table_heldout_ppl")
         if check:
             kind += f" (held out: {check['distance']:.3f} vs {check['distance_and_confidence']:.3f})"
         out.append(f"| {name} | {r['entries']} | {r['tokens']} | {r['ppl_lm']:.3f} | {o['k']}, {o['lambda']:.2f}, "
                    f"{o['temperature']:g} | **{d:.3f}** | {100 * (d / r['ppl_lm'] - 1):+.2f}% | "
-                   f"{100 * (d / r['ppl_own'] - 1):+.2f}% | {r['ppl_own']:.3f} (λ {r['lambda_adapted']:.3f}) | "
+                   f"{100 * (d / r['ppl_own'] - 1):+.2f}% | {cache} | {r['ppl_own']:.3f} (λ {r['lambda_adapted']:.3f}) | "
                    f"{kind} | {fixed_d} | {r['ppl_own_fixed']:.3f} ({100 * (r['ppl_own_fixed'] / r['ppl_lm'] - 1):+.2f}%) | "
                    f"{r['ppl_paper']:.3f} ({100 * (r['ppl_paper'] / r['ppl_lm'] - 1):+.1f}%) | "
                    f"{b['k']}, {b['lambda']:.2f}, {b['temperature']:g} | {r['ppl_oracle']:.3f} |")
@@ -194,8 +217,10 @@ def render(res: dict, command: str) -> str:
             "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
             "those positions.  A datastore whose settings were tuned before the λ table was checked against the "
             "LM's confidence is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
-            "tunes it now."]
-    if "wikitext2" in res:
+            "tunes it now, unless --settings-from gives the settings an earlier run tuned for it that way."]
+    if res.get("settings_from"):
+        out += ["", f"Settings: as the earlier run tuned them ({Path(res['settings_from']).name}), not tuned again."]
+    elif "wikitext2" in res:
         out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) "
                 f"took {res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
     return "\n".join(out) + "\n"
@@ -215,6 +240,9 @@ def main() -> int:
     ap.add_argument("--mismatch-tokens", type=int, default=60000, help="WikiText-2 test positions for case 3")
     ap.add_argument("--cases", default="wikitext2,es-es,en-us,mismatch",
                     help="comma-separated cases to run (of wikitext2, es-es, en-us, mismatch)")
+    ap.add_argument("--settings-from", default=None, metavar="JSON",
+                    help="an earlier run's results: each datastore's settings as it tuned them there, instead of "
+                         "tuning again (a datastore's own recorded settings, when current, come first)")
     ap.add_argument("--query-cache", default=None,
                     help="folder for the cached test queries (default: beside each test text's datastore)")
     ap.add_argument("--out", default=str(HERE / "results" / "defaults"))

@@ -121,38 +121,53 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(1)
 
 
-def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 4096, confidence: bool = False) -> dict:
+def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 4096, confidence: bool = False,
+                cache: bool = False) -> dict:
     """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
     the target, and each document's first position (doc_first); with `confidence` also the
-    LM's log max p there (lm_max; a cache written without it is computed again).  Computed
-    once with the LM that get_lm() returns (called only then), saved to `out` (.npz), then
-    read from there."""
+    LM's log max p there (lm_max); with `cache` also log p_cache(target) of the continuous
+    cache at its default θ and size (cache, NaN at a document's first position; its keys the
+    final hidden states of the same pass).  A cache written without what is asked is computed
+    again.  Computed once with the LM that get_lm() returns (called only then), saved to `out`
+    (.npz), then read from there."""
     import numpy as np
 
     if out.exists():
         z = np.load(out)
-        if not confidence or "lm_max" in z.files:
+        if (not confidence or "lm_max" in z.files) and (not cache or "cache" in z.files):
             return {name: z[name] for name in z.files}
     import torch
 
     from knnlm.core.batching import plan_files
     from knnlm.core.model import target_logprobs
+    from knnlm.core.scoring import cache_target_logprobs
+    from knnlm.run.continuous import CACHE_KEY_POINT
+    from knnlm.run.options import CacheSettings
 
     lm = get_lm()
     plan = plan_files(lm, [text], 1024, 512, batch_tokens)
     targets = plan.targets().astype(np.int64)
     keys = np.empty((plan.count, lm.dim()), np.float16)  # (n, d)
     lp, top = np.empty(plan.count, np.float32), np.empty(plan.count, np.float32)  # (n,) each
+    read = [lm.key_point] + ([CACHE_KEY_POINT] if cache and lm.key_point != CACHE_KEY_POINT else [])
+    final = np.empty((plan.count, lm.dim(CACHE_KEY_POINT)), np.float32) if cache else None
     for b in range(len(plan.batches)):
         windows = list(plan.scored(b))
         first = min(c0 for _, c0, _, _ in windows)
-        feats, logits = lm.forward(plan.batch_input(b), [lm.key_point], logits=True, logits_from=first)
+        feats, logits = lm.forward(plan.batch_input(b), read, logits=True, logits_from=first)
         for row, c0, c1, t in windows:
             keys[t : t + c1 - c0] = feats[lm.key_point][row, c0:c1].float().numpy()
+            if cache:
+                final[t : t + c1 - c0] = feats[CACHE_KEY_POINT][row, c0:c1].float().numpy()
             lp[t : t + c1 - c0], top[t : t + c1 - c0] = (x.numpy() for x in target_logprobs(
                 logits[row, c0 - first : c1 - first], torch.from_numpy(targets[t : t + c1 - c0]), with_max=True))
+    extra = {}
+    if cache:
+        c = CacheSettings()
+        extra = {"cache": cache_target_logprobs(final, targets, plan.docs[:, 2], c.theta, c.size),
+                 "cache_theta": np.float64(c.theta), "cache_size": np.int64(c.size)}
     tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2], lm_max=top)
+    np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2], lm_max=top, **extra)
     os.replace(tmp, out)
     z = np.load(out)
     return {name: z[name] for name in z.files}
@@ -174,11 +189,13 @@ def retrieve(searcher, keys, k: int, chunk: int = 4096):
     return dists, vals, time.perf_counter() - t0
 
 
-def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict, lm_max=None):
-    """log p_kNN-LM(target) of a text as `knnlm eval` mixes it by default with a datastore's
-    recorded settings: k and T as recorded, each position's base λ from its nearest distance
-    (the λ-by-distance table when recorded; one tuned with the LM's confidence reads `lm_max`,
-    the LM's log max p at each position), adapting over the text; and the λ it ended with."""
+def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict, lm_max=None, cache=None, ends=None):
+    """log p(target) of a text as `knnlm eval` mixes it by default with a datastore's recorded
+    settings: k and T as recorded, each position's base λ from its nearest distance (the
+    λ-by-distance table when recorded; one tuned with the LM's confidence reads `lm_max`, the
+    LM's log max p at each position), then, where the datastore recorded a cache λ above 0,
+    the continuous cache (`cache`: log p_cache(target), NaN where empty) with that λ, all
+    adapting over the text; and the datastore's λ at the end (`ends`, a list, gets each memory's)."""
     import numpy as np
 
     from knnlm.core.mix import Weight, mix_text
@@ -187,9 +204,18 @@ def default_logprobs(lm_logprobs, dists, vals, targets, settings: dict, lm_max=N
 
     k = min(int(settings["k"]), dists.shape[1])
     knn = knn_target_logprobs(dists[:, :k], vals[:, :k], targets, settings["temperature"])
+    mems, weights = [knn], [Weight(settings["lambda"], adapt=True)]
+    cache_lam = settings.get("cache_lambda") or 0.0
+    if cache is not None and cache_lam > 0:
+        mems.append(np.asarray(cache, np.float64))
+        weights.append(Weight(float(cache_lam), adapt=True))
     table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
-    base = table(dists[:, 0], lm_max)[:, None] if table is not None else None
-    lp, _, lams = mix_text(np.asarray(lm_logprobs, np.float64), knn[:, None], [Weight(settings["lambda"], adapt=True)], base)
+    base = None
+    if table is not None:
+        base = np.stack([table(dists[:, 0], lm_max)] + [np.full(len(knn), w.lam) for w in weights[1:]], axis=1)
+    lp, _, lams = mix_text(np.asarray(lm_logprobs, np.float64), np.stack(mems, axis=1), weights, base)
+    if ends is not None:
+        ends.extend(float(x) for x in lams)
     return lp, float(lams[0])
 
 

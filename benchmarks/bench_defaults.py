@@ -179,8 +179,9 @@ def render(res: dict, command: str) -> str:
            "(knnlm.core.mix: a Bayesian mixture of {0, λ_t, ~2λ_t} whose prior mean is λ_t, so it can lose at",
            "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone), and where the datastore tuned a λ above 0",
            "for the continuous cache (the document's own earlier positions, Grave et al. 2017) on the same tuning",
-           "positions, mixes the cache after it with that λ, adapting too (column \"cache\": its λ, where it ended,",
-           "and the default without it). \"before\" is the default before the",
+           "positions, one that also helped held out (λ swept on alternate pieces, the cache adapting on the others),",
+           "mixes the cache after it with that λ, adapting too (column \"cache\": its λ, where it ended, and the",
+           "default without it). \"before\" is the default before the",
            "table: one adaptive λ from λ0; \"table, fixed\" the table's λ without adapting; \"fixed λ0\" the tuned",
            "λ0 throughout.  The oracle is the best fixed setting on the test text itself (no user has it).",
            f"Model: {res['model']} ({res['dtype']}), 2 CPU cores.", "",
@@ -216,13 +217,14 @@ def render(res: dict, command: str) -> str:
             "demo datastores are `knnlm demo --workdir DIR`'s; `--test-text` tests on the first whole articles of "
             "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
             "those positions.  A datastore whose settings were tuned before the λ table was checked against the "
-            "LM's confidence is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
+            "LM's confidence and the cache's λ held out is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
             "tunes it now, unless --settings-from gives the settings an earlier run tuned for it that way."]
-    if res.get("settings_from"):
-        out += ["", f"Settings: as the earlier run tuned them ({Path(res['settings_from']).name}), not tuned again."]
-    elif "wikitext2" in res:
+    if "wikitext2" in res and res["wikitext2"].get("tune_seconds"):
         out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) "
-                f"took {res['wikitext2']['tune_seconds']} s here (0 when the datastore already had settings)."]
+                f"took {res['wikitext2']['tune_seconds']} s here."]
+    if res.get("settings_from"):
+        out += ["", f"A run with --settings-from took each datastore's settings as an earlier run tuned them "
+                f"({Path(res['settings_from']).name}), not tuned again."]
     return "\n".join(out) + "\n"
 
 

@@ -260,3 +260,29 @@ def test_cache_lambda_option_takes_auto():
     assert cache_lambda_arg("auto") == "auto" and cache_lambda_arg("0.1") == 0.1
     with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
         cache_lambda_arg("often")
+
+
+@pytest.mark.parametrize("wrong_on_half", [False, True])
+def test_self_tuned_cache_lambda_must_help_held_out(wrong_on_half):
+    """Four tuning pieces; the cache is right (p 0.9) on pieces 0 and 2 and, on 1 and 3, also
+    right or else a little wrong (p 0.05 vs the base's 0.1).  Swept on all of them a λ above 0
+    wins either way; held out (λ swept on alternate pieces, the cache adapting on the others)
+    it helps only where it is right everywhere, and is recorded as 0 where it is not."""
+    from types import SimpleNamespace
+
+    from knnlm.run.selftune import cache_lambda
+
+    n, starts = 400, [0, 100, 200, 300]
+    piece = np.searchsorted(starts, np.arange(n), "right") - 1
+    cache = np.where(piece % 2 == 0, np.log(0.9), np.log(0.05 if wrong_on_half else 0.9))
+    cache[starts] = np.nan  # each piece's first position: an empty cache
+    scores = SimpleNamespace(plan=SimpleNamespace(docs=np.array([[0, 0, s] for s in starts])),
+                             lm=np.full(n, np.log(0.1)), cache=cache, targets=np.zeros(n, dtype=np.int64),
+                             dists=np.zeros((n, 1)), vals=np.zeros((n, 1), dtype=np.int64), lm_max=np.zeros(n))
+    out = cache_lambda(scores, {"k": 1, "temperature": 1.0, "lambda": 0.0}, None)
+    check = out["cache_lambda_heldout_ppl"]
+    assert out["ppl_knnlm_cache"] < check["without"]  # on all the positions the sweep's λ helps
+    if wrong_on_half:
+        assert check["with"] > check["without"] and out["cache_lambda"] == 0.0
+    else:
+        assert check["with"] < check["without"] and out["cache_lambda"] > 0

@@ -10,7 +10,9 @@ that helps on held-out pieces, of the LM's confidence (its log max p) at the bes
 (knnlm.core.neighbor), and recorded in meta.json; commands default to them.
 The continuous cache's λ is swept on the same positions on top of that kNN-LM (each piece
 is its own document, its cache its own earlier positions) and recorded as `cache_lambda`
-(0 when the cache does not help there); `--cache-lambda auto` uses it (core.settings.cache_weight).
+(0 when the cache does not help there, or does not help held out: alternate pieces with the
+λ swept on the others, adapting); every command mixes the cache by default with it when
+above 0 (core.settings.cache_weight).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from knnlm.core.batching import Plan, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
-from knnlm.core.mix import best_lambda, mix_targets
+from knnlm.core.mix import Weight, best_lambda, mix_targets, mix_text
 from knnlm.core.neighbor import DistanceLambda, fit_checked
 from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
 from knnlm.core.settings import CACHE_LAMBDAS
@@ -79,15 +81,31 @@ def piece_plan(ds, pieces: list[tuple[int, int, int]], batch_tokens: int = 4096)
 
 def cache_lambda(scores, best: dict, table: DistanceLambda | None) -> dict:
     """The continuous cache's λ (CacheSettings' θ and size) on top of the tuned kNN-LM
-    (λ by distance when there is a table) on the tuning positions: {"cache_lambda", ...}."""
+    (λ by distance when there is a table) on the tuning positions: {"cache_lambda", ...}.
+    Kept only where it helps held out: on alternate pieces, the cache with the λ swept on the
+    others, adapting as every command mixes it (knnlm.core.mix), must beat the kNN-LM alone
+    (`cache_lambda_heldout_ppl`); else 0, no cache."""
     k, t = best["k"], best["temperature"]
     knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)
     base = (mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0], scores.lm_max)[:, None]) if table is not None
             else interpolate(scores.lm, knn, best["lambda"]))
     res = best_lambda(base, scores.cache, CACHE_LAMBDAS)
     c = CacheSettings()
-    return {"cache_lambda": res["best"]["lambda"], "cache_theta": c.theta, "cache_size": c.size,
-            "ppl_knnlm_cache": res["best"]["ppl"]}
+    out = {"cache_lambda": res["best"]["lambda"], "cache_theta": c.theta, "cache_size": c.size,
+           "ppl_knnlm_cache": res["best"]["ppl"]}
+    piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(base)), "right") - 1
+    fold = piece % 2
+    if out["cache_lambda"] > 0 and len(np.unique(fold)) == 2:
+        held = np.empty(len(base))
+        for f in (0, 1):  # λ swept on one half of the pieces, the cache adapting from it on the other
+            lam = best_lambda(base[fold == f], scores.cache[fold == f], CACHE_LAMBDAS)["best"]["lambda"]
+            rows = fold != f
+            held[rows] = mix_text(base[rows], scores.cache[rows][:, None], [Weight(lam, adapt=True)])[0]
+        check = {"without": perplexity(base), "with": perplexity(held)}
+        out["cache_lambda_heldout_ppl"] = check
+        if not check["with"] < check["without"]:
+            out["cache_lambda"] = 0.0
+    return out
 
 
 def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | None, dict]:

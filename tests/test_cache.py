@@ -279,10 +279,46 @@ def test_self_tuned_cache_lambda_must_help_held_out(wrong_on_half):
     scores = SimpleNamespace(plan=SimpleNamespace(docs=np.array([[0, 0, s] for s in starts])),
                              lm=np.full(n, np.log(0.1)), cache=cache, targets=np.zeros(n, dtype=np.int64),
                              dists=np.zeros((n, 1)), vals=np.zeros((n, 1), dtype=np.int64), lm_max=np.zeros(n))
-    out = cache_lambda(scores, {"k": 1, "temperature": 1.0, "lambda": 0.0}, None)
+    out = cache_lambda(scores, {"k": 1, "temperature": 1.0, "lambda": 0.0}, None, {0.05: cache})
     check = out["cache_lambda_heldout_ppl"]
     assert out["ppl_knnlm_cache"] < check["without"]  # on all the positions the sweep's λ helps
     if wrong_on_half:
         assert check["with"] > check["without"] and out["cache_lambda"] == 0.0
     else:
         assert check["with"] < check["without"] and out["cache_lambda"] > 0
+
+
+def test_self_tuning_picks_the_cache_theta_that_fits():
+    """Targets drawn from the cache's own distribution at θ = 0.02 (and from the base, a
+    uniform LM, otherwise): swept over CACHE_THETAS with λ, self-tuning picks 0.02, and keeps
+    it held out; the recorded θ is that one.  Keys of norm ~17 in 8 dimensions: θ h.h' of a
+    few units at 0.02, so neighbouring θ give clearly different distributions."""
+    from types import SimpleNamespace
+
+    from knnlm.core.settings import CACHE_THETAS
+    from knnlm.run.selftune import cache_by_theta, cache_lambda
+
+    rng = np.random.default_rng(0)
+    V, docs, length, theta = 50, 16, 200, 0.02
+    n = docs * length
+    keys = rng.normal(size=(n, 8)).astype(np.float32) * 6.0
+    targets = np.empty(n, dtype=np.int64)
+    for d in range(docs):
+        a = d * length
+        targets[a] = rng.integers(V)
+        for t in range(a + 1, a + length):  # from the cache at θ (prob 0.5) or uniform
+            if rng.random() < 0.5:
+                w = np.exp(theta * (keys[a:t] @ keys[t]).astype(np.float64))
+                targets[t] = targets[a:t][rng.choice(t - a, p=w / w.sum())]
+            else:
+                targets[t] = rng.integers(V)
+    starts = np.arange(0, n, length)
+    scores = SimpleNamespace(plan=SimpleNamespace(docs=np.array([[0, 0, s] for s in starts])), cache_keys=keys,
+                             lm=np.full(n, -np.log(V)), targets=targets, dists=np.zeros((n, 1)),
+                             vals=np.zeros((n, 1), dtype=np.int64), lm_max=np.zeros(n))
+    caches = cache_by_theta(scores)
+    assert set(caches) == set(CACHE_THETAS)
+    out = cache_lambda(scores, {"k": 1, "temperature": 1.0, "lambda": 0.0}, None, caches)
+    grid = out["ppl_knnlm_cache_by_theta"]
+    assert out["cache_theta"] == theta and min(grid, key=grid.get) == str(theta)
+    assert out["cache_lambda"] > 0 and out["cache_lambda_heldout_ppl"]["with"] < out["cache_lambda_heldout_ppl"]["without"]

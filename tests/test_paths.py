@@ -309,3 +309,65 @@ def test_the_recorded_cache_lambda_is_every_paths_default(lm, datastore, recorde
     assert none["mixed"] == ["datastore"] and none["ppl"] == none["ppl_cache"] == res["ppl_knnlm"]
     full = default.score(TEXT[:300])
     assert res["ppl"] == pytest.approx(full.ppl, rel=1e-5)
+
+
+THETA, SIZE = 0.5, 12  # a recorded cache θ and size, not the defaults (0.05, 2000)
+
+
+@pytest.mark.parametrize("recorded", ["tuned", "old"])
+def test_the_recorded_cache_theta_is_every_paths_default(lm, datastore, recorded, tmp_path):
+    """A datastore that tuned its cache's θ and size uses them by default on every path
+    (KNNLM.score, generate, batch, teacher-forced decoding, the LogitsProcessor, evaluate):
+    the same per-token log-probs as that θ and size given explicitly, different from the
+    default θ's; one tuned before θ was recorded gives exactly the defaults' numbers; a θ
+    given explicitly overrides the record."""
+    import shutil
+
+    from knnlm import CacheSettings
+    from knnlm.core.settings import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
+
+    path = tmp_path / "ds"
+    shutil.copytree(datastore.path, path)
+    settings = {"k": 8, "lambda": 0.3, "temperature": 2.0, "cache_lambda": CACHE_LAMBDA}
+    if recorded == "tuned":
+        settings.update(cache_theta=THETA, cache_size=SIZE)
+    Datastore(path).record_settings(settings)
+    want_theta, want_size = (THETA, SIZE) if recorded == "tuned" else (DEFAULT_CACHE_THETA, DEFAULT_CACHE_SIZE)
+    default = KNNLM(lm, {"ds": path})
+    given = KNNLM(lm, {"ds": path}, cache=CacheSettings(want_theta, want_size))
+    plain = KNNLM(lm, {"ds": path}, cache=CacheSettings(DEFAULT_CACHE_THETA, DEFAULT_CACHE_SIZE))
+    c = default.cache_use(default.retrieval())
+    assert (c.theta, c.size) == (want_theta, want_size)
+    prompt = lm.encode(TEXT[:40])
+    g = default.generate(prompt, N, ignore_eos=True)
+    assert (g.settings["cache_theta"], g.settings["cache_size"]) == (want_theta, want_size)
+    ids = prompt + g.ids
+    got = [t.logprob for t in default.score(ids).tokens]
+    assert got == [t.logprob for t in given.score(ids).tokens]
+    if recorded == "tuned":
+        assert np.abs(np.array(got) - [t.logprob for t in plain.score(ids).tokens]).max() > 1e-3
+        # an explicit θ overrides the record (the recorded size stays)
+        over = KNNLM(lm, {"ds": path}, cache=CacheSettings(theta=DEFAULT_CACHE_THETA))
+        assert [t.logprob for t in over.score(ids).tokens] == \
+            [t.logprob for t in KNNLM(lm, {"ds": path}, cache=CacheSettings(DEFAULT_CACHE_THETA, SIZE))
+             .score(ids).tokens]
+    start = len(prompt)
+    for name in ("generate", "batch", "teacher_forced", "logits_processor"):
+        ids_p, lp = PATHS[name](default, lm, prompt)
+        np.testing.assert_allclose(lp, [t.logprob for t in default.score(ids_p).tokens][len(ids_p) - len(lp) - 1 :],
+                                   rtol=0, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose([t.logprob for t in g.tokens], got[start - 1 :], rtol=0, atol=ATOL)
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT[:300])
+    n = len(lm.encode(TEXT[:300]))
+    kw = dict(index="flat", window=n, stride=n, batch_tokens=n, progress=False)
+    res = evaluate(lm, [f], path, **kw)
+    assert (res["cache_theta"], res["cache_size"]) == (want_theta, want_size)
+    assert res["ppl"] == pytest.approx(default.score(TEXT[:300]).ppl, rel=1e-5)
+    assert res["ppl"] == evaluate(lm, [f], path, cache_theta=want_theta, cache_size=want_size, **kw)["ppl"]
+    fixed = evaluate(lm, [f], path, cache_lambda=CACHE_LAMBDA, **kw)  # fixed: θ shows in the perplexity
+    assert fixed["ppl"] == evaluate(lm, [f], path, cache_lambda=CACHE_LAMBDA, cache_theta=want_theta,
+                                    cache_size=want_size, **kw)["ppl"]
+    if recorded == "tuned":
+        assert evaluate(lm, [f], path, cache_lambda=CACHE_LAMBDA, cache_theta=DEFAULT_CACHE_THETA,
+                        cache_size=DEFAULT_CACHE_SIZE, **kw)["ppl"] != pytest.approx(fixed["ppl"], rel=1e-4)

@@ -145,3 +145,24 @@ def test_self_tune_records_what_it_returns(lm, datastore, tmp_path):
     assert recorded.pop("datastore_version") == ds.version  # the version they were tuned on, added when recorded
     assert recorded == json.loads(json.dumps(s))
     assert s["k"] <= 16 and 0.0 <= s["lambda"] <= 1.0 and s["tokens"] >= 64
+
+
+def test_cache_theta_option_defaults_to_the_record_and_overrides_it(capsys, corpus, llama_dir, tuned_copy, tmp_path):
+    """`knnlm eval` without --cache-theta/--cache-size mixes the cache with the datastore's
+    tuned θ and size (also with a λ given: fixed, so that θ shows in the perplexity);
+    --cache-theta given overrides the record (the size stays recorded)."""
+    Datastore(tuned_copy).record_settings({**TUNED, "cache_lambda": 0.3, "cache_theta": 0.5, "cache_size": 12})
+    res_file = tmp_path / "r.json"
+    base = ["eval", corpus, "-d", tuned_copy, *model_args(llama_dir), *WINDOWS, "-o", res_file]
+    out = run(capsys, base)
+    res = json.loads(res_file.read_text())
+    assert (res["cache_theta"], res["cache_size"], res["cache_lambda"]) == (0.5, 12, 0.3) and "theta=0.5" in out
+    base += ["--cache-lambda", "0.3"]
+    run(capsys, base)
+    res = json.loads(res_file.read_text())
+    assert (res["cache_theta"], res["cache_size"], res["cache_lambda_mode"]) == (0.5, 12, "fixed")
+    run(capsys, base + ["--cache-theta", "0.05"])
+    over = json.loads(res_file.read_text())
+    assert (over["cache_theta"], over["cache_size"]) == (0.05, 12) and over["ppl"] != res["ppl"]
+    run(capsys, base + ["--cache-size", "2000"])
+    assert json.loads(res_file.read_text())["cache_size"] == 2000

@@ -55,8 +55,6 @@ def cache_lambda_arg(text: str) -> float | str:
 
 
 def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
-    from knnlm.run.options import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
-
     g = p.add_argument_group("retrieval (k, lambda and T default to the datastore's tuned settings; see `knnlm info`)")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
     g.add_argument("--index", default=None,
@@ -94,10 +92,12 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                        help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d; default: the "
                             "lambda the datastore tuned for its cache when built, adapting to the text, and no cache "
                             "where that is 0 or not recorded); 'auto': that lambda, else 0.05, adapting; 0: no cache")
-        c.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
-                       help="scale of the dot product of final hidden states")
-        c.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
-                       help="most recent positions of the document in the cache")
+        c.add_argument("--cache-theta", type=float, default=None,
+                       help="scale of the dot product of final hidden states (default: the datastore's tuned "
+                            "theta, else 0.05)")
+        c.add_argument("--cache-size", type=int, default=None,
+                       help="most recent positions of the document in the cache (default: the datastore's tuned "
+                            "size, else 2000)")
 
 
 def add_fewer_searches_args(p: argparse.ArgumentParser) -> None:

@@ -207,8 +207,6 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="larger request bodies get 413, unread")
     a.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
                    help="longer prompts get 400 before tokenizing")
-    from knnlm.run.options import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
-
     r = sp.add_argument_group("retrieval defaults (each request may override them)")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="weight of p_kNN (default: each datastore's tuned lambda, else 0.25)")
@@ -227,9 +225,11 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="weight of the continuous cache (the sequence's own earlier positions) mixed after the "
                         "datastore (default: the lambda each datastore tuned for it, adapting; none where that is 0 "
                         "or not recorded); 'auto': that lambda, else 0.05; 0: no cache")
-    r.add_argument("--cache-theta", type=float, default=DEFAULT_CACHE_THETA,
-                   help="the cache's scale of the dot product of final hidden states")
-    r.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE, help="most recent positions in the cache")
+    r.add_argument("--cache-theta", type=float, default=None,
+                   help="the cache's scale of the dot product of final hidden states (default: each datastore's "
+                        "tuned theta, else 0.05)")
+    r.add_argument("--cache-size", type=int, default=None,
+                   help="most recent positions in the cache (default: each datastore's tuned size, else 2000)")
     add_fewer_searches_args(sp)
     add_memory_args(sp, serve=True)
     add_model_args(sp)

@@ -188,7 +188,7 @@ def cmd_tune(args) -> None:
 def cmd_explain(args) -> None:
     from knnlm.core.batching import plan_files
     from knnlm.core.scoring import check_settings
-    from knnlm.core.settings import cache_weight, resolve
+    from knnlm.core.settings import cache_params, cache_weight, resolve
     from knnlm.run.evaluate import open_for_model, score_plan
     from knnlm.run.options import CacheSettings, RetrievalSettings
     from knnlm.run.explain import ExplainSettings, explain, render
@@ -214,7 +214,8 @@ def cmd_explain(args) -> None:
         cache_weight(ds.meta, args.cache_lambda, args.lambda_mode)[0]
     cw = None if cw is None or cw.lam == 0 else cw
     s = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=r.k, temperature=r.temperature),
-                   cache=CacheSettings(args.cache_theta, args.cache_size) if cw is not None else None,
+                   cache=CacheSettings(*cache_params(ds.meta, args.cache_theta, args.cache_size))
+                   if cw is not None else None,
                    keep_neighbors=True, progress=not args.quiet)
     if args.html:
         write_page(args.html, lm, ds, s, r, args.neighbors, ", ".join(str(t) for t in args.text))

@@ -19,7 +19,9 @@ The continuous cache's λ resolves the same way (`cache_weight`): by default it 
 the datastore tuned for its cache on its own corpus (`settings.cache_lambda`), adapting to
 the text, and no cache where that is 0 (the cache did not help there) or not recorded (a
 datastore tuned before it was); "auto" is the recorded one, else DEFAULT_CACHE_LAMBDA,
-adapting; a number is used fixed, as written (0: no cache).
+adapting; a number is used fixed, as written (0: no cache).  Its similarity scale θ and
+size resolve alike (`cache_params`): given > the datastore's tuned `cache_theta` /
+`cache_size` > DEFAULT_CACHE_THETA / DEFAULT_CACHE_SIZE.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ LOG = logging.getLogger(__name__)
 PAPER = {"k": 1024, "lambda": 0.25, "temperature": 1.0}  # Khandelwal et al. 2020, in-domain
 DEFAULT_CACHE_LAMBDA = 0.05  # the cache's λ where no datastore tuned one (it adapts from there)
 CACHE_LAMBDAS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3)  # swept by self-tuning
+DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i where no datastore tuned one
+DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
+# θ swept by self-tuning: about a factor 2 apart (perplexity is smooth in log θ), around the
+# best of a model whose final hidden states have norm ~44 (SmolLM2-135M: 0.01-0.02, so
+# θ h.h' is in the tens), the old fixed 0.05 among them, and 0.1 for models with smaller states
+CACHE_THETAS = (0.005, 0.01, 0.02, 0.05, 0.1)
 _hinted: set[str] = set()
 
 
@@ -121,3 +129,19 @@ def cache_weight(meta: dict | None, lam: float | str | None, lambda_mode: str | 
     if lam is None:
         return (Weight(float(rec), lambda_mode != "fixed"), "datastore") if ok and rec > 0 else (None, "off")
     return Weight(float(rec) if ok else DEFAULT_CACHE_LAMBDA, lambda_mode != "fixed"), "datastore" if ok else "default"
+
+
+def cache_params(meta: dict | None, theta: float | None = None, size: int | None = None) -> tuple[float, int]:
+    """The continuous cache's similarity scale θ and size: each as given, else the one the
+    datastore tuned with its cache λ (`settings.cache_theta`, `settings.cache_size`), else
+    DEFAULT_CACHE_THETA / DEFAULT_CACHE_SIZE (no datastore, or one tuned before they were)."""
+    rec = (recorded(meta or {}) or {})
+    if theta is None:
+        t = rec.get("cache_theta")
+        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0
+        theta = float(t) if ok else DEFAULT_CACHE_THETA
+    if size is None:
+        z = rec.get("cache_size")
+        ok = isinstance(z, (int, float)) and not isinstance(z, bool) and z >= 1 and int(z) == z
+        size = int(z) if ok else DEFAULT_CACHE_SIZE
+    return float(theta), int(size)

@@ -19,7 +19,7 @@ import torch
 
 from knnlm.core.mix import Weight
 from knnlm.core.scoring import cache_target_logprobs, cache_vocab_logprobs
-from knnlm.core.settings import cache_weight
+from knnlm.core.settings import cache_params, cache_weight
 from knnlm.run.options import CacheSettings
 
 CACHE_KEY_POINT = "final"  # the cache's keys: the final hidden states, as Grave et al. use
@@ -137,10 +137,12 @@ def vocab_rows(keys: np.ndarray, ids: Sequence[int], use: CacheUse, vocab_size: 
 def cache_use(meta: dict | None, lam: float | str | None, lambda_mode: str | None = None,
               cache: CacheSettings | None = None) -> CacheUse | None:
     """A call's cache: λ as knnlm.core.settings.cache_weight resolves it from the datastore's
-    `meta` (None: no datastore), θ and size from `cache` (None: the defaults); None when no
-    cache is mixed (not recorded, or λ 0, which would leave the mixture exactly as it is)."""
+    `meta` (None: no datastore), θ and size from `cache` where given, else the datastore's
+    tuned ones, else the defaults (knnlm.core.settings.cache_params); None when no cache is
+    mixed (not recorded, or λ 0, which would leave the mixture exactly as it is)."""
     w, source = cache_weight(meta, lam, lambda_mode)
     if w is None or w.lam == 0.0:
         return None
     cache = cache if cache is not None else CacheSettings()
-    return CacheUse(w.lam, w.adapt, cache.theta, cache.size, source)
+    theta, size = cache_params(meta, cache.theta, cache.size)
+    return CacheUse(w.lam, w.adapt, theta, size, source)

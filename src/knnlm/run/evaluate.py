@@ -20,7 +20,7 @@ from knnlm.core.scoring import (
     knn_target_logprobs,
     perplexity,
 )
-from knnlm.core.settings import PAPER, cache_weight, resolve
+from knnlm.core.settings import PAPER, cache_params, cache_weight, resolve
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import confidence
 from knnlm.retrieval.pointers import simulate
@@ -83,7 +83,8 @@ def score_plan(
     retrieval; the other fields are for opening the searcher and unused here.
     With `cache` (or `keep_cache_keys`) the same pass also reads the final hidden
     state of every position, the continuous cache's key: `Scores.cache` is then
-    log p_cache(target) over the `cache.size` previous positions of the same document.
+    log p_cache(target) over the `cache.size` previous positions of the same document
+    (θ and size left None: the defaults; callers with a datastore resolve them first).
     `exclude` (n,): each target's own datastore entry, left out of its search with its
     neighbourhood (leave-own-document-out, `Searcher.search`); for text from the datastore's corpus.
 
@@ -100,13 +101,13 @@ def score_plan(
     from knnlm.core.model import target_logprobs  # torch: imported when a model runs, not with the CLI
 
     if "cache_theta" in flat or "cache_size" in flat:  # the flat signature: cache on iff cache_theta given
-        theta, size = flat.pop("cache_theta", None), flat.pop("cache_size", DEFAULT_CACHE_SIZE)
+        theta, size = flat.pop("cache_theta", None), flat.pop("cache_size", None)
         cache = None if theta is None else CacheSettings(theta, size)
     retrieval = fold("score_plan", flat, retrieval=retrieval)
     k = DEFAULT_K if retrieval.k is None else retrieval.k
     temperature = DEFAULT_TEMPERATURE if retrieval.temperature is None else retrieval.temperature
     pointers, adaptive = retrieval.pointers, retrieval.adaptive
-    cache_theta, cache_size = (cache.theta, cache.size) if cache is not None else (None, DEFAULT_CACHE_SIZE)
+    cache_theta, cache_size = cache_params(None, cache.theta, cache.size) if cache is not None else (None, None)
     n = plan.count
     targets = plan.targets().astype(np.int64)
     lm_lp = np.empty(n, dtype=np.float32)
@@ -274,6 +275,7 @@ def evaluate(
     # the continuous cache: by default the datastore's tuned cache λ, adapting, when it recorded one above 0
     cw, cache_source = (None, "off") if cache_lambda is None and retrieval.paper_defaults else \
         cache_weight(meta, cache_lambda, mixing.mode)
+    cache = CacheSettings(*cache_params(meta, cache.theta, cache.size))  # given, else the datastore's, else default
     plan = plan_files(lm, texts, window, stride, windows.batch_tokens)
     t0 = time.perf_counter()
     try:

@@ -25,13 +25,11 @@ from typing import Sequence
 
 from knnlm.core.batching import WindowSettings
 from knnlm.core.scoring import check_cache_settings, check_settings
-from knnlm.core.settings import check_lambda_mode
+from knnlm.core.settings import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA, check_lambda_mode  # noqa: F401
 from knnlm.errors import KnnlmError
 from knnlm.retrieval.adaptive import Adaptive
 from knnlm.retrieval.pointers import Pointers
 
-DEFAULT_CACHE_THETA = 0.05  # scale of the dot product h_t . h_i (see docs/results.md, experiment 6)
-DEFAULT_CACHE_SIZE = 2000  # most recent positions of the document kept (their best on WikiText-2)
 MAX_STOPS = 16
 
 
@@ -108,10 +106,11 @@ class MixSettings:
 @dataclass(frozen=True)
 class CacheSettings:
     """The continuous cache (Grave et al. 2017): p_cache ∝ exp(theta h_t . h_i) over the
-    `size` previous positions of the same document."""
+    `size` previous positions of the same document.  None: the datastore's tuned θ / size,
+    else DEFAULT_CACHE_THETA (0.05) / DEFAULT_CACHE_SIZE (2000) (knnlm.core.settings.cache_params)."""
 
-    theta: float = DEFAULT_CACHE_THETA
-    size: int = DEFAULT_CACHE_SIZE
+    theta: float | None = None
+    size: int | None = None
 
     def __post_init__(self):
         check_cache_settings(theta=self.theta, size=self.size)

@@ -8,11 +8,13 @@ what unseen text of the same kind sees.  λ, T and k are swept from that one ret
 (`knnlm.run.tune.sweep`), then λ per bucket of the nearest neighbour's distance and, where
 that helps on held-out pieces, of the LM's confidence (its log max p) at the best k and T
 (knnlm.core.neighbor), and recorded in meta.json; commands default to them.
-The continuous cache's λ is swept on the same positions on top of that kNN-LM (each piece
-is its own document, its cache its own earlier positions) and recorded as `cache_lambda`
-(0 when the cache does not help there, or does not help held out: alternate pieces with the
-λ swept on the others, adapting); every command mixes the cache by default with it when
-above 0 (core.settings.cache_weight).
+The continuous cache's similarity scale θ and λ are swept together on the same positions on
+top of that kNN-LM (each piece is its own document, its cache its own earlier positions, the
+final hidden states kept from the same pass) and recorded as `cache_theta` and
+`cache_lambda` (λ 0 when the cache does not help there, or does not help held out:
+alternate pieces with θ and λ swept on the others, adapting); every command mixes the cache
+by default with them when λ is above 0 (core.settings.cache_weight, cache_params).  Its size
+is recorded as the default: a piece (at most PIECE + 1 tokens) never fills a larger cache.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
 from knnlm.core.mix import Weight, best_lambda, mix_targets, mix_text
 from knnlm.core.neighbor import DistanceLambda, fit_checked
-from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
-from knnlm.core.settings import CACHE_LAMBDAS
+from knnlm.core.scoring import cache_target_logprobs, interpolate, knn_target_logprobs, perplexity
+from knnlm.core.settings import CACHE_LAMBDAS, CACHE_THETAS, DEFAULT_CACHE_SIZE, DEFAULT_CACHE_THETA
 from knnlm.run.evaluate import score_plan
-from knnlm.run.options import CacheSettings, RetrievalSettings
+from knnlm.run.options import RetrievalSettings
 from knnlm.run.tune import sweep
 
 LOG = logging.getLogger(__name__)
@@ -79,28 +81,51 @@ def piece_plan(ds, pieces: list[tuple[int, int, int]], batch_tokens: int = 4096)
     return plan, own
 
 
-def cache_lambda(scores, best: dict, table: DistanceLambda | None) -> dict:
-    """The continuous cache's λ (CacheSettings' θ and size) on top of the tuned kNN-LM
-    (λ by distance when there is a table) on the tuning positions: {"cache_lambda", ...}.
-    Kept only where it helps held out: on alternate pieces, the cache with the λ swept on the
-    others, adapting as every command mixes it (knnlm.core.mix), must beat the kNN-LM alone
-    (`cache_lambda_heldout_ppl`); else 0, no cache."""
+def cache_by_theta(scores, thetas=CACHE_THETAS, size: int = DEFAULT_CACHE_SIZE) -> dict[float, np.ndarray]:
+    """log p_cache(target) (n,) at each θ of `thetas` from the pass's final hidden states
+    (`Scores.cache_keys`), each piece its own document: one matrix product per block and θ."""
+    return {float(t): cache_target_logprobs(scores.cache_keys, scores.targets, scores.plan.docs[:, 2], t, size)
+            for t in thetas}
+
+
+def best_cache(base: np.ndarray, caches: dict[float, np.ndarray], rows=slice(None)) -> dict:
+    """The (θ, λ) of the lowest perplexity on `rows`: λ swept over CACHE_LAMBDAS at each θ
+    (`caches`: θ -> log p_cache); {"theta", "lambda", "ppl", "grid": {θ: its best λ's ppl}}.
+    Where no λ above 0 helps, every θ ties with the base alone: the default θ is kept."""
+    best, grid = None, {}
+    for theta, cache in caches.items():
+        r = best_lambda(base[rows], cache[rows], CACHE_LAMBDAS)["best"]
+        grid[theta] = r["ppl"]
+        key = (r["ppl"], r["lambda"] == 0.0 and theta != DEFAULT_CACHE_THETA)
+        if best is None or key < best[0]:
+            best = (key, {"theta": theta, "lambda": r["lambda"], "ppl": r["ppl"]})
+    return {**best[1], "grid": grid}
+
+
+def cache_lambda(scores, best: dict, table: DistanceLambda | None, caches: dict[float, np.ndarray] | None = None) -> dict:
+    """The continuous cache's θ and λ on top of the tuned kNN-LM (λ by distance when there
+    is a table) on the tuning positions: {"cache_lambda", "cache_theta", "cache_size", ...};
+    `caches` θ -> log p_cache(target) (None: `cache_by_theta` over CACHE_THETAS).
+    Kept only where it helps held out: on alternate pieces, the cache with the θ and λ swept
+    on the others, adapting as every command mixes it (knnlm.core.mix), must beat the kNN-LM
+    alone (`cache_lambda_heldout_ppl`); else λ 0, no cache."""
     k, t = best["k"], best["temperature"]
     knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)
     base = (mix_targets(scores.lm, knn[:, None], table(scores.dists[:, 0], scores.lm_max)[:, None]) if table is not None
             else interpolate(scores.lm, knn, best["lambda"]))
-    res = best_lambda(base, scores.cache, CACHE_LAMBDAS)
-    c = CacheSettings()
-    out = {"cache_lambda": res["best"]["lambda"], "cache_theta": c.theta, "cache_size": c.size,
-           "ppl_knnlm_cache": res["best"]["ppl"]}
+    caches = caches if caches is not None else cache_by_theta(scores)
+    res = best_cache(base, caches)
+    out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "cache_size": DEFAULT_CACHE_SIZE,
+           "ppl_knnlm_cache": res["ppl"], "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
     piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(base)), "right") - 1
     fold = piece % 2
     if out["cache_lambda"] > 0 and len(np.unique(fold)) == 2:
         held = np.empty(len(base))
-        for f in (0, 1):  # λ swept on one half of the pieces, the cache adapting from it on the other
-            lam = best_lambda(base[fold == f], scores.cache[fold == f], CACHE_LAMBDAS)["best"]["lambda"]
+        for f in (0, 1):  # θ and λ swept on one half of the pieces, the cache adapting from them on the other
+            pick = best_cache(base, caches, fold == f)
             rows = fold != f
-            held[rows] = mix_text(base[rows], scores.cache[rows][:, None], [Weight(lam, adapt=True)])[0]
+            held[rows] = mix_text(base[rows], caches[pick["theta"]][rows][:, None],
+                                  [Weight(pick["lambda"], adapt=True)])[0]
         check = {"without": perplexity(base), "with": perplexity(held)}
         out["cache_lambda_heldout_ppl"] = check
         if not check["with"] < check["without"]:
@@ -136,7 +161,7 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
         pieces = [p for p in pieces if p[0] not in gone]
     plan, own = piece_plan(ds, pieces, batch_tokens)
     scores = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True, exclude=own,
-                        cache=CacheSettings(), progress=progress)
+                        keep_cache_keys=True, progress=progress)
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
     table, by_distance, check = distance_table(scores, best)

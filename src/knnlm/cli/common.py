@@ -97,7 +97,7 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                             "theta, else 0.05)")
         c.add_argument("--cache-size", type=int, default=None,
                        help="most recent positions of the document in the cache (default: the datastore's tuned "
-                            "size, else 2000)")
+                            "size, else 8192)")
 
 
 def add_fewer_searches_args(p: argparse.ArgumentParser) -> None:

@@ -229,7 +229,7 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
                    help="the cache's scale of the dot product of final hidden states (default: each datastore's "
                         "tuned theta, else 0.05)")
     r.add_argument("--cache-size", type=int, default=None,
-                   help="most recent positions in the cache (default: each datastore's tuned size, else 2000)")
+                   help="most recent positions in the cache (default: each datastore's tuned size, else 8192)")
     add_fewer_searches_args(sp)
     add_memory_args(sp, serve=True)
     add_model_args(sp)

@@ -107,7 +107,7 @@ class MixSettings:
 class CacheSettings:
     """The continuous cache (Grave et al. 2017): p_cache ∝ exp(theta h_t . h_i) over the
     `size` previous positions of the same document.  None: the datastore's tuned θ / size,
-    else DEFAULT_CACHE_THETA (0.05) / DEFAULT_CACHE_SIZE (2000) (knnlm.core.settings.cache_params)."""
+    else DEFAULT_CACHE_THETA (0.05) / DEFAULT_CACHE_SIZE (8192) (knnlm.core.settings.cache_params)."""
 
     theta: float | None = None
     size: int | None = None

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (add_data_arg, check_wikitext, command_line, data_note, default_logprobs, query_cache, retrieve,
-                    run_main, setup_logging, write_results)
+from common import (add_data_arg, cache_logprobs, check_wikitext, command_line, data_note, default_logprobs,
+                    query_cache, retrieve, run_main, setup_logging, write_results)
 
 from knnlm.core.adapt import mix_text
 from knnlm.core.mix import Weight
@@ -63,11 +63,12 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> d
     before, lam_end = mix_text(lm_lp, own_knn, settings["lambda"], adapt=True)  # one adaptive λ from λ0
     knn_default, _ = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"])  # the datastore alone
     ends: list = []
-    default, _ = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"], q.get("cache"), ends)  # as `knnlm eval`
+    c_lp, theta, size = cache_logprobs(q, settings) if (settings.get("cache_lambda") or 0) > 0 else (None, 0, 0)
+    default, _ = default_logprobs(lm_lp, dists, vals, t, settings, q["lm_max"], c_lp, ends)  # as `knnlm eval`
     cache = {}
     if len(ends) > 1:  # the continuous cache is in the default: its λ and where it ended
         cache = {"cache_lambda": settings["cache_lambda"], "cache_lambda_adapted": ends[1],
-                 "cache_theta": float(q["cache_theta"]), "cache_size": int(q["cache_size"])}
+                 "cache_theta": theta, "cache_size": size}
     table = DistanceLambda.from_dict(settings.get("lambda_by_distance"))
     fixed = {}
     if table is not None:  # the table's λ at each position, not adapting
@@ -84,18 +85,24 @@ def compare(q: dict, searcher: Searcher, settings: dict, k_max: int = 1024) -> d
             "search_seconds": round(search_s, 1), "index": searcher.settings()}
 
 
+_TUNED: dict = {}  # datastore path -> the settings tuned in this run (the English leads serve two cases)
+
+
 def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int, earlier: dict | None = None) -> dict:
     """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
     here), as `knnlm build` tunes, when they were tuned before its λ table was checked
-    against the LM's confidence and its cache's λ was (no `lambda_table_heldout_ppl` or
-    `cache_lambda`).  `earlier`: the settings an earlier run tuned for this datastore the same
+    against the LM's confidence, its cache's λ was, or its cache's θ was (no
+    `lambda_table_heldout_ppl`, `cache_lambda` or `ppl_knnlm_cache_by_theta`).  `earlier`: the settings an earlier run tuned for this datastore the same
     way (--settings-from), used instead of tuning again."""
     s = ds.settings
-    if s and "lambda_table_heldout_ppl" in s and "cache_lambda" in s:
+    current = ("lambda_table_heldout_ppl", "cache_lambda", "ppl_knnlm_cache_by_theta")  # the cache's θ tuned too
+    if s and all(f in s for f in current):
         return s
-    if earlier is not None:
+    if earlier is not None and all(f in earlier for f in current):
         return earlier
-    return self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
+    if str(ds.path) not in _TUNED:
+        _TUNED[str(ds.path)] = self_tune(lm, ds, searcher, sample_tokens=tokens, record=False)
+    return _TUNED[str(ds.path)]
 
 
 def run(args) -> dict:
@@ -157,6 +164,7 @@ def run(args) -> dict:
         searcher = Searcher(ds)
         s = own_settings(lm, ds, searcher, args.tune_tokens, earlier.get("en-us"))
         sub = {f: v[: args.mismatch_tokens] if np.ndim(v) else v for f, v in queries.items() if f != "doc_first"}
+        sub["doc_first"] = queries["doc_first"][queries["doc_first"] < len(sub["targets"])]
         res["mismatch"] = {"case": "demo English-leads datastore on WikiText-2 test", "datastore": str(ds.path),
                            "entries": ds.count, "settings": s, **compare(sub, searcher, s)}
         LOG.info("mismatch: %s", res["mismatch"])
@@ -179,9 +187,10 @@ def render(res: dict, command: str) -> str:
            "(knnlm.core.mix: a Bayesian mixture of {0, λ_t, ~2λ_t} whose prior mean is λ_t, so it can lose at",
            "most log(1/w0) ≈ 1.4 nats over a whole text to the LM alone), and where the datastore tuned a λ above 0",
            "for the continuous cache (the document's own earlier positions, Grave et al. 2017) on the same tuning",
-           "positions, one that also helped held out (λ swept on alternate pieces, the cache adapting on the others),",
-           "mixes the cache after it with that λ, adapting too (column \"cache\": its λ, where it ended, and the",
-           "default without it). \"before\" is the default before the",
+           "positions, swept with its similarity scale θ (0.005 to 0.1), one that also helped held out (θ and λ swept",
+           "on alternate pieces, the cache adapting on the others), mixes the cache after it with that θ and λ,",
+           "adapting too (column \"cache\": its λ, where it ended, its θ, and the default without it).",
+           "\"before\" is the default before the",
            "table: one adaptive λ from λ0; \"table, fixed\" the table's λ without adapting; \"fixed λ0\" the tuned",
            "λ0 throughout.  The oracle is the best fixed setting on the test text itself (no user has it).",
            f"Model: {res['model']} ({res['dtype']}), 2 CPU cores.", "",
@@ -202,7 +211,8 @@ def render(res: dict, command: str) -> str:
         t = r.get("lambda_by_distance")
         kind = ("–" if t is None else f"{len(t['lambdas'])} × {len(t['lambdas'][0])}" if "confidence_edges" in t
                 else f"{len(t['lambdas'])}")
-        cache = (f"{r['cache_lambda']:.2f} ({r['cache_lambda_adapted']:.3f}); {r['ppl_default_knn']:.3f}"
+        cache = (f"{r['cache_lambda']:.2f} ({r['cache_lambda_adapted']:.3f}), θ {r['cache_theta']:g}; "
+                 f"{r['ppl_default_knn']:.3f}"
                  if "cache_lambda" in r else f"{r['settings'].get('cache_lambda', 0):.2f}: none")
         check = r["settings"].get("lambda_table_heldout_ppl")
         if check:
@@ -217,7 +227,7 @@ def render(res: dict, command: str) -> str:
             "demo datastores are `knnlm demo --workdir DIR`'s; `--test-text` tests on the first whole articles of "
             "wiki.test.raw (checked to be its beginning); the mismatch case uses the first --mismatch-tokens of "
             "those positions.  A datastore whose settings were tuned before the λ table was checked against the "
-            "LM's confidence and the cache's λ held out is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
+            "LM's confidence and the cache's θ and λ held out is tuned again here (not recorded: the datastore is only read), as `knnlm build` "
             "tunes it now, unless --settings-from gives the settings an earlier run tuned for it that way."]
     if "wikitext2" in res and res["wikitext2"].get("tune_seconds"):
         out += ["", f"Self-tuning the WikiText-2 datastore ({res['wikitext2']['settings'].get('tokens')} positions) "

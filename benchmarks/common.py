@@ -125,24 +125,21 @@ def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 409
                 cache: bool = False) -> dict:
     """Per scored position of `text` (windows 1024/512): the query key (fp16), log p_LM(target),
     the target, and each document's first position (doc_first); with `confidence` also the
-    LM's log max p there (lm_max); with `cache` also log p_cache(target) of the continuous
-    cache at its default θ and size (cache, NaN at a document's first position; its keys the
-    final hidden states of the same pass).  A cache written without what is asked is computed
-    again.  Computed once with the LM that get_lm() returns (called only then), saved to `out`
+    LM's log max p there (lm_max); with `cache` also the final hidden states of the same pass
+    (final, fp16: the continuous cache's keys; `cache_logprobs` gives log p_cache(target) at
+    any θ and size from them).  A cache written without what is asked is computed again.  Computed once with the LM that get_lm() returns (called only then), saved to `out`
     (.npz), then read from there."""
     import numpy as np
 
     if out.exists():
         z = np.load(out)
-        if (not confidence or "lm_max" in z.files) and (not cache or "cache" in z.files):
+        if (not confidence or "lm_max" in z.files) and (not cache or "final" in z.files):
             return {name: z[name] for name in z.files}
     import torch
 
     from knnlm.core.batching import plan_files
     from knnlm.core.model import target_logprobs
-    from knnlm.core.scoring import cache_target_logprobs
     from knnlm.run.continuous import CACHE_KEY_POINT
-    from knnlm.run.options import CacheSettings
 
     lm = get_lm()
     plan = plan_files(lm, [text], 1024, 512, batch_tokens)
@@ -150,7 +147,7 @@ def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 409
     keys = np.empty((plan.count, lm.dim()), np.float16)  # (n, d)
     lp, top = np.empty(plan.count, np.float32), np.empty(plan.count, np.float32)  # (n,) each
     read = [lm.key_point] + ([CACHE_KEY_POINT] if cache and lm.key_point != CACHE_KEY_POINT else [])
-    final = np.empty((plan.count, lm.dim(CACHE_KEY_POINT)), np.float32) if cache else None
+    final = np.empty((plan.count, lm.dim(CACHE_KEY_POINT)), np.float16) if cache else None
     for b in range(len(plan.batches)):
         windows = list(plan.scored(b))
         first = min(c0 for _, c0, _, _ in windows)
@@ -161,16 +158,23 @@ def query_cache(get_lm: Callable, text: Path, out: Path, batch_tokens: int = 409
                 final[t : t + c1 - c0] = feats[CACHE_KEY_POINT][row, c0:c1].float().numpy()
             lp[t : t + c1 - c0], top[t : t + c1 - c0] = (x.numpy() for x in target_logprobs(
                 logits[row, c0 - first : c1 - first], torch.from_numpy(targets[t : t + c1 - c0]), with_max=True))
-    extra = {}
-    if cache:
-        c = CacheSettings()
-        extra = {"cache": cache_target_logprobs(final, targets, plan.docs[:, 2], c.theta, c.size),
-                 "cache_theta": np.float64(c.theta), "cache_size": np.int64(c.size)}
+    extra = {"final": final} if cache else {}
     tmp = out.with_name(out.stem + ".tmp.npz")
     np.savez(tmp, keys=keys, lm=lp, targets=targets, doc_first=plan.docs[:, 2], lm_max=top, **extra)
     os.replace(tmp, out)
     z = np.load(out)
     return {name: z[name] for name in z.files}
+
+
+def cache_logprobs(q: dict, settings: dict | None = None) -> tuple:
+    """log p_cache(target) (n,) of a query cache made with `cache` (its final hidden states),
+    NaN at a document's first position, at the θ and size a datastore recorded in `settings`
+    (else the defaults: knnlm.core.settings.cache_params), and that (θ, size)."""
+    from knnlm.core.scoring import cache_target_logprobs
+    from knnlm.core.settings import cache_params
+
+    theta, size = cache_params({"settings": settings} if settings else None)
+    return cache_target_logprobs(q["final"], q["targets"], q["doc_first"], theta, size), theta, size
 
 
 def retrieve(searcher, keys, k: int, chunk: int = 4096):

@@ -14,7 +14,8 @@ final hidden states kept from the same pass) and recorded as `cache_theta` and
 `cache_lambda` (λ 0 when the cache does not help there, or does not help held out:
 alternate pieces with θ and λ swept on the others, adapting); every command mixes the cache
 by default with them when λ is above 0 (core.settings.cache_weight, cache_params).  Its size
-is recorded as the default: a piece (at most PIECE + 1 tokens) never fills a larger cache.
+is not tuned, nor recorded (commands use the default): a piece (at most PIECE + 1 tokens)
+never fills a larger cache than that.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def best_cache(base: np.ndarray, caches: dict[float, np.ndarray], rows=slice(Non
 
 def cache_lambda(scores, best: dict, table: DistanceLambda | None, caches: dict[float, np.ndarray] | None = None) -> dict:
     """The continuous cache's θ and λ on top of the tuned kNN-LM (λ by distance when there
-    is a table) on the tuning positions: {"cache_lambda", "cache_theta", "cache_size", ...};
+    is a table) on the tuning positions: {"cache_lambda", "cache_theta", ...};
     `caches` θ -> log p_cache(target) (None: `cache_by_theta` over CACHE_THETAS).
     Kept only where it helps held out: on alternate pieces, the cache with the θ and λ swept
     on the others, adapting as every command mixes it (knnlm.core.mix), must beat the kNN-LM
@@ -115,8 +116,7 @@ def cache_lambda(scores, best: dict, table: DistanceLambda | None, caches: dict[
             else interpolate(scores.lm, knn, best["lambda"]))
     caches = caches if caches is not None else cache_by_theta(scores)
     res = best_cache(base, caches)
-    out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "cache_size": DEFAULT_CACHE_SIZE,
-           "ppl_knnlm_cache": res["ppl"], "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
+    out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "ppl_knnlm_cache": res["ppl"], "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
     piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(base)), "right") - 1
     fold = piece % 2
     if out["cache_lambda"] > 0 and len(np.unique(fold)) == 2:

@@ -92,8 +92,9 @@ def own_settings(lm, ds: Datastore, searcher: Searcher, tokens: int, earlier: di
     """The datastore's recorded settings; tuned now (not recorded: the datastore is read-only
     here), as `knnlm build` tunes, when they were tuned before its λ table was checked
     against the LM's confidence, its cache's λ was, or its cache's θ was (no
-    `lambda_table_heldout_ppl`, `cache_lambda` or `ppl_knnlm_cache_by_theta`).  `earlier`: the settings an earlier run tuned for this datastore the same
-    way (--settings-from), used instead of tuning again."""
+    `lambda_table_heldout_ppl`, `cache_lambda` or `ppl_knnlm_cache_by_theta`).  `earlier`:
+    the settings an earlier run tuned for this datastore the same way (--settings-from),
+    used instead of tuning again."""
     s = ds.settings
     current = ("lambda_table_heldout_ppl", "cache_lambda", "ppl_knnlm_cache_by_theta")  # the cache's θ tuned too
     if s and all(f in s for f in current):

@@ -321,4 +321,5 @@ def test_self_tuning_picks_the_cache_theta_that_fits():
     out = cache_lambda(scores, {"k": 1, "temperature": 1.0, "lambda": 0.0}, None, caches)
     grid = out["ppl_knnlm_cache_by_theta"]
     assert out["cache_theta"] == theta and min(grid, key=grid.get) == str(theta)
-    assert out["cache_lambda"] > 0 and out["cache_lambda_heldout_ppl"]["with"] < out["cache_lambda_heldout_ppl"]["without"]
+    check = out["cache_lambda_heldout_ppl"]
+    assert out["cache_lambda"] > 0 and check["with"] < check["without"]

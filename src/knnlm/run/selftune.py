@@ -103,7 +103,8 @@ def best_cache(base: np.ndarray, caches: dict[float, np.ndarray], rows=slice(Non
     return {**best[1], "grid": grid}
 
 
-def cache_lambda(scores, best: dict, table: DistanceLambda | None, caches: dict[float, np.ndarray] | None = None) -> dict:
+def cache_lambda(scores, best: dict, table: DistanceLambda | None,
+                 caches: dict[float, np.ndarray] | None = None) -> dict:
     """The continuous cache's θ and λ on top of the tuned kNN-LM (λ by distance when there
     is a table) on the tuning positions: {"cache_lambda", "cache_theta", ...};
     `caches` θ -> log p_cache(target) (None: `cache_by_theta` over CACHE_THETAS).
@@ -116,7 +117,8 @@ def cache_lambda(scores, best: dict, table: DistanceLambda | None, caches: dict[
             else interpolate(scores.lm, knn, best["lambda"]))
     caches = caches if caches is not None else cache_by_theta(scores)
     res = best_cache(base, caches)
-    out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "ppl_knnlm_cache": res["ppl"], "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
+    out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "ppl_knnlm_cache": res["ppl"],
+           "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
     piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(base)), "right") - 1
     fold = piece % 2
     if out["cache_lambda"] > 0 and len(np.unique(fold)) == 2:

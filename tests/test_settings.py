@@ -166,3 +166,13 @@ def test_cache_theta_option_defaults_to_the_record_and_overrides_it(capsys, corp
     assert (over["cache_theta"], over["cache_size"]) == (0.05, 12) and over["ppl"] != res["ppl"]
     run(capsys, base + ["--cache-size", "2000"])
     assert json.loads(res_file.read_text())["cache_size"] == 2000
+
+
+def test_explain_uses_the_recorded_cache_theta(capsys, corpus, llama_dir, tuned_copy):
+    """`knnlm explain` mixes the cache with the datastore's tuned θ and size: its report is the
+    one with them given, and another with the default θ given."""
+    Datastore(tuned_copy).record_settings({**TUNED, "cache_lambda": 0.3, "cache_theta": 0.5, "cache_size": 12})
+    base = ["explain", corpus, "-d", tuned_copy, *model_args(llama_dir), *WINDOWS, "--cache-lambda", "0.3"]
+    recorded = run(capsys, base)
+    assert recorded == run(capsys, base + ["--cache-theta", "0.5", "--cache-size", "12"])
+    assert recorded != run(capsys, base + ["--cache-theta", "0.05", "--cache-size", "12"])

@@ -42,6 +42,10 @@ EW, ES = 1024, 512  # evaluation windows (as every knnlm benchmark)
 SIZES = {"1e5": 1, "1e6": 5, "all": len(SPLIT["datastore"])}  # size -> novels of the datastore's order
 
 
+# fields of the settings self-tuning records now (the λ table checked against the LM's
+# confidence, the cache's λ and θ): a datastore tuned before them is tuned again
+CURRENT = ("lambda_table_heldout_ppl", "cache_lambda", "ppl_knnlm_cache_by_theta")
+
 def check_novels(data: Path) -> Path:
     """The novels folder (`data`/novels, or `data` itself), every file present with its sha256."""
     folder = data if (data / "SOURCE.md").is_file() else data / "novels"
@@ -131,7 +135,7 @@ def phase_queries(lm, folder: Path, cache: Path, chars: int) -> dict:
     from common import query_cache
 
     return {split: query_cache(lambda: lm, excerpts(folder, SPLIT[split], chars, cache / f"{split}-{chars}.jsonl"),
-                               cache / f"queries-{split}-{chars}.npz", confidence=True)
+                               cache / f"queries-{split}-{chars}.npz", confidence=True, cache=True)
             for split in ("tune", "test")}
 
 
@@ -150,8 +154,10 @@ def phase_index(ds, kind: str) -> dict:
 
 def phase_quality(lm, ds, queries: dict, index: str) -> dict:
     """Test perplexity of the LM and of the kNN-LM with the datastore's own (self-tuned)
-    settings and with k, λ, T tuned on the tuning novels; the test optimum beside them."""
-    from common import default_logprobs, retrieve
+    settings and with k, λ, T tuned on the tuning novels; the test optimum beside them; the
+    default (as `knnlm eval`: the λ table, adapting, and the continuous cache where self-tuning
+    kept one) beside the default before the λ table (one adaptive λ0) and without the cache."""
+    from common import cache_logprobs, default_logprobs, retrieve
 
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
@@ -159,7 +165,9 @@ def phase_quality(lm, ds, queries: dict, index: str) -> dict:
     from knnlm.run.tune import sweep
 
     searcher = Searcher(ds, index)
-    own = ds.settings or self_tune(lm, ds, searcher, progress=False)
+    own = ds.settings
+    if not own or any(f not in own for f in CURRENT):  # tuned before the settings `knnlm build` tunes now
+        own = self_tune(lm, ds, searcher, progress=False)
     k = min(1024, ds.count)
     tq, q = queries["tune"], queries["test"]
     td, tv, _ = retrieve(searcher, tq["keys"], k)
@@ -174,12 +182,18 @@ def phase_quality(lm, ds, queries: dict, index: str) -> dict:
 
     pick = ("k", "lambda", "temperature")
     oracle = sweep(lm_lp, dists, vals, t)["best"]
-    default, lam_end = default_logprobs(lm_lp, dists, vals, t, own, q.get("lm_max"))
+    cache_lp, theta, size = cache_logprobs(q, own)  # the continuous cache at the datastore's θ and size
+    ends: list = []
+    default, lam_end = default_logprobs(lm_lp, dists, vals, t, own, q.get("lm_max"), cache_lp, ends)  # as `knnlm eval`
+    knn_default, _ = default_logprobs(lm_lp, dists, vals, t, own, q.get("lm_max"))  # the datastore alone
     before, _ = default_logprobs(lm_lp, dists, vals, t, {**own, "lambda_by_distance": None})  # one adaptive λ0
     return {"entries": ds.count, "test_tokens": int(len(t)), "tune_tokens": int(len(tq["targets"])),
             "index": searcher.settings(), "search_ms_per_token": 1000 * secs / len(t),
             "ppl_lm": perplexity(lm_lp),
             "ppl_default": perplexity(default), "lambda_end": lam_end, "ppl_before": perplexity(before),
+            "ppl_default_without_cache": perplexity(knn_default),
+            "cache": {"lambda": own.get("cache_lambda", 0.0), "theta": theta, "size": size,
+                      "lambda_end": ends[1] if len(ends) > 1 else None},
             "lambda_by_distance": own.get("lambda_by_distance"),
             "own": {f: own[f] for f in pick}, "ppl_own": ppl(own),
             "tuned": {f: tuned[f] for f in pick}, "ppl_tuned": ppl(tuned),

@@ -35,7 +35,8 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
              "recorded (leave-own-document-out on its own novels), applied as a fixed λ; *tuned*: chosen on the "
              "tuning novels; *test optimum*: chosen on the test text itself (a bound, not a method); *default*: what "
              "`knnlm eval` does with the datastore's recorded settings (λ from each position's nearest distance, "
-             "adapting over the text; λ end: where the adaptive λ ended).", "",
+             "adapting over the text; λ end: where the adaptive λ ended), then the continuous cache at its tuned θ and λ where "
+             "self-tuning kept one.", "",
              "| entries | novels | index | test tokens | LM | **kNN-LM, default** (λ end) | kNN-LM, own settings, fixed λ (k, λ, T) | "
              "kNN-LM, tuned on the tuning novels (k, λ, T) | test optimum | search ms/token |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -50,7 +51,11 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
             return "–"
         before = (f"; one adaptive λ0, no table: {r['ppl_before']:.3f}, default {(r['ppl_default'] / r['ppl_before'] - 1) * 100:+.2f}%"
                   if "ppl_before" in r else "")
-        return f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) ({r['lambda_end']:.2f}{before})"
+        c = r.get("cache") or {}
+        cache = ("" if not c else f"; the cache: λ {c['lambda']:g}, θ {c['theta']:g}, without it {r['ppl_default_without_cache']:.3f}"
+                 if c["lambda"] > 0 else "; no cache: its self-tuning kept none")
+        return (f"**{r['ppl_default']:.3f}** ({(r['ppl_default'] / r['ppl_lm'] - 1) * 100:+.1f}%) "
+                f"({r['lambda_end']:.2f}{before}{cache})")
 
     for size, r in points.items():
         lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "

@@ -323,3 +323,79 @@ def test_self_tuning_picks_the_cache_theta_that_fits():
     assert out["cache_theta"] == theta and min(grid, key=grid.get) == str(theta)
     check = out["cache_lambda_heldout_ppl"]
     assert out["cache_lambda"] > 0 and check["with"] < check["without"]
+
+
+def _datastore(lm, path, docs: list[str]):
+    """A Flat datastore of `docs` (a .jsonl), window 32."""
+    import json
+
+    from knnlm.core.datastore import Datastore, build_datastore
+    from knnlm.core.index import build_index
+
+    path.mkdir()
+    src = path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"title": f"d{i}", "text": t}) + "\n" for i, t in enumerate(docs)))
+    build_datastore(lm, [src], path / "ds", window=32, stride=16, batch_tokens=1024, progress=False)
+    ds = Datastore(path / "ds")
+    build_index(ds, "Flat", progress=False)
+    return ds
+
+
+def _tuned(lm, ds) -> tuple[dict, list]:
+    """self_tune's settings (not recorded), and every score_plan call's retrieval k and Scores."""
+    import knnlm.run.selftune as st
+
+    calls = []
+
+    def spy(*a, **k):
+        calls.append((k["retrieval"].k, score_plan(*a, **k)))
+        return calls[-1][1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(st, "score_plan", spy)
+        s = st.self_tune(lm, ds, sample_tokens=2048, k=32, batch_tokens=1024, progress=False, record=False)
+    return s, calls
+
+
+def test_cache_is_tuned_on_long_pieces_where_documents_are_long(lm, tmp_path, monkeypatch):
+    """Eight documents, each its own name (12 characters no other document has) then a passage
+    all of them share (129 tokens), six times over: the other documents predict the passage,
+    only the document's own earlier positions its name, never within a piece shorter than the
+    gap.  Pieces scaled to the tiny model (window 32): 64 tokens, and 512 for the cache.  Tuned
+    on the short pieces the cache never helps (λ 0); the documents being longer than a piece, it
+    is tuned on long ones (a second pass, at the tuned k) and helps there held out."""
+    import knnlm.run.selftune as st
+    from tiny import TEXT
+
+    rng = np.random.default_rng(0)
+    pool = list("0123456789BCDEFGHIJKLOPQRSUVWXY")  # one token each, none in the shared passage
+    docs = []
+    for _ in range(8):
+        name = "".join(rng.choice(pool, 12, replace=False))
+        docs.append("".join(name + ". " + TEXT[:240] for _ in range(6)))
+    ds = _datastore(lm, tmp_path / "long", docs)
+    monkeypatch.setattr(st, "PIECE", 64)
+    monkeypatch.setattr(st, "CACHE_PIECE", 64, raising=False)
+    short, _ = _tuned(lm, ds)
+    assert short["cache_lambda"] == 0.0
+    monkeypatch.setattr(st, "CACHE_PIECE", 512, raising=False)
+    s, calls = _tuned(lm, ds)
+    assert [k for k, _ in calls] == [32, s["k"]] and (s["k"], s["lambda"]) == (short["k"], short["lambda"])
+    assert s["cache_lambda"] > 0 and s["cache_lambda_heldout_ppl"]["with"] < s["cache_lambda_heldout_ppl"]["without"]
+    assert s["cache_tuned_on"] == {"positions": calls[1][1].plan.count, "pieces": len(calls[1][1].plan.docs),
+                                   "piece_tokens": 513}
+
+
+def test_short_documents_tune_the_cache_on_the_same_positions(lm, tmp_path):
+    """Documents no longer than a piece: one pass, the cache tuned on its positions, as before."""
+    import knnlm.run.selftune as st
+    from tiny import TEXT
+
+    docs = [t.strip() + "." for t in TEXT.split(".") if t.strip()]
+    s, calls = _tuned(lm, _datastore(lm, tmp_path / "short", docs))
+    assert len(calls) == 1
+    scores = calls[0][1]
+    table = st.DistanceLambda.from_dict(s["lambda_by_distance"]) if "lambda_by_distance" in s else None
+    again = st.cache_lambda(scores, s, table)
+    assert {k: s[k] for k in again} == again
+    assert s["cache_tuned_on"] == {"positions": s["tokens"], "pieces": s["pieces"], "piece_tokens": st.PIECE + 1}

@@ -13,9 +13,13 @@ top of that kNN-LM (each piece is its own document, its cache its own earlier po
 final hidden states kept from the same pass) and recorded as `cache_theta` and
 `cache_lambda` (λ 0 when the cache does not help there, or does not help held out:
 alternate pieces with θ and λ swept on the others, adapting); every command mixes the cache
-by default with them when λ is above 0 (core.settings.cache_weight, cache_params).  Its size
-is not tuned, nor recorded (commands use the default): a piece (at most PIECE + 1 tokens)
-never fills a larger cache than that.
+by default with them when λ is above 0 (core.settings.cache_weight, cache_params).
+A cache's worth grows with the document (names and phrases recur thousands of tokens apart),
+which pieces of PIECE + 1 tokens cannot show: where the corpus has documents longer than
+that, the cache is tuned on a second sample of pieces of up to CACHE_PIECE + 1 tokens, read
+and retrieved the same way (at the tuned k), on top of the kNN-LM just tuned; where every
+document fits a piece, on the first pass's positions (`cache_tuned_on` says which).  Its size
+is not tuned, nor recorded (commands use the default, DEFAULT_CACHE_SIZE >= CACHE_PIECE).
 """
 
 from __future__ import annotations
@@ -40,17 +44,23 @@ LOG = logging.getLogger(__name__)
 
 SAMPLE_TOKENS = 16384  # positions tuned on (fewer if the datastore is smaller)
 PIECE = 1024  # longest piece of a document read at once
+# longest piece the cache is tuned on where documents are longer than PIECE: 4 pieces of
+# SAMPLE_TOKENS, so its held-out check (alternate pieces) is still 2 against 2, and the cache
+# sees 4x the range at the same number of positions (about one more tuning pass of cost)
+CACHE_PIECE = 4096
 
 
-def sample_pieces(docs: np.ndarray, tokens: int, seed: int = 0) -> list[tuple[int, int, int]]:
+def sample_pieces(docs: np.ndarray, tokens: int, seed: int = 0,
+                  piece: int | None = None) -> list[tuple[int, int, int]]:
     """Random pieces (document, first token, end token) of the corpus, whole documents up to
-    PIECE + 1 tokens, cut into such pieces beyond, until they predict `tokens` targets;
-    in corpus order.  docs: the datastore's (D, 3) table (token start, token count, first entry).
+    `piece` + 1 tokens (None: PIECE), cut into such pieces beyond, until they predict `tokens`
+    targets; in corpus order.  docs: the datastore's (D, 3) table (token start, token count, first entry).
 
     A document of 5 tokens and one of 2050 give pieces (0, 0, 5), (1, 0, 1025), (1, 1024, 2049),
     (1, 2048, 2050): each token after the first is a target in exactly one piece.
     """
-    pieces = [(d, s, min(s + PIECE + 1, int(n))) for d, (_, n, _) in enumerate(docs) for s in range(0, int(n) - 1, PIECE)]
+    piece = PIECE if piece is None else piece
+    pieces = [(d, s, min(s + piece + 1, int(n))) for d, (_, n, _) in enumerate(docs) for s in range(0, int(n) - 1, piece)]
     order = np.random.default_rng(seed).permutation(len(pieces))
     pick, total = [], 0
     for i in order:
@@ -157,20 +167,23 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
     t0 = time.perf_counter()
     searcher = searcher or Searcher(ds)
     k = min(k, ds.count)
-    pieces = sample_pieces(ds.docs, sample_tokens, seed)
     gone = set(np.asarray(getattr(ds, "removed_documents", ())).tolist())
-    if gone:  # removed documents are not read either
-        pieces = [p for p in pieces if p[0] not in gone]
-    plan, own = piece_plan(ds, pieces, batch_tokens)
-    scores = score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True, exclude=own,
-                        keep_cache_keys=True, progress=progress)
+
+    def read(piece: int, k: int):  # a sample of pieces, read with leave-own-document-out retrieval
+        pieces = [p for p in sample_pieces(ds.docs, sample_tokens, seed, piece) if p[0] not in gone]
+        plan, own = piece_plan(ds, pieces, batch_tokens)  # removed documents are not read either
+        return len(pieces), score_plan(lm, plan, searcher, retrieval=RetrievalSettings(k=k), keep_neighbors=True,
+                                       exclude=own, keep_cache_keys=True, progress=progress)
+
+    count, scores = read(PIECE, k)
+    plan = scores.plan
     res = sweep(scores.lm, scores.dists, scores.vals, scores.targets)
     best = res["best"]
     table, by_distance, check = distance_table(scores, best)
     settings = {
         "k": int(best["k"]), "lambda": float(best["lambda"]), "temperature": float(best["temperature"]),
         "how": "leave-own-document-out on the datastore's corpus",
-        "tokens": int(plan.count), "pieces": len(pieces), "exclude_radius": EXCLUDE_RADIUS, "seed": seed,
+        "tokens": int(plan.count), "pieces": count, "exclude_radius": EXCLUDE_RADIUS, "seed": seed,
         "index": searcher.settings(), "ppl_lm": res["ppl_lm"], "ppl_knnlm": float(best["ppl"]),
         "seconds": round(time.perf_counter() - t0, 1), "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -178,7 +191,15 @@ def self_tune(lm, ds, searcher: Searcher | None = None, sample_tokens: int = SAM
         settings.update(lambda_by_distance=table.as_dict(), ppl_knnlm_by_distance=by_distance)
         if check:
             settings["lambda_table_heldout_ppl"] = check
-    settings.update(cache_lambda(scores, best, table))
+    lengths = [int(n) for d, (_, n, _) in enumerate(ds.docs) if d not in gone]
+    cache_piece, cache_count, cache_scores = PIECE, count, scores
+    if max(lengths, default=0) > PIECE + 1:  # long documents: the cache is tuned on long pieces of them
+        cache_piece = CACHE_PIECE
+        cache_count, cache_scores = read(CACHE_PIECE, int(best["k"]))
+    settings.update(cache_lambda(cache_scores, best, table))
+    settings["cache_tuned_on"] = {"positions": int(cache_scores.plan.count), "pieces": cache_count,
+                                  "piece_tokens": cache_piece + 1}
+    settings["seconds"] = round(time.perf_counter() - t0, 1)
     LOG.info("tuned on %d positions of %s: k=%d lambda=%.2f T=%g (ppl %.3f -> %.3f)", plan.count, ds.path,
              settings["k"], settings["lambda"], settings["temperature"], res["ppl_lm"], best["ppl"])
     if record:

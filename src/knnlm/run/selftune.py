@@ -60,7 +60,8 @@ def sample_pieces(docs: np.ndarray, tokens: int, seed: int = 0,
     (1, 2048, 2050): each token after the first is a target in exactly one piece.
     """
     piece = PIECE if piece is None else piece
-    pieces = [(d, s, min(s + piece + 1, int(n))) for d, (_, n, _) in enumerate(docs) for s in range(0, int(n) - 1, piece)]
+    pieces = [(d, s, min(s + piece + 1, int(n)))
+              for d, (_, n, _) in enumerate(docs) for s in range(0, int(n) - 1, piece)]
     order = np.random.default_rng(seed).permutation(len(pieces))
     pick, total = [], 0
     for i in order:

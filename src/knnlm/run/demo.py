@@ -64,35 +64,39 @@ def _datastore(lm, corpus: Path, path: Path, tune_tokens: int, progress: bool):
 
 def _domain(lm, lang: str, label: str, work: Path, articles: int, heldout: int, tune_tokens: int,
             progress: bool) -> tuple[dict, list[dict], object]:
-    from knnlm.core.adapt import mix_text
     from knnlm.core.assets import ensure_wiki_leads
     from knnlm.core.batching import plan_files
     from knnlm.core.index import Searcher
     from knnlm.core.scoring import interpolate, knn_target_logprobs, perplexity
-    from knnlm.core.settings import PAPER, Resolved
+    from knnlm.core.settings import PAPER, cache_params, cache_weight, resolve
     from knnlm.run.evaluate import score_plan
-    from knnlm.run.options import RetrievalSettings
-    from knnlm.run.explain import ExplainSettings, explain
+    from knnlm.run.explain import ExplainSettings, explain, knn_mixture
+    from knnlm.run.options import CacheSettings, RetrievalSettings
 
     files = split_leads(ensure_wiki_leads(lang), work / lang / "corpus", articles, heldout)
     ds = _datastore(lm, files["datastore"], work / lang / f"datastore-{articles}", tune_tokens, progress)
     own = ds.settings
-    k_read = max(own["k"], min(PAPER["k"], ds.count))
+    used = resolve(ds.meta, ds.count)  # what every command uses by default: k, T, the λ table, adapting
+    cw = cache_weight(ds.meta, None)[0]  # and the continuous cache where the datastore tuned one
+    cw = None if cw is None or cw.lam == 0 else cw
+    k_read = max(used.k, min(PAPER["k"], ds.count))
     s = score_plan(lm, plan_files(lm, [files["test"]], 1024, 512, 4096), Searcher(ds),
-                   retrieval=RetrievalSettings(k=k_read), keep_neighbors=True, progress=progress)
+                   retrieval=RetrievalSettings(k=k_read), keep_neighbors=True,
+                   cache=CacheSettings(*cache_params(ds.meta)) if cw is not None else None, progress=progress)
     kp = min(PAPER["k"], ds.count)
     paper = perplexity(interpolate(s.lm, knn_target_logprobs(s.dists[:, :kp], s.vals[:, :kp], s.targets,
                                                              PAPER["temperature"]), PAPER["lambda"]))
-    k = own["k"]
+    k = used.k
     s.dists, s.ids, s.vals = s.dists[:, :k], s.ids[:, :k], s.vals[:, :k]
-    s.knn = knn_target_logprobs(s.dists, s.vals, s.targets, own["temperature"])
+    s.knn = knn_target_logprobs(s.dists, s.vals, s.targets, used.temperature)
     row = {"domain": label, "lang": lang, "datastore": str(ds.path), "datastore_articles": articles,
            "datastore_entries": ds.count, "test_articles": heldout, "test_tokens": int(len(s.targets)),
-           "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(mix_text(s.lm, s.knn, own["lambda"], adapt=True)[0]),
+           "ppl_lm": perplexity(s.lm), "ppl_knnlm": perplexity(knn_mixture(s, used.lam, used.adapt, used.by_distance, cw)[0]),
            "ppl_knnlm_paper_defaults": paper,
-           "settings": {f: own[f] for f in ("k", "lambda", "temperature", "how", "tokens")}}
-    used = Resolved(k, own["lambda"], own["temperature"], "datastore", adapt=True)
-    items = explain(lm, ds, s, used, ExplainSettings(top=5, neighbors=3, by="prob"))
+           "settings": {f: own[f] for f in ("k", "lambda", "temperature", "how", "tokens")},
+           "lambda_by_distance": used.by_distance is not None,
+           "cache": {"lambda": cw.lam, "theta": cache_params(ds.meta)[0]} if cw is not None else None}
+    items = explain(lm, ds, s, used, ExplainSettings(top=5, neighbors=3, by="prob"), cache=cw)
     return row, items, ds
 
 
@@ -145,16 +149,18 @@ def report(summary: dict, explained: dict) -> str:
     """The demo's terminal page."""
     lines = [f"kNN-LM demo: {summary['model']} ({summary['model_dtype']}) + datastores of Wikipedia lead sections",
              "perplexity on held-out articles, each datastore with the settings it tuned for itself",
-             "(λ adapting to the text from its tuned value, as every command does by default):", ""]
+             "(as every command does by default: λ from each position's nearest distance, adapting to the text,",
+             "and the text's own continuous cache where the datastore's tuning kept one):", ""]
     w = 30
     lines.append(f"{'':<{w}}  {'datastore':>17}  {'test':>12}  {'LM alone':>8}  {'kNN-LM':>16}  settings (own)"
                  f"          paper's")
     for r in summary["domains"]:
         s = r["settings"]
         gain = 100 * (r["ppl_knnlm"] / r["ppl_lm"] - 1)
+        own = f"k={s['k']} λ={s['lambda']:.2f} T={s['temperature']:g}" + (" +cache" if r.get("cache") else "")
         lines.append(f"{r['domain']:<{w}}  {r['datastore_entries']:>9} entries  {r['test_tokens']:>6} tokens  "
                      f"{r['ppl_lm']:>8.2f}  {r['ppl_knnlm']:>7.2f} ({gain:+.1f}%)  "
-                     f"k={s['k']} λ={s['lambda']:.2f} T={s['temperature']:<4g}  {r['ppl_knnlm_paper_defaults']:.2f}")
+                     f"{own:<22}  {r['ppl_knnlm_paper_defaults']:.2f}")
     for r in summary["domains"]:
         items = explained[r["lang"]][:2]
         if not items:

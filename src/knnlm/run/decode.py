@@ -19,7 +19,6 @@ from knnlm.core.mix import Mixture, Weight, mix_vocab
 from knnlm.core.model import cached_forward
 from knnlm.core.neighbor import DistanceLambda
 from knnlm.core.scoring import knn_probabilities, knn_target_logprobs
-from knnlm.errors import KnnlmError
 from knnlm.memory.decoder import MemoryUse, align_vocab, step_logits
 from knnlm.retrieval.adaptive import Adaptive, confidence
 from knnlm.retrieval.pointers import Pointers, PointerState, lookup

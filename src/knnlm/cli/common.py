@@ -54,6 +54,20 @@ def cache_lambda_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
+def add_cache_args(g, whose: str, tuned_by: str) -> None:
+    """--cache-lambda, --cache-theta, --cache-size on the argument group `g` (`whose`: whose
+    earlier positions the cache holds; `tuned_by`: which datastore's tuned values are the default)."""
+    g.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
+                   help=f"weight of the continuous cache ({whose} own earlier positions) mixed after the datastore "
+                        f"(the LM without one; default: the lambda {tuned_by} tuned for it, adapting to the text; none "
+                        "where that is 0 or not recorded); 'auto': that lambda, else 0.05, adapting; 0: no cache")
+    g.add_argument("--cache-theta", type=float, default=None,
+                   help=f"scale of the dot product of final hidden states (default: {tuned_by}'s tuned theta, "
+                        "else 0.05)")
+    g.add_argument("--cache-size", type=int, default=None,
+                   help=f"most recent positions in the cache (default: {tuned_by}'s tuned size, else 8192)")
+
+
 def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = False) -> None:
     g = p.add_argument_group("retrieval (k, lambda and T default to the datastore's tuned settings; see `knnlm info`)")
     g.add_argument("--datastore", "-d", help="datastore directory (from `knnlm build`)")
@@ -88,16 +102,7 @@ def add_knn_args(p: argparse.ArgumentParser, lam: bool = True, cache: bool = Fal
                    help="join this Ray cluster (default: start a local Ray when Ray is used)")
     if cache:
         c = p.add_argument_group("continuous cache (Grave et al. 2017): the document's own earlier positions")
-        c.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
-                       help="weight of p_cache mixed on top of the kNN-LM (of the LM without -d; default: the "
-                            "lambda the datastore tuned for its cache when built, adapting to the text, and no cache "
-                            "where that is 0 or not recorded); 'auto': that lambda, else 0.05, adapting; 0: no cache")
-        c.add_argument("--cache-theta", type=float, default=None,
-                       help="scale of the dot product of final hidden states (default: the datastore's tuned "
-                            "theta, else 0.05)")
-        c.add_argument("--cache-size", type=int, default=None,
-                       help="most recent positions of the document in the cache (default: the datastore's tuned "
-                            "size, else 8192)")
+        add_cache_args(c, "the document's", "the datastore")
 
 
 def add_fewer_searches_args(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from knnlm.cli.checks import check_datastore, check_knn_args, check_memories
-from knnlm.cli.common import cache_lambda_arg, fewer_searches, load_lm
+from knnlm.cli.common import add_cache_args, fewer_searches, load_lm
 from knnlm.cli.memory import add_memory_args, memories
 from knnlm.errors import KnnlmError
 
@@ -221,15 +221,7 @@ def register(add, add_model_args, add_knn_args, add_fewer_searches_args) -> None
     r.add_argument("--index", default=None, help="index name inside each datastore (default: its only index)")
     r.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's)")
     r.add_argument("--no-rerank", action="store_true", help="keep approximate (PQ) distances")
-    r.add_argument("--cache-lambda", type=cache_lambda_arg, default=None, metavar="LAMBDA|auto",
-                   help="weight of the continuous cache (the sequence's own earlier positions) mixed after the "
-                        "datastore (default: the lambda each datastore tuned for it, adapting; none where that is 0 "
-                        "or not recorded); 'auto': that lambda, else 0.05; 0: no cache")
-    r.add_argument("--cache-theta", type=float, default=None,
-                   help="the cache's scale of the dot product of final hidden states (default: each datastore's "
-                        "tuned theta, else 0.05)")
-    r.add_argument("--cache-size", type=int, default=None,
-                   help="most recent positions in the cache (default: each datastore's tuned size, else 8192)")
+    add_cache_args(r, "the sequence's", "each datastore")
     add_fewer_searches_args(sp)
     add_memory_args(sp, serve=True)
     add_model_args(sp)

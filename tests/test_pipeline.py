@@ -72,6 +72,16 @@ def exact_distances(q, keys, ids):
     return np.where(ids < 0, np.inf, want)
 
 
+def test_doc_of_names_each_targets_document(lm, jsonl_corpus):
+    """A plan's targets run document by document; doc_of gives each target's document, and
+    the datastore's document table the same."""
+    plan = plan_files(lm, [jsonl_corpus], 32, 16, 128)
+    want = np.concatenate([np.full(int(n) - 1, d) for d, n in enumerate(plan.docs[:, 1])])
+    assert len(plan.docs) > 1 and len(want) == plan.count
+    assert np.array_equal(plan.doc_of(np.arange(plan.count)), want)
+    assert int(plan.doc_of(int(plan.docs[1, 2]))) == 1 and int(plan.doc_of(int(plan.docs[1, 2]) - 1)) == 0
+
+
 def test_self_retrieval(lm, datastore, corpus):
     """Built on X, evaluated on X, k=1, exact index: the nearest key is the same context,
     so p_kNN(true token) ~ 1 (a little less where the text repeats itself)."""

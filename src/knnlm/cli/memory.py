@@ -214,8 +214,6 @@ def cmd_tune_memory(args) -> None:
 
 def cmd_explain_memory(args) -> None:
     """`knnlm explain --memory`: the tokens where the decoder moved the LM's probability most."""
-    import numpy as np
-
     from knnlm.core.batching import plan_files
     from knnlm.core.settings import resolve
     from knnlm.memory.decoder import MemoryDecoder
@@ -241,7 +239,7 @@ def cmd_explain_memory(args) -> None:
              "|---|---|---:|" + ("---:|" if searcher else "") + "---:|---:|"]
     for it in items:
         i = it["position"]
-        doc = int(np.searchsorted(plan.docs[:, 2], i, side="right") - 1)
+        doc = int(plan.doc_of(i))
         start, off = int(plan.docs[doc, 0]), i - int(plan.docs[doc, 2]) + 1  # the target is token `off` of `doc`
         before = plan.tokens[start + max(1, off - 12) : start + off]
         it.update(context=lm.decode(before), target=lm.decode([s.targets[i]]))

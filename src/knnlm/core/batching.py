@@ -53,6 +53,16 @@ class Plan:
         lo, hi = self.batches[b]
         return sum(w.end - w.score_from for _, w in self.windows[lo:hi])
 
+    def doc_of(self, positions) -> np.ndarray:
+        """The document of each target index in `positions`."""
+        return doc_of(self.docs, positions)
+
+
+def doc_of(docs: np.ndarray, positions) -> np.ndarray:
+    """The document of each target (datastore entry) index in `positions`, from a document
+    table whose third column is each document's first target index (a plan's or a datastore's)."""
+    return np.searchsorted(docs[:, 2], positions, side="right") - 1
+
 
 def check_windows(window: int, stride: int) -> None:
     if window < 2 or not 1 <= stride <= window:

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from knnlm.core.batching import doc_of
 from knnlm.errors import KnnlmError
 
 
@@ -67,7 +68,7 @@ def successors(ids: np.ndarray, vals: np.ndarray, token: int, docs: np.ndarray) 
     hit = ids[(ids >= 0) & (np.asarray(vals) == token)]
     if not len(hit):
         return hit
-    doc = np.searchsorted(docs[:, 2], hit, side="right") - 1  # (h,)
+    doc = doc_of(docs, hit)  # (h,)
     nxt = hit + 1
     return nxt[nxt < entry_ends(docs)[doc]]
 

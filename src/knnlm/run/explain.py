@@ -62,7 +62,7 @@ def explain(lm, ds: Datastore, scores: Scores, settings: Resolved | None = None,
     plan = scores.plan
     mix, lams = knn_mixture(scores, settings.lam, settings.adapt, settings.by_distance, cache)
     gain = mix - scores.lm if shown.by == "log" else np.exp(mix) - np.exp(scores.lm)
-    doc_of = np.searchsorted(plan.docs[:, 2], np.arange(len(gain)), side="right") - 1
+    doc_of = plan.doc_of(np.arange(len(gain)))
     offset = np.arange(len(gain)) - plan.docs[doc_of, 2] + 1
     gain = np.where(offset > shown.min_context, gain, -np.inf)
     order = np.argsort(-gain, kind="stable")[: min(shown.top, int(np.isfinite(gain).sum()))]

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from knnlm.core.batching import Plan, make_plan
+from knnlm.core.batching import Plan, doc_of, make_plan
 from knnlm.core.corpus import Document
 from knnlm.core.index import EXCLUDE_RADIUS, Searcher
 from knnlm.core.mix import Weight, best_lambda, mix_targets, mix_text
@@ -130,7 +130,7 @@ def cache_lambda(scores, best: dict, table: DistanceLambda | None,
     res = best_cache(base, caches)
     out = {"cache_lambda": res["lambda"], "cache_theta": res["theta"], "ppl_knnlm_cache": res["ppl"],
            "ppl_knnlm_cache_by_theta": {str(th): p for th, p in res["grid"].items()}}
-    piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(base)), "right") - 1
+    piece = doc_of(scores.plan.docs, np.arange(len(base)))
     fold = piece % 2
     if out["cache_lambda"] > 0 and len(np.unique(fold)) == 2:
         held = np.empty(len(base))
@@ -153,7 +153,7 @@ def distance_table(scores, best: dict) -> tuple[DistanceLambda | None, float | N
     {}) when there are too few positions for more than one bucket."""
     k, t = best["k"], best["temperature"]
     knn = knn_target_logprobs(scores.dists[:, :k], scores.vals[:, :k], scores.targets, t)  # as `sweep` scores
-    piece = np.searchsorted(scores.plan.docs[:, 2], np.arange(len(scores.lm)), "right") - 1  # (n,) each one's piece
+    piece = doc_of(scores.plan.docs, np.arange(len(scores.lm)))  # (n,) each one's piece
     table, check = fit_checked(scores.lm, knn, scores.dists[:, 0], best["lambda"], scores.lm_max, piece)
     if len(table.lams) < 2:
         return None, None, {}

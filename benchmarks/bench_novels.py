@@ -11,6 +11,7 @@ about 1.1 x 10^7; the smaller datastores of the size curve are these prefixes.
 
     python benchmarks/bench_novels.py point --size 1e6      # the 10^6 point: build, index, tune, test
     python benchmarks/bench_novels.py build                 # all 36 novels (hours; resumable)
+    python benchmarks/bench_novels.py variants --size 1e6   # what nprobe, re-ranking, pointers, adaptive buy
     python benchmarks/bench_novels.py report                # results/novels.{md,json} from what ran
 
 Data: the novels folder in --data (default ../shared/data/novels), each file checked
@@ -344,6 +345,65 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
             "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
 
 
+# the variants of the variants phase: what each of knnlm's options buys on a large datastore
+VARIANTS = {"default": {}, "nprobe 8": {"nprobe": 8}, "no re-ranking (PQ distances)": {"rerank": False},
+            "pointers 16": {"pointers": 16}, "adaptive 0.5": {"adaptive": 0.5}}
+GEN_VARIANTS = ("default", "pointers 16", "adaptive 0.5")
+
+
+def variant_settings(name: str, index: str | None = None):
+    """The RetrievalSettings of the variant `name` of VARIANTS (on the index `index`; None: a
+    generation call's settings, whose index is the KNNLM's)."""
+    import knnlm
+    from knnlm.retrieval.adaptive import Adaptive
+    from knnlm.retrieval.pointers import Pointers
+
+    v = dict(VARIANTS[name])
+    if "pointers" in v:
+        v["pointers"] = Pointers(v["pointers"])
+    if "adaptive" in v:
+        v["adaptive"] = Adaptive("max_prob", v["adaptive"])
+    return knnlm.RetrievalSettings(index=index, **v)
+
+
+def phase_variants(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_tokens: int, repeats: int,
+                   index: str) -> dict:
+    """Each variant of VARIANTS (the defaults with one option changed) as `knnlm eval` runs it on the
+    test novels, and the GEN_VARIANTS in one-stream generation: tokens/s as a ratio of the base LM's
+    measured interleaved in one process (the median of `repeats`), perplexity (every memory mixed) and
+    the share of tokens that searched."""
+    import statistics
+
+    import knnlm
+    from knnlm.run.generate import KNNLM
+
+    text, prompts = test_prompts(folder, cache, chars)
+    knn = KNNLM(lm, {"novels": ds_path}, retrieval=knnlm.RetrievalSettings(index=index))
+    runs: dict = {"eval": {n: [] for n in ["LM", *VARIANTS]}, "gen": {n: [] for n in ["LM", *GEN_VARIANTS]}}
+    out: dict = {"eval": {}, "gen": {}}
+    for _ in range(repeats):  # interleaved, so other load on the machine hits all alike
+        for name in runs["eval"]:
+            ret = None if name == "LM" else variant_settings(name, index)
+            r = knnlm.evaluate(lm, [text], None if name == "LM" else ds_path, retrieval=ret, progress=False)
+            runs["eval"][name].append(r["tokens"] / r["seconds"])
+            out["eval"][name] = {"ppl": r["ppl"], "search_rate": r.get("search_rate", 0.0), "tokens": r["tokens"]}
+            LOG.info("eval, %s: %.1f tokens/s, ppl %.3f", name, runs["eval"][name][-1], r["ppl"])
+        for name in runs["gen"]:
+            ret = None if name == "LM" else variant_settings(name)
+            t0 = time.perf_counter()
+            for prompt in prompts:
+                knn.generate(prompt, gen_tokens, datastore=None if name == "LM" else "novels", retrieval=ret,
+                             ignore_eos=True)
+            runs["gen"][name].append(gen_tokens * len(prompts) / (time.perf_counter() - t0))
+            LOG.info("generation, %s: %.2f tokens/s", name, runs["gen"][name][-1])
+    for kind in ("eval", "gen"):
+        lm_rate = statistics.median(runs[kind]["LM"])
+        for name, rates in runs[kind].items():
+            out[kind].setdefault(name, {}).update(tokens_per_s=statistics.median(rates),
+                                                  ratio=statistics.median(rates) / lm_rate)
+    return {"variants": VARIANTS, "repeats": repeats, "gen_tokens": gen_tokens * len(prompts), "runs": runs, **out}
+
+
 def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, chars: int, tokens: int, repeats: int,
                 index: str) -> dict:
     """`knnlm serve` over the datastore with its defaults: completion tokens/s for 1 and 8
@@ -384,10 +444,12 @@ def save_log(cache: Path, log: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "speed", "serve", "report"],
+    ap.add_argument("phase", choices=["check", "build", "point", "indexes", "speed", "variants", "serve", "report"],
                     help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
                          "one size; indexes: FAISS configurations on one size against exact search; speed: evaluation "
-                         "and generation tokens/s against the base LM; serve: `knnlm serve`'s tokens/s for 1 and 8 streams "
+                         "and generation tokens/s against the base LM; variants: the same for the defaults with "
+                         "one option changed (nprobe, re-ranking, pointers, adaptive retrieval); "
+                         "serve: `knnlm serve`'s tokens/s for 1 and 8 streams "
                          "against the base LM; "
                          "report: write results/novels.{md,json}")
     ap.add_argument("--factories", default="IVF1024,PQ64;IVF4096,PQ64;IVF4096,PQ32",
@@ -398,9 +460,11 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=32_000,
                     help="characters of each held-out novel read for tuning and test (default: 32000)")
     ap.add_argument("--speed-chars", type=int, default=6_000,
-                    help="speed phase: characters of each test novel evaluated (default: 6000)")
-    ap.add_argument("--gen-tokens", type=int, default=32, help="speed phase: tokens generated per prompt (default: 32)")
-    ap.add_argument("--repeats", type=int, default=2, help="speed phase: interleaved repeats (default: 2)")
+                    help="speed and variants phases: characters of each test novel evaluated (default: 6000)")
+    ap.add_argument("--gen-tokens", type=int, default=32,
+                    help="speed, variants and serve phases: tokens generated per prompt (default: 32)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="speed, variants and serve phases: interleaved repeats (default: 2)")
     ap.add_argument("--index", default="auto", help="index of the point (default: auto, as knnlm build)")
     ap.add_argument("--size", choices=sorted(SIZES), default="all", help="datastore: 1e5, 1e6 or all novels")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding novels/ (default: ../shared/data)")
@@ -449,6 +513,12 @@ def main() -> None:
         out = cache / f"speed-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
+    if args.phase == "variants":
+        res = phase_variants(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
+                             index_of(ds_path, args.index))
+        out = cache / f"variants-{args.size}.json"
+        out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
+        LOG.info("%s: %s", out, {n: round(v["ratio"], 2) for n, v in res["eval"].items()})
     if args.phase == "serve":
         res = phase_serve(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
                           index_of(ds_path, args.index))

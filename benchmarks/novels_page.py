@@ -22,8 +22,9 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
     speed = {size: json.loads((cache / f"speed-{size}.json").read_text("utf-8"))
              for size in sizes if (cache / f"speed-{size}.json").exists()}
     indexes = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("indexes-*.json"))}
-    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "indexes": indexes, "build_log": log},
-                                                    indent=1) + "\n", "utf-8")
+    variants = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("variants-*.json"))}
+    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "variants": variants, "indexes": indexes,
+                                                     "build_log": log}, indent=1) + "\n", "utf-8")
     made = [f"python benchmarks/bench_novels.py point --size {size} --cache CACHE" for size in points]
     made.append(command.replace(str(cache), "CACHE"))
     lines = ["# The kNN-LM on 41 English novels", "",
@@ -62,7 +63,7 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
                      f"{r['ppl_lm']:.3f} | {default(r)} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
                      f"{r['search_ms_per_token']:.2f} |")
     lines += build_lines(cache, points, log)
-    lines += curve_lines(points) + cost_lines(cache, points, log) + index_lines(cache)
+    lines += curve_lines(points) + cost_lines(cache, points, log) + variant_lines(cache) + index_lines(cache)
     (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
     LOG.info("wrote %s", results / "novels.md")
 
@@ -211,6 +212,34 @@ def serve_cells(path: Path) -> str:
     rate = sv["tokens_per_s"]
     return (f" {sv['ratio_1']:.2f}x ({rate['kNN-LM, 1 stream']:.1f} / {rate['LM, 1 stream']:.1f}) |"
             f" {sv['ratio_8']:.2f}x ({rate['kNN-LM, 8 streams']:.1f} / {rate['LM, 8 streams']:.1f}) |")
+
+
+def variant_lines(cache: Path) -> list[str]:
+    """What each option buys: the variants phase's rows (the defaults with one option changed)."""
+    lines = []
+    for path in sorted(cache.glob("variants-*.json")):
+        size, v = path.stem.split("-", 1)[1], json.loads(path.read_text("utf-8"))
+        base = v["eval"]["default"]["ppl"]
+        for name, e in v["eval"].items():
+            g = v["gen"].get(name)
+            change = "–" if name == "LM" else f"{(e['ppl'] / base - 1) * 100:+.2f}%"
+            searched = "–" if name == "LM" else f"{e['search_rate']:.0%}"
+            lines.append(f"| {size} | {name} | {e['ratio']:.2f}x ({e['tokens_per_s']:.0f}) | {e['ppl']:.3f} | {change} | "
+                         f"{searched} | "
+                         + (f"{g['ratio']:.2f}x ({g['tokens_per_s']:.1f}) |" if g else "– |"))
+    if not lines:
+        return []
+    return ["", "## What each option buys", "",
+            "Made by `python benchmarks/bench_novels.py variants --size S --index F --cache CACHE`: `knnlm eval` of the "
+            "speed phase's test text with the defaults and with one option changed (`--nprobe 8`, `--no-rerank`: "
+            "PQ distances instead of re-ranking from the stored keys, `--pointers 16`: RetoMaton, `--adaptive 0.5`: no "
+            "search where the LM's max p >= 0.5), and one-stream generation (32 tokens from each test novel's "
+            "opening) for the defaults, pointers and adaptive retrieval; tokens/s as a ratio of the base LM's, "
+            "interleaved in one process, median of 2; perplexity with every memory mixed, against the defaults'.  "
+            "Batched search and the memory-mapped keys are part of every row (evaluation searches a window's "
+            "tokens at once; keys over 2 GiB are re-ranked from the file).", "",
+            "| size | variant | eval tokens/s vs LM | ppl | vs default | tokens searched | generation tokens/s vs LM |",
+            "|---|---|---:|---:|---:|---:|---:|", *lines]
 
 
 def index_lines(cache: Path) -> list[str]:

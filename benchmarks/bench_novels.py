@@ -381,6 +381,9 @@ def phase_variants(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen
     knn = KNNLM(lm, {"novels": ds_path}, retrieval=knnlm.RetrievalSettings(index=index))
     runs: dict = {"eval": {n: [] for n in ["LM", *VARIANTS]}, "gen": {n: [] for n in ["LM", *GEN_VARIANTS]}}
     out: dict = {"eval": {}, "gen": {}}
+    warm = excerpts(folder, SPLIT["test"][:1], 1000, cache / "test-warm-1000.jsonl")
+    for ds in (None, ds_path):  # untimed: the first calls' one-off costs (the model's and the index's pages)
+        knnlm.evaluate(lm, [warm], ds, retrieval=variant_settings("default", index) if ds else None, progress=False)
     for _ in range(repeats):  # interleaved, so other load on the machine hits all alike
         for name in runs["eval"]:
             ret = None if name == "LM" else variant_settings(name, index)

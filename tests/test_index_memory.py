@@ -113,6 +113,8 @@ def search_growth(path, bound: str) -> int:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
 
+        import torch  # loaded in every process that searches (the LM's; re-ranking gathers with it)
+
         ds = Datastore({str(path)!r})
         ix.KEYS_IN_RAM_MAX = {bound}
         q = np.asarray(ds.read_keys(np.arange(0, ds.count, 9973)), np.float32)

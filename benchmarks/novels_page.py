@@ -22,9 +22,10 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
     speed = {size: json.loads((cache / f"speed-{size}.json").read_text("utf-8"))
              for size in sizes if (cache / f"speed-{size}.json").exists()}
     indexes = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("indexes-*.json"))}
-    variants = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8")) for path in sorted(cache.glob("variants-*.json"))}
-    (results / "novels.json").write_text(json.dumps({"points": points, "speed": speed, "variants": variants, "indexes": indexes,
-                                                     "build_log": log}, indent=1) + "\n", "utf-8")
+    variants = {path.stem.split("-", 1)[1]: json.loads(path.read_text("utf-8"))
+                for path in sorted(cache.glob("variants-*.json"))}
+    everything = {"points": points, "speed": speed, "variants": variants, "indexes": indexes, "build_log": log}
+    (results / "novels.json").write_text(json.dumps(everything, indent=1) + "\n", "utf-8")
     made = [f"python benchmarks/bench_novels.py point --size {size} --cache CACHE" for size in points]
     made.append(command.replace(str(cache), "CACHE"))
     lines = ["# The kNN-LM on 41 English novels", "",
@@ -71,8 +72,8 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
 def build_lines(cache: Path, points: dict, log: dict) -> list[str]:
     """The builds: one row per run of each datastore's build, then per datastore the index's
     time against the forward pass's at the bare rate (the part of the whole build it adds)."""
-    lines = ["", "## Builds", "", "| datastore | run | started | seconds | tokens | tokens/s | bare forward tokens/s | ratio | "
-             "peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "## Builds", "", "| datastore | run | started | seconds | tokens | tokens/s | bare forward tokens/s | "
+             "ratio | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
     runs = [g for segs in log.get("segments", {}).values() for g in segs if "seconds" in g]
     best = max(runs, key=lambda g: g["bare_tokens_per_s"], default=None)  # the machine at its quietest
@@ -82,17 +83,19 @@ def build_lines(cache: Path, points: dict, log: dict) -> list[str]:
                 continue
             mark = " (from the log)" if g.get("source") else ""
             rss = f"{g['peak_rss_mb']:.0f}" if g.get("peak_rss_mb") else "–"
-            lines.append(f"| {size} | {i + 1}{mark} | {g.get('started', '–')} | {g['seconds']:,.0f} | {g['tokens']:,} | "
-                         f"{g['tokens_per_s']:.0f} | {g['bare_tokens_per_s']:.0f} | "
+            lines.append(f"| {size} | {i + 1}{mark} | {g.get('started', '–')} | {g['seconds']:,.0f} | "
+                         f"{g['tokens']:,} | {g['tokens_per_s']:.0f} | {g['bare_tokens_per_s']:.0f} | "
                          f"{g['tokens_per_s'] / g['bare_tokens_per_s']:.2f} | {rss} |")
         done = [g for g in segs if "seconds" in g]
-        index_json = cache / f"ds-{size}" / "indexes" / points.get(size, {}).get("index", {}).get("index", "-") / "index.json"
+        name = points.get(size, {}).get("index", {}).get("index", "-")
+        index_json = cache / f"ds-{size}" / "indexes" / name / "index.json"
         if done and index_json.exists():
             tokens = sum(g["tokens"] for g in done)
             bare = best["bare_tokens_per_s"]
             index_s = json.loads(index_json.read_text("utf-8"))["build_seconds"]
             notes.append(f"{size}: {tokens:,} tokens, a forward pass of {tokens / bare:,.0f} s at the best bare rate "
-                         f"measured ({bare:.0f} tokens/s, at the start of the run of {best['started']}); its index ({points[size]['index']['factory']}, trained on a sample "
+                         f"measured ({bare:.0f} tokens/s, at the start of the run of {best['started']}); "
+                         f"its index ({points[size]['index']['factory']}, trained on a sample "
                          f"and filled after the forward pass) {index_s:,.0f} s more, "
                          f"{index_s / (tokens / bare) * 100:.1f}% of the forward pass.")
     lines += ["", "Each run of a build is one row (a stopped build resumes in the next; runs marked *from the log* "
@@ -175,7 +178,7 @@ def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
         segs = [g for g in log.get("segments", {}).get(size, []) if "seconds" in g]
         index_dir = cache / f"ds-{size}" / "indexes" / r["index"]["index"]
         rows.append(f"| {r['entries']:,} | {sum(g['seconds'] for g in segs):,.0f} | "
-                    f"{json.loads((index_dir / 'index.json').read_text('utf-8'))['build_seconds']:,.0f} | {disk_mb(cache / f'ds-{size}') / 1e3:.2f} | "
+                    f"{json.loads((index_dir / 'index.json').read_text('utf-8'))['build_seconds']:,.0f} | {(disk_mb(cache / f'ds-{size}') - disk_mb(index_dir.parent) + disk_mb(index_dir)) / 1e3:.2f} | "
                     f"{disk_mb(index_dir):,.0f} | "
                     + (f"{sp['anon_rss_mb']:,.0f} | {sp['eval_ratio']:.2f}x ({sp['tokens_per_s']['eval_knnlm']:.0f} / "
                        f"{sp['tokens_per_s']['eval_lm']:.0f}) | {sp['gen_ratio']:.2f}x ({sp['tokens_per_s']['gen_knnlm']:.1f} / "
@@ -190,7 +193,7 @@ def cost_lines(cache: Path, points: dict, log: dict) -> list[str]:
             "interleaved with the base LM in the same process, median of 2).  Build and index seconds are the "
             "runs' wall times on a shared machine (see Builds); RSS: the search process's anonymous resident "
             "memory (model included) after the searches.", "",
-            "| entries | build s | index s | datastore GB on disk | index MB | search process anon RSS MB | "
+            "| entries | build s | index s | datastore and its index, GB on disk | index MB | search process anon RSS MB | "
             "eval tokens/s, kNN-LM / LM | generation tokens/s, kNN-LM / LM | serve, 1 stream | serve, 8 streams |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
             "Serve: `python benchmarks/bench_novels.py serve --size S --cache CACHE`: `knnlm serve`'s completion "
@@ -226,13 +229,14 @@ def variant_lines(cache: Path) -> list[str]:
             g = v["gen"].get(name)
             change = "–" if name == "LM" else f"{(e['ppl'] / base - 1) * 100:+.2f}%"
             searched = "–" if name == "LM" else f"{e['search_rate']:.0%}"
-            lines.append(f"| {size} | {name} | {e['ratio']:.2f}x ({e['tokens_per_s']:.0f}) | {e['ppl']:.3f} | {change} | "
-                         f"{searched} | "
+            lines.append(f"| {size} | {name} | {e['ratio']:.2f}x ({e['tokens_per_s']:.0f}) | {e['ppl']:.3f} | "
+                         f"{change} | {searched} | "
                          + (f"{g['ratio']:.2f}x ({g['tokens_per_s']:.1f}) |" if g else "– |"))
     if not lines:
         return []
     return ["", "## What each option buys", "",
-            "Made by `python benchmarks/bench_novels.py variants --size S --index F --cache CACHE`: `knnlm eval` of the "
+            "Made by `python benchmarks/bench_novels.py variants --size S --index F --cache CACHE`: "
+            "`knnlm eval` of the "
             "speed phase's test text with the defaults and with one option changed (`--nprobe 8`, `--no-rerank`: "
             "PQ distances instead of re-ranking from the stored keys, `--pointers 16`: RetoMaton, `--adaptive 0.5`: no "
             "search where the LM's max p >= 0.5), and one-stream generation (32 tokens from each test novel's "

@@ -480,7 +480,7 @@ def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> 
             continue
         x = buf[: len(rows)]
         x.copy_(torch.index_select(source, 0, torch.from_numpy(rows)))
-        pos = np.ascontiguousarray(np.searchsorted(rows, np.where(real, i, rows[0])), dtype=np.int64)  # (c, k) rows of x
+        pos = np.searchsorted(rows, np.where(real, i, rows[0])).astype(np.int64)  # (c, k) rows of x
         o = out[: len(i)]
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(o), faiss.swig_ptr(q[a : a + len(i)]), faiss.swig_ptr(x.numpy()),
                                 faiss.swig_ptr(pos), d, len(i), k)

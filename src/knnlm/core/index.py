@@ -51,7 +51,9 @@ HNSW_QUANTIZER_FROM = 8192
 def auto_factory(count: int, dim: int) -> str:
     """`Flat` for small datastores; else IVF (about 4 sqrt(N) lists; an HNSW32 coarse
     quantizer from HNSW_QUANTIZER_FROM lists on) with PQ codes of up to 64 bytes (paper:
-    IVF4096,PQ64 for 103M entries)."""
+    IVF4096,PQ64 for 103M entries).  Measured on 1.1e7 novels entries against exact search
+    (benchmarks/results/novels.md): IVF16384_HNSW32,PQ64 at nprobe 32 within 0.1% of exact
+    perplexity; 65,536 lists lower recall and slower, PQ32 the same perplexity, lower recall."""
     if count < FLAT_BELOW:
         return "Flat"
     nlist = 2 ** int(round(math.log2(4 * math.sqrt(count))))

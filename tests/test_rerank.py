@@ -74,3 +74,35 @@ def test_rerank_from_keys_matches_the_per_query_cast(tmp_path):
     np.testing.assert_allclose(got[0], want[0], rtol=2e-6)  # both sorted: the same distances in order
     assert np.array_equal(np.isinf(got[0]), np.isinf(want[0])) and np.isinf(got[0][40]).all()
     np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(want[1], axis=1))
+
+
+def test_rerank_reads_the_rows_of_several_files_without_joining_them(tmp_path, monkeypatch):
+    """A sharded datastore's keys (one memmap per shard, as one row space): each candidate read
+    from its own shard's file, the distances those of the joined keys, and the shards' keys
+    never joined in memory (at 10^7 entries that would be 12.6 GB on every search)."""
+    import pytest
+
+    from knnlm.core.index import distances_from_keys
+    from knnlm.scale.manifest import _Rows
+
+    rng = np.random.default_rng(3)
+    d, k, m = 64, 32, 50
+    parts = []
+    for s, n in enumerate((700, 1, 1299)):  # a one-row shard too
+        a = np.lib.format.open_memmap(tmp_path / f"keys{s}.npy", mode="w+", dtype=np.float16, shape=(n, d))
+        a[:] = rng.normal(size=(n, d))
+        a.flush()
+        parts.append(np.load(tmp_path / f"keys{s}.npy", mmap_mode="r"))
+    joined = np.concatenate(parts)
+    rows = _Rows(parts, np.array([0, 700, 701, 2000]))
+    q = rng.normal(size=(m, d)).astype(np.float32)
+    ids = rng.integers(0, 2000, size=(m, k))
+    ids[:, 0] = 700  # the one-row shard's entry
+    ids[5, 10:] = -1
+    monkeypatch.setattr(_Rows, "__array__", lambda *a, **kw: pytest.fail("the shards' keys were joined in memory"))
+    np.testing.assert_array_equal(distances_from_keys(rows, q, ids), distances_from_keys(joined, q, ids))
+    got, want = rerank_from_keys(rows, q, ids), rerank_from_keys(joined, q, ids)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    exact = ((joined[np.maximum(ids, 0)].astype(np.float64) - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(distances_from_keys(rows, q, ids), np.where(ids >= 0, exact, np.inf), rtol=1e-5)

@@ -369,15 +369,7 @@ class Searcher:
         """Exact squared L2 distances (m, c) float32 from each query (m, d) to the entries
         ids (m, c) (their stored float16 keys); inf where an id is -1 or a removed entry (so
         pointers never follow one)."""
-        q = self.ds.to_key_space(queries)  # (m, d) float32
-        ids = live_ids(self.ds, ids)
-        out = np.full(ids.shape, np.inf, dtype=np.float32)
-        for row in range(len(ids)):
-            real = np.nonzero(ids[row] >= 0)[0]
-            if len(real):
-                diff = np.asarray(self.ds.keys[ids[row, real]], dtype=np.float32) - q[row]  # (c, d)
-                out[row, real] = np.einsum("cd,cd->c", diff, diff)
-        return out
+        return distances_from_keys(self.ds.keys, self.ds.to_key_space(queries), live_ids(self.ds, ids))
 
 
 # Leave-own-document-out: a whole document up to this many entries (a jsonl article); inside a
@@ -453,11 +445,12 @@ def search_excluding(search, document_of, queries: np.ndarray, k: int, own: np.n
     return out_d, out_i
 
 
-def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared L2 distances of each query (m, d) float32 to its candidates ids (m, k)
-    read from `keys` (a memmap: only those rows are read), sorted ascending; -1 stays last.
+def distances_from_keys(keys, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact squared L2 distances (m, k) float32 of each query (m, d) float32 to its entries ids
+    (m, k), inf where an id is -1.  `keys`: an (N, d) array or memmap, or the rows of several
+    (an object with `parts` and `offsets`: a sharded datastore's keys); only the ids' rows are read.
 
-    The candidates of a chunk of queries are read once each, in file order (sorted, without
+    The rows of a chunk of queries are read once each, in file order (sorted, without
     duplicates), by torch's gather over the mapped file, and cast to float32 into one reused
     buffer (exact: every float16 is a float32; numpy's cast was 5-10x slower); each query's
     distances to its own rows of the buffer come from FAISS (`fvec_L2sqr_by_idx`, SIMD, no
@@ -468,25 +461,37 @@ def rerank_from_keys(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> 
     faiss = _faiss()
     m, k = ids.shape
     d = keys.shape[1]
+    parts = [_as_tensor(p) for p in getattr(keys, "parts", [keys])]
+    offsets = np.asarray(getattr(keys, "offsets", [0, keys.shape[0]]), dtype=np.int64)
     dists = np.full((m, k), np.inf, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     step = max(1, (1 << 24) // max(1, k * d))  # queries per chunk: <= 2^24 float32 key values at once (64 MB)
-    source = _as_tensor(keys)
     buf = torch.empty((min(m, step) * k, d), dtype=torch.float32)  # the chunk's distinct rows, float32
     out = np.empty((min(m, step), k), dtype=np.float32)
     for a in range(0, m, step):
-        i = ids[a : a + step]
+        i = np.asarray(ids[a : a + step], dtype=np.int64)
         real = i >= 0
         rows = np.unique(i[real])  # sorted: the memmap is read in file order
         if not len(rows):
             continue
         x = buf[: len(rows)]
-        x.copy_(torch.index_select(source, 0, torch.from_numpy(rows)))
+        cuts = np.searchsorted(rows, offsets)  # rows[cuts[p]:cuts[p + 1]] lie in part p
+        for p, source in enumerate(parts):
+            if cuts[p] < cuts[p + 1]:
+                local = torch.from_numpy(rows[cuts[p] : cuts[p + 1]] - offsets[p])
+                x[cuts[p] : cuts[p + 1]].copy_(torch.index_select(source, 0, local))
         pos = np.searchsorted(rows, np.where(real, i, rows[0])).astype(np.int64)  # (c, k) rows of x
         o = out[: len(i)]
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(o), faiss.swig_ptr(q[a : a + len(i)]), faiss.swig_ptr(x.numpy()),
                                 faiss.swig_ptr(pos), d, len(i), k)
         dists[a : a + step] = np.where(real, o, np.inf)
+    return dists
+
+
+def rerank_from_keys(keys, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates ids (m, k) of each query (m, d) float32 with their exact squared L2
+    distances from `keys` (see distances_from_keys), sorted ascending; -1 stays last."""
+    dists = distances_from_keys(keys, queries, ids)
     order = np.argsort(dists, axis=1, kind="stable")
     return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
 

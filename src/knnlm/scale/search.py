@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from knnlm.core.datastore import Datastore
-from knnlm.core.index import Searcher, index_info, live_ids, rerank_from_keys, search_excluding
+from knnlm.core.index import (Searcher, distances_from_keys, index_info, live_ids, rerank_from_keys,
+                              search_excluding)
 from knnlm.errors import KnnlmError
 from knnlm.scale.manifest import ShardedDatastore
 
@@ -171,12 +172,9 @@ class ShardedSearcher:
         return d, i
 
     def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact squared L2 distances (m, c) float32 to the global entries ids (m, c); inf where -1."""
-        q = self.ds.to_key_space(queries)  # (m, d) float32
-        ids = live_ids(self.ds, ids)  # a removed entry is as far as none
-        x = np.asarray(self.ds.keys[np.maximum(ids, 0)], dtype=np.float32)  # (m, c, d)
-        diff = x - q[:, None, :]
-        return np.where(ids >= 0, np.einsum("mcd,mcd->mc", diff, diff), np.inf).astype(np.float32)
+        """Exact squared L2 distances (m, c) float32 to the global entries ids (m, c); inf where -1
+        or removed (a removed entry is as far as none)."""
+        return distances_from_keys(self.ds.keys, self.ds.to_key_space(queries), live_ids(self.ds, ids))
 
     def _get(self, g: int, ref, again=None):
         """ray.get with the actor's death turned into a retry (Ray restarts it), then an error."""

@@ -11,7 +11,7 @@ about 1.1 x 10^7; the smaller datastores of the size curve are these prefixes.
 
     python benchmarks/bench_novels.py point --size 1e6      # the 10^6 point: build, index, tune, test
     python benchmarks/bench_novels.py build                 # all 36 novels (hours; resumable)
-    python benchmarks/bench_novels.py variants --size 1e6   # what nprobe, re-ranking, pointers, adaptive buy
+    python benchmarks/bench_novels.py variants --size 1e6   # what nprobe, re-ranking, pointers, adaptive, PCA buy
     python benchmarks/bench_novels.py report                # results/novels.{md,json} from what ran
 
 Data: the novels folder in --data (default ../shared/data/novels), each file checked
@@ -303,10 +303,10 @@ def test_prompts(folder: Path, cache: Path, chars: int) -> tuple[Path, list[str]
 
 def index_of(ds_path: Path, kind: str) -> str:
     """The name of the index `kind` ("auto": the one `knnlm build` picks) of the datastore."""
-    from knnlm.core.datastore import Datastore
     from knnlm.core.index import auto_factory, index_name
+    from knnlm.scale import open_datastore
 
-    ds = Datastore(ds_path)
+    ds = open_datastore(ds_path)
     return index_name(auto_factory(ds.count, ds.dim) if kind == "auto" else kind)
 
 
@@ -345,10 +345,12 @@ def phase_speed(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_to
             "anon_rss_mb": anon_rss_mb(), "anon_rss_mb_before_datastore": rss_before}
 
 
-# the variants of the variants phase: what each of knnlm's options buys on a large datastore
+# the variants of the variants phase: what each of knnlm's options buys on a large datastore;
+# "datastore": one of novels_derived.DERIVED, made from the datastore and searched instead of it
 VARIANTS = {"default": {}, "nprobe 8": {"nprobe": 8}, "no re-ranking (PQ distances)": {"rerank": False},
-            "pointers 16": {"pointers": 16}, "adaptive 0.5": {"adaptive": 0.5}}
-GEN_VARIANTS = ("default", "pointers 16", "adaptive 0.5")
+            "pointers 16": {"pointers": 16}, "adaptive 0.5": {"adaptive": 0.5},
+            "PCA 144": {"datastore": "pca144"}, "4 shards": {"datastore": "shards4"}}
+GEN_VARIANTS = ("default", "pointers 16", "adaptive 0.5", "PCA 144", "4 shards")
 
 
 def variant_settings(name: str, index: str | None = None):
@@ -358,7 +360,7 @@ def variant_settings(name: str, index: str | None = None):
     from knnlm.retrieval.adaptive import Adaptive
     from knnlm.retrieval.pointers import Pointers
 
-    v = dict(VARIANTS[name])
+    v = {k: x for k, x in VARIANTS[name].items() if k != "datastore"}
     if "pointers" in v:
         v["pointers"] = Pointers(v["pointers"])
     if "adaptive" in v:
@@ -366,45 +368,74 @@ def variant_settings(name: str, index: str | None = None):
     return knnlm.RetrievalSettings(index=index, **v)
 
 
-def phase_variants(lm, ds_path: Path, folder: Path, cache: Path, chars: int, gen_tokens: int, repeats: int,
-                   index: str) -> dict:
-    """Each variant of VARIANTS (the defaults with one option changed) as `knnlm eval` runs it on the
-    test novels, and the GEN_VARIANTS in one-stream generation: tokens/s as a ratio of the base LM's
-    measured interleaved in one process (the median of `repeats`), perplexity (every memory mixed) and
-    the share of tokens that searched."""
+def phase_variants(lm, ds_path: Path, folder: Path, cache: Path, size: str, opts, only: list[str]) -> dict:
+    """Each variant of VARIANTS in `only` (the defaults with one option changed, or a datastore
+    made from this one) as `knnlm eval` runs it on the test novels, and those of GEN_VARIANTS in
+    one-stream generation: tokens/s as a ratio of the base LM's measured interleaved in one
+    process (the median of `repeats`), perplexity (every memory mixed) and the share of tokens
+    that searched.  A run of some variants only replaces their rows in variants-<size>.json,
+    with the base LM of their own run."""
     import statistics
 
     import knnlm
     from knnlm.run.generate import KNNLM
+    from novels_derived import make_derived
 
-    text, prompts = test_prompts(folder, cache, chars)
-    knn = KNNLM(lm, {"novels": ds_path}, retrieval=knnlm.RetrievalSettings(index=index))
-    runs: dict = {"eval": {n: [] for n in ["LM", *VARIANTS]}, "gen": {n: [] for n in ["LM", *GEN_VARIANTS]}}
+    text, prompts = test_prompts(folder, cache, opts.speed_chars)
+    paths = {n: make_derived(lm, ds_path, VARIANTS[n]["datastore"], cache / f"derived-{size}.json")
+             if "datastore" in VARIANTS[n] else ds_path for n in only}
+    index = {n: index_of(p, opts.index if p == ds_path else "auto") for n, p in paths.items()}
+    knns = {p: KNNLM(lm, {"novels": p}, retrieval=knnlm.RetrievalSettings(index=index[n])) for n, p in paths.items()}
+    gen = [n for n in GEN_VARIANTS if n in only]
+    runs: dict = {"eval": {n: [] for n in ["LM", *only]}, "gen": {n: [] for n in ["LM", *gen]}}
     out: dict = {"eval": {}, "gen": {}}
     warm = excerpts(folder, SPLIT["test"][:1], 1000, cache / "test-warm-1000.jsonl")
-    for ds in (None, ds_path):  # untimed: the first calls' one-off costs (the model's and the index's pages)
-        knnlm.evaluate(lm, [warm], ds, retrieval=variant_settings("default", index) if ds else None, progress=False)
-    for _ in range(repeats):  # interleaved, so other load on the machine hits all alike
+    for n in [None, *only]:  # untimed: the first calls' one-off costs (the model's and the indexes' pages)
+        knnlm.evaluate(lm, [warm], paths.get(n), retrieval=variant_settings(n, index[n]) if n else None,
+                       progress=False)
+    for _ in range(opts.repeats):  # interleaved, so other load on the machine hits all alike
         for name in runs["eval"]:
-            ret = None if name == "LM" else variant_settings(name, index)
-            r = knnlm.evaluate(lm, [text], None if name == "LM" else ds_path, retrieval=ret, progress=False)
+            ds, ret = (None, None) if name == "LM" else (paths[name], variant_settings(name, index[name]))
+            r = knnlm.evaluate(lm, [text], ds, retrieval=ret, progress=False)
             runs["eval"][name].append(r["tokens"] / r["seconds"])
             out["eval"][name] = {"ppl": r["ppl"], "search_rate": r.get("search_rate", 0.0), "tokens": r["tokens"]}
             LOG.info("eval, %s: %.1f tokens/s, ppl %.3f", name, runs["eval"][name][-1], r["ppl"])
         for name in runs["gen"]:
+            knn = knns[paths[only[0] if name == "LM" else name]]  # the LM's: any of them, with no datastore
             ret = None if name == "LM" else variant_settings(name)
             t0 = time.perf_counter()
             for prompt in prompts:
-                knn.generate(prompt, gen_tokens, datastore=None if name == "LM" else "novels", retrieval=ret,
+                knn.generate(prompt, opts.gen_tokens, datastore=None if name == "LM" else "novels", retrieval=ret,
                              ignore_eos=True)
-            runs["gen"][name].append(gen_tokens * len(prompts) / (time.perf_counter() - t0))
+            runs["gen"][name].append(opts.gen_tokens * len(prompts) / (time.perf_counter() - t0))
             LOG.info("generation, %s: %.2f tokens/s", name, runs["gen"][name][-1])
     for kind in ("eval", "gen"):
         lm_rate = statistics.median(runs[kind]["LM"])
         for name, rates in runs[kind].items():
             out[kind].setdefault(name, {}).update(tokens_per_s=statistics.median(rates),
                                                   ratio=statistics.median(rates) / lm_rate)
-    return {"variants": VARIANTS, "repeats": repeats, "gen_tokens": gen_tokens * len(prompts), "runs": runs, **out}
+    res = {"variants": {n: VARIANTS[n] for n in only}, "repeats": opts.repeats,
+           "gen_tokens": opts.gen_tokens * len(prompts), "runs": runs, **out}
+    return merge_variants(cache / f"variants-{size}.json", res)
+
+
+def merge_variants(path: Path, res: dict) -> dict:
+    """`res` over the earlier variants run saved at `path`: a variant measured again takes its new
+    row; rows of a later run than the first keep their own run's base LM as "LM, run N"."""
+    if not path.exists():
+        return res
+    old = json.loads(path.read_text("utf-8"))
+    if set(old["variants"]) <= set(res["variants"]):
+        return res  # every earlier row measured again
+    run = 1 + max([1, *(int(n.rsplit(" ", 1)[1]) for n in old["eval"] if n.startswith("LM, run "))])
+    for kind in ("eval", "gen"):
+        for name in res["variants"]:
+            old[kind].pop(name, None)  # a variant measured again moves under its new run's LM
+        for name, row in res[kind].items():
+            old[kind][f"LM, run {run}" if name == "LM" else name] = row
+    old.setdefault("later_runs", {})[str(run)] = res["runs"]
+    old["variants"].update(res["variants"])
+    return old
 
 
 def phase_serve(lm, ds_path: Path, folder: Path, cache: Path, chars: int, tokens: int, repeats: int,
@@ -451,9 +482,8 @@ def main() -> None:
                     help="check: the data's sha256; build: the datastore; point: build, index, tune and test "
                          "one size; indexes: FAISS configurations on one size against exact search; speed: evaluation "
                          "and generation tokens/s against the base LM; variants: the same for the defaults with "
-                         "one option changed (nprobe, re-ranking, pointers, adaptive retrieval); "
-                         "serve: `knnlm serve`'s tokens/s for 1 and 8 streams "
-                         "against the base LM; "
+                         "one option changed (nprobe, re-ranking, pointers, adaptive retrieval, PCA-reduced keys, "
+                         "shards); serve: `knnlm serve`'s tokens/s for 1 and 8 streams against the base LM; "
                          "report: write results/novels.{md,json}")
     ap.add_argument("--factories", default="IVF1024,PQ64;IVF4096,PQ64;IVF4096,PQ32",
                     help="indexes phase: FAISS factory strings, ';'-separated")
@@ -468,6 +498,8 @@ def main() -> None:
                     help="speed, variants and serve phases: tokens generated per prompt (default: 32)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="speed, variants and serve phases: interleaved repeats (default: 2)")
+    ap.add_argument("--only", default=None,
+                    help="variants phase: the variants to measure, comma-separated (default: all of them)")
     ap.add_argument("--index", default="auto", help="index of the point (default: auto, as knnlm build)")
     ap.add_argument("--size", choices=sorted(SIZES), default="all", help="datastore: 1e5, 1e6 or all novels")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding novels/ (default: ../shared/data)")
@@ -517,8 +549,10 @@ def main() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: eval %.2fx, generation %.2fx the base LM", out, res["eval_ratio"], res["gen_ratio"])
     if args.phase == "variants":
-        res = phase_variants(lm, ds_path, folder, cache, args.speed_chars, args.gen_tokens, args.repeats,
-                             index_of(ds_path, args.index))
+        only = [n.strip() for n in args.only.split(",")] if args.only else list(VARIANTS)
+        if unknown := [n for n in only if n not in VARIANTS]:
+            raise BenchError(f"no variant {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        res = phase_variants(lm, ds_path, folder, cache, args.size, args, only)
         out = cache / f"variants-{args.size}.json"
         out.write_text(json.dumps(res, indent=1) + "\n", "utf-8")
         LOG.info("%s: %s", out, {n: round(v["ratio"], 2) for n, v in res["eval"].items()})

@@ -63,7 +63,7 @@ def render(cache: Path, log: dict, command: str, split: dict, sizes: dict) -> No
         lines.append(f"| {r['entries']:,} | {len(r['novels'])} | {r['index']['index']} | {r['test_tokens']:,} | "
                      f"{r['ppl_lm']:.3f} | {default(r)} | {cell(r, 'ppl_own')} | {cell(r, 'ppl_tuned')} | {cell(r, 'ppl_oracle')} | "
                      f"{r['search_ms_per_token']:.2f} |")
-    lines += build_lines(cache, points, log)
+    lines += build_lines(cache, points, log) + one_command_lines(cache)
     lines += curve_lines(points) + cost_lines(cache, points, log) + variant_lines(cache) + index_lines(cache)
     (results / "novels.md").write_text("\n".join(lines) + "\n", "utf-8")
     LOG.info("wrote %s", results / "novels.md")
@@ -107,6 +107,24 @@ def build_lines(cache: Path, points: dict, log: dict) -> list[str]:
     if notes:
         lines += ["", "The whole build, index included:", ""] + [f"- {n}" for n in notes]
     return lines
+
+
+def one_command_lines(cache: Path) -> list[str]:
+    """Whole runs of one command on a fresh cache (one-command-<size>.json, written from the
+    run's `/usr/bin/time -v`): its wall time, its peak RSS and its point's perplexities."""
+    lines = []
+    for path in sorted(cache.glob("one-command-*.json")):
+        r = json.loads(path.read_text("utf-8"))
+        p = r["point"]
+        lines.append(f"| `{r['command']}` | {r['started']} | {r['wall_seconds'] / 60:.1f} | "
+                     f"{r['max_rss_mb']:,.0f} | {p['entries']:,} | {p['ppl_lm']:.3f} | {p['ppl_default']:.3f} |")
+    if not lines:
+        return []
+    return ["", "## One command, timed", "",
+            "The whole of one command on a fresh cache (nothing built before it: the build, its index, "
+            "self-tuning, the held-out queries and the test), the machine to itself, timed by `/usr/bin/time -v`:", "",
+            "| command | started | minutes | peak RSS MB | entries | LM | kNN-LM, default |",
+            "|---|---|---:|---:|---:|---:|---:|", *lines]
 
 
 def curve_lines(points: dict) -> list[str]:
@@ -227,8 +245,9 @@ def variant_lines(cache: Path) -> list[str]:
         base = v["eval"]["default"]["ppl"]
         for name, e in v["eval"].items():
             g = v["gen"].get(name)
-            change = "–" if name == "LM" else f"{(e['ppl'] / base - 1) * 100:+.2f}%"
-            searched = "–" if name == "LM" else f"{e['search_rate']:.0%}"
+            lm = name.startswith("LM")
+            change = "–" if lm else f"{(e['ppl'] / base - 1) * 100:+.2f}%"
+            searched = "–" if lm else f"{e['search_rate']:.0%}"
             lines.append(f"| {size} | {name} | {e['ratio']:.2f}x ({e['tokens_per_s']:.0f}) | {e['ppl']:.3f} | "
                          f"{change} | {searched} | "
                          + (f"{g['ratio']:.2f}x ({g['tokens_per_s']:.1f}) |" if g else "– |"))
@@ -239,13 +258,35 @@ def variant_lines(cache: Path) -> list[str]:
             "`knnlm eval` of the "
             "speed phase's test text with the defaults and with one option changed (`--nprobe 8`, `--no-rerank`: "
             "PQ distances instead of re-ranking from the stored keys, `--pointers 16`: RetoMaton, `--adaptive 0.5`: no "
-            "search where the LM's max p >= 0.5), and one-stream generation (32 tokens from each test novel's "
-            "opening) for the defaults, pointers and adaptive retrieval; tokens/s as a ratio of the base LM's, "
-            "interleaved in one process, median of 2; perplexity with every memory mixed, against the defaults'.  "
+            "search where the LM's max p >= 0.5; *PCA 144* and *4 shards*: the datastores below, made from this "
+            "one), and one-stream generation (32 tokens from each test novel's "
+            "opening) for the defaults, pointers, adaptive retrieval, PCA and shards; tokens/s as a ratio of the base "
+            "LM's, interleaved in one process, median of 2; perplexity with every memory mixed, against the defaults'.  "
+            "Rows after *LM, run N* were measured by a later run (`--only NAMES`) against that run's own base LM.  "
             "Batched search and the memory-mapped keys are part of every row (evaluation searches a window's "
             "tokens at once; keys over 2 GiB are re-ranked from the file).", "",
             "| size | variant | eval tokens/s vs LM | ppl | vs default | tokens searched | generation tokens/s vs LM |",
-            "|---|---|---:|---:|---:|---:|---:|", *lines]
+            "|---|---|---:|---:|---:|---:|---:|", *lines, *derived_lines(cache)]
+
+
+def derived_lines(cache: Path) -> list[str]:
+    """The datastores the variants made from the novels datastore: what each step took, their size."""
+    lines = []
+    for path in sorted(cache.glob("derived-*.json")):
+        size = path.stem.split("-", 1)[1]
+        for name, r in json.loads(path.read_text("utf-8")).items():
+            if "bytes" not in r:
+                continue
+            steps = ", ".join(f"{what} {sec:,.0f} s" for what, sec in r["seconds"].items())
+            kept = f"; {r['variance_kept']:.1%} of the variance kept" if r.get("variance_kept") else ""
+            lines.append(f"| {size} | {name} | {r['what']}{kept} | {r['entries']:,} | {r['dim']} | {r['factory']} | "
+                         f"{steps} | {r['bytes'] / r['entries']:,.0f} |")
+    if not lines:
+        return []
+    return ["", "Made from the datastore by the variants phase (`knnlm reduce --pca 144` and `knnlm shard --shards 4` "
+            "do the same), each with the index `knnlm build` picks; bytes per entry on disk, index included:", "",
+            "| size | datastore | what | entries | d | index | made in | bytes/entry |",
+            "|---|---|---|---:|---:|---|---|---:|", *lines]
 
 
 def index_lines(cache: Path) -> list[str]:

@@ -109,6 +109,11 @@ def build_lines(cache: Path, points: dict, log: dict) -> list[str]:
     return lines
 
 
+def table(head: list[str], columns: str, align: str, rows: list[str]) -> list[str]:
+    """The lines `head` (a title, a paragraph), then a markdown table of `rows`; nothing without rows."""
+    return ["", *head, "", columns, align, *rows] if rows else []
+
+
 def one_command_lines(cache: Path) -> list[str]:
     """Whole runs of one command on a fresh cache (one-command-<size>.json, written from the
     run's `/usr/bin/time -v`): its wall time, its peak RSS and its point's perplexities."""
@@ -117,14 +122,14 @@ def one_command_lines(cache: Path) -> list[str]:
         r = json.loads(path.read_text("utf-8"))
         p = r["point"]
         lines.append(f"| `{r['command']}` | {r['started']} | {r['wall_seconds'] / 60:.1f} | "
-                     f"{r['max_rss_mb']:,.0f} | {p['entries']:,} | {p['ppl_lm']:.3f} | {p['ppl_default']:.3f} |")
-    if not lines:
-        return []
-    return ["", "## One command, timed", "",
-            "The whole of one command on a fresh cache (nothing built before it: the build, its index, "
-            "self-tuning, the held-out queries and the test), the machine to itself, timed by `/usr/bin/time -v`:", "",
-            "| command | started | minutes | peak RSS MB | entries | LM | kNN-LM, default |",
-            "|---|---|---:|---:|---:|---:|---:|", *lines]
+                     f"{r['max_rss_mb']:,.0f} | {p['entries']:,} | {p['ppl_lm']:.3f} | {p['ppl_default']:.3f} | "
+                     f"{r.get('beside', '–')} |")
+    return table(["## One command, timed", "",
+                  "The whole of one command on a fresh cache (nothing built before it: the build, its index, "
+                  "self-tuning, the held-out queries and the test), timed by `/usr/bin/time -v`; peak RSS counts the "
+                  "pages of the memory-mapped keys it wrote and read:"],
+                 "| command | started | minutes | peak RSS MB | entries | LM | kNN-LM, default | beside it on the machine |",
+                 "|---|---|---:|---:|---:|---:|---:|---|", lines)
 
 
 def curve_lines(points: dict) -> list[str]:
@@ -251,22 +256,19 @@ def variant_lines(cache: Path) -> list[str]:
             lines.append(f"| {size} | {name} | {e['ratio']:.2f}x ({e['tokens_per_s']:.0f}) | {e['ppl']:.3f} | "
                          f"{change} | {searched} | "
                          + (f"{g['ratio']:.2f}x ({g['tokens_per_s']:.1f}) |" if g else "– |"))
-    if not lines:
-        return []
-    return ["", "## What each option buys", "",
-            "Made by `python benchmarks/bench_novels.py variants --size S --index F --cache CACHE`: "
-            "`knnlm eval` of the "
-            "speed phase's test text with the defaults and with one option changed (`--nprobe 8`, `--no-rerank`: "
-            "PQ distances instead of re-ranking from the stored keys, `--pointers 16`: RetoMaton, `--adaptive 0.5`: no "
-            "search where the LM's max p >= 0.5; *PCA 144* and *4 shards*: the datastores below, made from this "
-            "one), and one-stream generation (32 tokens from each test novel's "
-            "opening) for the defaults, pointers, adaptive retrieval, PCA and shards; tokens/s as a ratio of the base "
-            "LM's, interleaved in one process, median of 2; perplexity with every memory mixed, against the defaults'.  "
-            "Rows after *LM, run N* were measured by a later run (`--only NAMES`) against that run's own base LM.  "
-            "Batched search and the memory-mapped keys are part of every row (evaluation searches a window's "
-            "tokens at once; keys over 2 GiB are re-ranked from the file).", "",
-            "| size | variant | eval tokens/s vs LM | ppl | vs default | tokens searched | generation tokens/s vs LM |",
-            "|---|---|---:|---:|---:|---:|---:|", *lines, *derived_lines(cache)]
+    return table(["## What each option buys", "",
+                  "Made by `python benchmarks/bench_novels.py variants --size S --index F --cache CACHE`: `knnlm "
+                  "eval` of the speed phase's test text with the defaults and with one option changed (`--nprobe 8`, "
+                  "`--no-rerank`: PQ distances instead of re-ranking from the stored keys, `--pointers 16`: "
+                  "RetoMaton, `--adaptive 0.5`: no search where the LM's max p >= 0.5; *PCA 144* and *4 shards*: the "
+                  "datastores below, made from this one), and one-stream generation (32 tokens from each test novel's"
+                  " opening) for the defaults, pointers, adaptive retrieval, PCA and shards; tokens/s as a ratio of "
+                  "the base LM's, interleaved in one process, median of 2; perplexity with every memory mixed, "
+                  "against the defaults'.  Rows after *LM, run N* were measured by a later run (`--only NAMES`) "
+                  "against that run's own base LM.  Batched search and the memory-mapped keys are part of every row "
+                  "(evaluation searches a window's tokens at once; keys over 2 GiB are re-ranked from the file)."],
+                 "| size | variant | eval tokens/s vs LM | ppl | vs default | tokens searched | generation tokens/s vs LM |",
+                 "|---|---|---:|---:|---:|---:|---:|", lines) + derived_lines(cache)
 
 
 def derived_lines(cache: Path) -> list[str]:
@@ -281,12 +283,10 @@ def derived_lines(cache: Path) -> list[str]:
             kept = f"; {r['variance_kept']:.1%} of the variance kept" if r.get("variance_kept") else ""
             lines.append(f"| {size} | {name} | {r['what']}{kept} | {r['entries']:,} | {r['dim']} | {r['factory']} | "
                          f"{steps} | {r['bytes'] / r['entries']:,.0f} |")
-    if not lines:
-        return []
-    return ["", "Made from the datastore by the variants phase (`knnlm reduce --pca 144` and `knnlm shard --shards 4` "
-            "do the same), each with the index `knnlm build` picks; bytes per entry on disk, index included:", "",
-            "| size | datastore | what | entries | d | index | made in | bytes/entry |",
-            "|---|---|---|---:|---:|---|---|---:|", *lines]
+    return table(["Made from the datastore by the variants phase (`knnlm reduce --pca 144` and `knnlm shard --shards 4` "
+                  "do the same), each with the index `knnlm build` picks; bytes per entry on disk, index included:"],
+                 "| size | datastore | what | entries | d | index | made in | bytes/entry |",
+                 "|---|---|---|---:|---:|---|---|---:|", lines)
 
 
 def index_lines(cache: Path) -> list[str]:
@@ -299,16 +299,14 @@ def index_lines(cache: Path) -> list[str]:
                 lines.append(f"| {size} | {row['factory']} | {row['train_size']:,} | {row['build_seconds']:,.0f} | "
                              f"{row['bytes_per_entry']:.1f} | {n['nprobe']} | {n['recall']:.3f} | {n['ms_per_token']:.2f} | "
                              f"{n['ppl']:.3f} | {n['ppl_exact']:.3f} | {(n['ppl'] / n['ppl_exact'] - 1) * 100:+.2f}% |")
-    if not lines:
-        return []
-    return ["", "## Index configurations against exact search", "",
-            "Made by `python benchmarks/bench_novels.py indexes --size S --factories F --nprobes 8,32 --cache CACHE`: "
-            "each FAISS configuration trained on its sample and filled with every key, searched at k = 1024 with "
-            "re-ranking from the stored keys, against exact search over all entries (one streamed pass over the "
-            "keys) on 2,000 test tokens spread over the test text; perplexity with the settings tuned on the "
-            "tuning novels through that index.", "",
-            "| size | factory | trained on | build s | index bytes/entry | nprobe | recall of exact top-1024 | "
-            "search ms/token | ppl | ppl, exact search | vs exact |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *lines]
+    return table(["## Index configurations against exact search", "",
+                  "Made by `python benchmarks/bench_novels.py indexes --size S --factories F --nprobes 8,32 --cache "
+                  "CACHE`: each FAISS configuration trained on its sample and filled with every key, searched at k = "
+                  "1024 with re-ranking from the stored keys, against exact search over all entries (one streamed "
+                  "pass over the keys) on 2,000 test tokens spread over the test text; perplexity with the settings "
+                  "tuned on the tuning novels through that index."],
+                 "| size | factory | trained on | build s | index bytes/entry | nprobe | recall of exact top-1024 | "
+                 "search ms/token | ppl | ppl, exact search | vs exact |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", lines)
 
 

@@ -450,12 +450,13 @@ def distances_from_keys(keys, queries: np.ndarray, ids: np.ndarray) -> np.ndarra
     (m, k), inf where an id is -1.  `keys`: an (N, d) array or memmap, or the rows of several
     (an object with `parts` and `offsets`: a sharded datastore's keys); only the ids' rows are read.
 
-    The rows of a chunk of queries are read once each, in file order (sorted, without
-    duplicates), by torch's gather over the mapped file, and cast to float32 into one reused
-    buffer (exact: every float16 is a float32; numpy's cast was 5-10x slower); each query's
-    distances to its own rows of the buffer come from FAISS (`fvec_L2sqr_by_idx`, SIMD, no
-    per-query copies).  On the novels' 10^7 datastore (keys 12.6 GB, read from the file) this
-    took evaluation from 0.39x to 0.52x the LM's tokens/s (docs/scale.md)."""
+    Each chunk of queries has its candidates' rows gathered by torch over the mapped file and
+    cast to float32 into one reused buffer (exact: every float16 is a float32; numpy's cast was
+    5-10x slower), and each query's distances to its own rows come from FAISS
+    (`fvec_L2sqr_by_idx`, SIMD).  Rows are read as the candidates name them: on the novels'
+    10^7 datastore 92% of a chunk's candidates are distinct, and finding the repeats to read
+    each row once cost more than reading them (0.5-0.9 against 0.3 ms a query).  Gathering and
+    summing this way took evaluation there from 0.39x to 0.52x the LM's tokens/s (docs/scale.md)."""
     import torch
 
     faiss = _faiss()
@@ -466,21 +467,23 @@ def distances_from_keys(keys, queries: np.ndarray, ids: np.ndarray) -> np.ndarra
     dists = np.full((m, k), np.inf, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     step = max(1, (1 << 24) // max(1, k * d))  # queries per chunk: <= 2^24 float32 key values at once (64 MB)
-    buf = torch.empty((min(m, step) * k, d), dtype=torch.float32)  # the chunk's distinct rows, float32
+    buf = torch.empty((min(m, step) * k, d), dtype=torch.float32)  # the chunk's candidates' rows, float32
+    pos = np.arange(min(m, step) * k, dtype=np.int64)  # query j's candidates: rows j*k .. j*k+k-1
     out = np.empty((min(m, step), k), dtype=np.float32)
     for a in range(0, m, step):
         i = np.asarray(ids[a : a + step], dtype=np.int64)
         real = i >= 0
-        rows = np.unique(i[real])  # sorted: the memmap is read in file order
-        if not len(rows):
-            continue
-        x = buf[: len(rows)]
-        cuts = np.searchsorted(rows, offsets)  # rows[cuts[p]:cuts[p + 1]] lie in part p
-        for p, source in enumerate(parts):
-            if cuts[p] < cuts[p + 1]:
-                local = torch.from_numpy(rows[cuts[p] : cuts[p + 1]] - offsets[p])
-                x[cuts[p] : cuts[p + 1]].copy_(torch.index_select(source, 0, local))
-        pos = np.searchsorted(rows, np.where(real, i, rows[0])).astype(np.int64)  # (c, k) rows of x
+        flat = np.where(real, i, 0).reshape(-1)  # a missing candidate reads row 0, its distance set to inf
+        x = buf[: len(flat)]
+        if len(parts) == 1:
+            x.copy_(torch.index_select(parts[0], 0, torch.from_numpy(flat)))
+        else:
+            part = np.searchsorted(offsets, flat, side="right") - 1
+            for p, source in enumerate(parts):
+                at = np.flatnonzero(part == p)
+                if len(at):
+                    rows = torch.index_select(source, 0, torch.from_numpy(flat[at] - offsets[p]))
+                    x[torch.from_numpy(at)] = rows.to(torch.float32)
         o = out[: len(i)]
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(o), faiss.swig_ptr(q[a : a + len(i)]), faiss.swig_ptr(x.numpy()),
                                 faiss.swig_ptr(pos), d, len(i), k)

@@ -377,3 +377,29 @@ def test_index_of_another_datastore(copy, sharded, llama_dir, tmp_path, capsys):
     text.write_text(TEXT[:200])
     err = fails(capsys, ["eval", text, "-d", copy, "-k", "4", *model_args(llama_dir), *WINDOWS])
     assert "was built for datastore" in err
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_equals_a_sort_of_all_candidates_by_distance_then_id(seed):
+    """The merge gives the k smallest candidates by distance, then id: ties, negative and zero
+    distances (rounding of PQ sums), inf padding with id -1, lists shorter than k and ids past
+    32 bits included."""
+    from knnlm.scale.search import merge_topk
+
+    rng = np.random.default_rng(seed)
+    m, k = 9, 12
+    widths = [int(w) for w in rng.integers(1, 16, 3)]
+    big = 1 << 33 if seed == 5 else 0
+    dists = [rng.choice(np.array([-1e-6, -0.0, 0.0, 0.5, 1.0, 1.0, 2.5, 1e30, np.inf], np.float32), (m, w))
+             for w in widths]
+    ids = [rng.integers(0, 1000, (m, w)) + big for w in widths]
+    for d, i in zip(dists, ids):
+        i[np.isinf(d)] = -1
+    got_d, got_i = merge_topk(dists, ids, k)
+    d, i = np.concatenate(dists, 1), np.concatenate(ids, 1)
+    if d.shape[1] < k:
+        d = np.pad(d, ((0, 0), (0, k - d.shape[1])), constant_values=np.inf)
+        i = np.pad(i, ((0, 0), (0, k - i.shape[1])), constant_values=-1)
+    order = np.lexsort((i, d + 0.0), axis=-1)[:, :k]  # (+ 0.0: -0.0 and 0.0 are equal distances)
+    np.testing.assert_array_equal(got_d, np.take_along_axis(d, order, 1))
+    np.testing.assert_array_equal(got_i, np.take_along_axis(i, order, 1))

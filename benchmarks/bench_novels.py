@@ -441,7 +441,7 @@ def merge_variants(path: Path, res: dict) -> dict:
     for kind in ("eval", "gen"):  # a later run's LM row left with no rows of its own goes
         names = list(old[kind])
         for a, b in zip(names, names[1:] + ["LM"]):
-            if a.startswith("LM, run ") and b.startswith("LM"):
+            if a.startswith("LM") and b.startswith("LM"):
                 del old[kind][a]
     return old
 

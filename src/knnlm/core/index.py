@@ -456,7 +456,7 @@ def distances_from_keys(keys, queries: np.ndarray, ids: np.ndarray) -> np.ndarra
     (`fvec_L2sqr_by_idx`, SIMD).  Rows are read as the candidates name them: on the novels'
     10^7 datastore 92% of a chunk's candidates are distinct, and finding the repeats to read
     each row once cost more than reading them (0.5-0.9 against 0.3 ms a query).  Gathering and
-    summing this way took evaluation there from 0.39x to 0.52x the LM's tokens/s (docs/scale.md)."""
+    summing this way took evaluation there from 0.39x to 0.54x the LM's tokens/s (docs/scale.md)."""
     import torch
 
     faiss = _faiss()

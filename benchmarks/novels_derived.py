@@ -40,14 +40,17 @@ def make_derived(lm, ds_path: Path, name: str, record: Path) -> Path:
     rows = json.loads(record.read_text("utf-8")) if record.exists() else {}
     row = rows.setdefault(name, {"what": DERIVED[name], "seconds": {}})
 
+    def save() -> None:
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+        tmp.replace(record)
+
     def step(what: str, fn) -> None:
         t0 = time.perf_counter()
         LOG.info("%s: %s", out.name, what)
         fn()
         row["seconds"][what] = round(time.perf_counter() - t0, 1)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
-        tmp.replace(record)
+        save()
 
     pca = name.startswith("pca")
     if not (out / "meta.json").exists() and not (out / "manifest.json").exists():
@@ -61,10 +64,9 @@ def make_derived(lm, ds_path: Path, name: str, record: Path) -> Path:
 
         step("self-tune", lambda: self_tune(lm, ds, progress=False))
         ds = open_datastore(out)
-    factory = index_info(ds, list_indexes(ds)[0])[2]["factory"] if pca else _sharded_factory(out)
-    row.update(entries=ds.count, dim=ds.dim, factory=factory, bytes=dir_bytes(out),
+    row.update(entries=ds.count, dim=ds.dim, factory=index_info(ds)[2]["factory"], bytes=dir_bytes(out),
                variance_kept=ds.meta.get("reduction", {}).get("variance_kept") if pca else None)
-    record.write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+    save()
     return out
 
 
@@ -90,8 +92,3 @@ def _index(ds, pca: bool) -> None:
         from knnlm.scale.index import build_sharded_index
 
         build_sharded_index(ds, "auto", progress=False)
-
-
-def _sharded_factory(out: Path) -> str:
-    info = next((out / "indexes").glob("*/index.json"))
-    return json.loads(info.read_text("utf-8"))["factory"]

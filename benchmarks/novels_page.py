@@ -266,7 +266,8 @@ def variant_lines(cache: Path) -> list[str]:
                   "the base LM's, interleaved in one process, median of 2; perplexity with every memory mixed, "
                   "against the defaults'.  Rows after *LM, run N* were measured by a later run (`--only NAMES`) "
                   "against that run's own base LM; before measuring, each run reads the keys and index files of the "
-                  "datastores it measures once (the page cache of a server answering for a while).  Batched search and the memory-mapped keys are part of every row "
+                  "datastores it measures once (the page cache of a server answering for a while).  Batched search "
+                  "and the memory-mapped keys are part of every row "
                   "(evaluation searches a window's tokens at once; keys over 2 GiB are re-ranked from the file)."],
                  "| size | variant | eval tokens/s vs LM | ppl | vs default | tokens searched | generation tokens/s vs LM |",
                  "|---|---|---:|---:|---:|---:|---:|", lines) + derived_lines(cache)
